@@ -1,0 +1,1 @@
+"""Benchmarks, sample images and the demo."""

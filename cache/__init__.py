@@ -1,0 +1,1 @@
+"""The site cache: block store, upstream selection, fetching, and the cache server."""

@@ -1,0 +1,1 @@
+"""The icbd FUSE filesystem and command line."""

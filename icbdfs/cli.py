@@ -1,0 +1,209 @@
+"""The `icbd` command line: servers, admin commands, mount, boot and bench.
+
+Global options come before the subcommand. Every command exits 0 on success
+and otherwise prints one line on stderr and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from icbdfs.errors import CliError
+
+EPILOG = """\
+environment: ICBD_MASTER (for --master), ICBD_TOKEN (for --token)
+examples:
+  icbd master --data /srv/icbd --listen 0.0.0.0:7400
+  icbd --master http://master:7400 imi create desktop --from /srv/trees/desktop
+  icbd --master http://master:7400 imi publish desktop --message "security fixes"
+  icbd --master http://master:7400 subscribe desktop --node site-a-1
+  icbd mount /imis --cache http://cache.site-a:7402
+  icbd boot desktop --mount /imis
+"""
+
+
+def _size(text: str) -> int:
+    """A byte count: 123, 64K, 512M, 2G, 1T (powers of 1024)."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 4G)") from None
+
+
+def _connection_options(p: argparse.ArgumentParser, *, master: bool = True) -> None:
+    """--master and --token are global, but also accepted after the subcommand."""
+    if master:
+        p.add_argument("--master", default=argparse.SUPPRESS, metavar="URL", help="the master's URL (env ICBD_MASTER)")
+    p.add_argument("--token", default=argparse.SUPPRESS, metavar="T", help="the shared token (env ICBD_TOKEN)")
+
+
+def _node_options(p: argparse.ArgumentParser, *, needs_master: bool) -> None:
+    _connection_options(p, master=needs_master)
+    p.add_argument("--data", required=True, metavar="DIR", help="the node's data folder")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve HTTP on")
+    p.add_argument("--advertise", metavar="URL", help="URL other nodes use to reach this one (default: from --listen)")
+    if needs_master:
+        p.add_argument("--site", required=True, help="the site this node serves")
+    p.add_argument("--heartbeat", type=float, default=2.0, metavar="S", help="seconds between heartbeats (default 2)")
+    p.add_argument("--log", metavar="FILE", help="log to FILE (rotated) instead of stderr")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="icbd",
+        description="Replicate and cache desktop machine images (iMIs).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--master", default=os.environ.get("ICBD_MASTER"), metavar="URL",
+                        help="the master's URL (env ICBD_MASTER)")
+    parser.add_argument("--token", default=os.environ.get("ICBD_TOKEN"), metavar="T",
+                        help="the shared token (env ICBD_TOKEN)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("master", help="run the master node (repository, name server, keep-alive)")
+    _node_options(p, needs_master=False)
+    p.add_argument("--image-size", type=_size, default=_size("64G"), metavar="BYTES",
+                   help="size of DATA/btrfs.img when DATA is not on btrfs (sparse; default 64G)")
+    p.add_argument("--chunk-size", type=_size, default=1 << 20, metavar="BYTES",
+                   help="manifest chunk size (default 1M)")
+    p.add_argument("--suspect-after", type=float, default=6.0, metavar="S",
+                   help="silence after which a node is suspect (default 6)")
+    p.add_argument("--down-after", type=float, default=15.0, metavar="S",
+                   help="silence after which a node is down (default 15)")
+    p.set_defaults(handler="replicator.master:run")
+
+    p = sub.add_parser("replica", help="run a replica node that holds subscribed iMIs")
+    _node_options(p, needs_master=True)
+    p.add_argument("--name", metavar="ID", help="node id (default: generated once and kept in DATA)")
+    p.add_argument("--image-size", type=_size, default=_size("64G"), metavar="BYTES",
+                   help="size of DATA/btrfs.img when DATA is not on btrfs (sparse; default 64G)")
+    p.add_argument("--keep", type=int, default=5, metavar="N",
+                   help="versions to keep per iMI, besides latest and the delta parent (default 5)")
+    p.set_defaults(handler="replicator.replica:run")
+
+    p = sub.add_parser("cache", help="run a site cache server")
+    _node_options(p, needs_master=True)
+    p.add_argument("--name", metavar="ID", help="node id (default: generated once and kept in DATA)")
+    p.add_argument("--size", type=_size, default=_size("10G"), metavar="BYTES",
+                   help="bound on cached block bytes (default 10G)")
+    p.set_defaults(handler="cache.server:run")
+
+    p = sub.add_parser("mount", help="mount every iMI read-only at MOUNTPOINT")
+    p.add_argument("mountpoint")
+    _connection_options(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--cache", metavar="URL", help="read through this site cache server")
+    p.add_argument("--cache-dir", metavar="DIR", help="with --master: keep blocks here (embedded cache)")
+    p.add_argument("--cache-size", type=_size, default=_size("10G"), metavar="BYTES",
+                   help="with --cache-dir: bound on cached bytes (default 10G)")
+    p.add_argument("--site", help="prefer replicas of this site")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                   help="a read that cannot be served within S seconds fails with EIO (default 10)")
+    p.add_argument("--refresh", type=float, default=2.0, metavar="S",
+                   help="seconds between checks for new versions and rollbacks (default 2)")
+    p.add_argument("--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("--log", metavar="FILE", help="log to FILE (rotated)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(handler="icbdfs.mount:main")
+
+    p = sub.add_parser("umount", help="unmount an icbd mount")
+    p.add_argument("mountpoint")
+    p.set_defaults(handler="icbdfs.mount:umount")
+
+    imi = sub.add_parser("imi", help="manage iMIs on the master").add_subparsers(dest="action", metavar="ACTION")
+    imi.required = True
+    p = imi.add_parser("create", help="create an iMI from a tree or image file on the master host")
+    p.add_argument("name")
+    p.add_argument("--from", dest="source", required=True, metavar="PATH",
+                   help="absolute path on the master host: a directory tree or an image file")
+    p.set_defaults(handler="icbdfs.admin:imi_create")
+    p = imi.add_parser("publish", help="publish the working copy as the next version")
+    p.add_argument("name")
+    p.add_argument("--message", "-m", default="", metavar="TEXT")
+    p.set_defaults(handler="icbdfs.admin:imi_publish")
+    p = imi.add_parser("list", help="list iMIs")
+    p.set_defaults(handler="icbdfs.admin:imi_list")
+    p = imi.add_parser("versions", help="list the versions of an iMI")
+    p.add_argument("name")
+    p.set_defaults(handler="icbdfs.admin:imi_versions")
+    p = imi.add_parser("path", help="print where the writable working copy is on the master")
+    p.add_argument("name")
+    p.set_defaults(handler="icbdfs.admin:imi_path")
+    p = imi.add_parser("rollback", help="make an older version latest")
+    p.add_argument("name")
+    p.add_argument("version")
+    p.set_defaults(handler="icbdfs.admin:imi_rollback")
+    p = imi.add_parser("delete", help="delete an iMI and all its versions")
+    p.add_argument("name")
+    p.set_defaults(handler="icbdfs.admin:imi_delete")
+
+    for verb in ("subscribe", "unsubscribe"):
+        p = sub.add_parser(verb, help=f"{verb} a replica to an iMI")
+        p.add_argument("name")
+        p.add_argument("--node", required=True, metavar="ID")
+        p.set_defaults(handler=f"icbdfs.admin:{verb}")
+
+    p = sub.add_parser("status", help="nodes, liveness, versions held, transfers")
+    p.add_argument("--watch", action="store_true", help="keep showing, with progress bars for transfers")
+    p.add_argument("--interval", type=float, default=1.0, metavar="S")
+    p.set_defaults(handler="icbdfs.admin:status")
+
+    p = sub.add_parser("prefetch", help="pre-stage a version (or its boot profile) at a site cache")
+    p.add_argument("target", metavar="NAME[@VERSION]")
+    p.add_argument("--cache", required=True, metavar="URL", help="the site cache server")
+    p.add_argument("--profile", action="store_true", help="only the blocks of the boot profile")
+    p.set_defaults(handler="icbdfs.admin:prefetch")
+
+    p = sub.add_parser("boot", help="boot a desktop from a mounted iMI under qemu",
+                       description="Boot NAME[@VERSION] from the mount under qemu, through a "
+                       "per-desktop copy-on-write overlay. The serial console goes to stdout. "
+                       "Exits 0 when the guest powers off.")
+    p.add_argument("target", metavar="NAME[@VERSION]")
+    p.add_argument("--mount", required=True, metavar="MOUNTPOINT")
+    p.add_argument("--overlay", metavar="DIR", help="where to keep the desktop's overlay (default: a temporary folder)")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="S", help="fail if the guest runs longer (default 300)")
+    p.add_argument("--kernel", help="override the kernel path inside the iMI")
+    p.add_argument("--initrd", help="override the initrd path inside the iMI")
+    p.add_argument("--disk", help="override the disk image path inside the iMI")
+    p.add_argument("--append", help="override the kernel command line")
+    p.add_argument("--memory", help="override the guest memory (e.g. 512M)")
+    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
+                   help="qemu accelerator (auto: KVM when it answers, else TCG)")
+    p.add_argument("qemu_args", nargs="*", metavar="-- QEMU-ARGS", help="extra qemu arguments")
+    p.set_defaults(handler="icbdfs.boot:main")
+
+    p = sub.add_parser("bench", help="run the transfer and read-path benchmarks")
+    p.add_argument("--quick", action="store_true", help="small images, fewer runs (about 10 minutes)")
+    p.add_argument("--out", default="bench-out", metavar="DIR", help="where to write report.json, report.md and plots")
+    p.add_argument("--only", metavar="NAMES", help="comma-separated benchmark names to run")
+    p.set_defaults(handler="bench.suite:main")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, func_name = args.handler.split(":")
+    handler = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(handler(args) or 0)
+    except CliError as error:
+        print(f"icbd: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("icbd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

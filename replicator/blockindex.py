@@ -1,0 +1,84 @@
+"""Serving blocks from the versions a node holds: an index from block digest
+to the file and offset where its bytes are, built from the manifests.
+
+A block is verified before it is served; a node that finds its own copy
+damaged says it does not have it (and logs why), so the reader moves on to
+another source instead of receiving bad bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import trio
+
+from .layout import Layout
+from .wire import FILE, Manifest, block_digest
+
+log = logging.getLogger(__name__)
+
+Location = tuple[str, int, str, int, int]  # iMI, version, path, offset, length
+
+
+class BlockIndex:
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self._where: dict[str, Location] = {}
+        self._manifests: dict[tuple[str, int], Manifest] = {}
+        self._limiter = trio.CapacityLimiter(8)
+
+    def add(self, name: str, version: int, manifest: Manifest) -> None:
+        self._manifests[(name, version)] = manifest
+        self._index(name, version, manifest)
+
+    def _index(self, name: str, version: int, manifest: Manifest) -> None:
+        size = manifest.chunk_size
+        for entry in manifest.entries:
+            if entry.type != FILE:
+                continue
+            for i, digest in enumerate(entry.chunks):
+                offset, length = entry.chunk_span(i, size)
+                self._where[digest] = (name, version, entry.path, offset, length)
+
+    def remove(self, name: str, version: int) -> None:
+        if self._manifests.pop((name, version), None) is None:
+            return
+        self._where.clear()
+        for (n, v), manifest in sorted(self._manifests.items()):
+            self._index(n, v, manifest)
+
+    def remove_imi(self, name: str) -> None:
+        for key in [k for k in self._manifests if k[0] == name]:
+            self.remove(*key)
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._where
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    async def read(self, digest: str) -> bytes | None:
+        """The verified bytes of a block, or None if not held (or damaged here)."""
+        where = self._where.get(digest)
+        if where is None:
+            return None
+        return await trio.to_thread.run_sync(self._read, digest, where, limiter=self._limiter)
+
+    def _read(self, digest: str, where: Location) -> bytes | None:
+        name, version, path, offset, length = where
+        full: Path = self.layout.version_dir(name, version) / path
+        try:
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                data = os.pread(fd, length, offset)
+            finally:
+                os.close(fd)
+        except OSError as error:
+            log.error("block %s: cannot read %s: %s", digest, full, error)
+            return None
+        if block_digest(data) != digest:
+            log.error("block %s at %s offset %d is damaged on this node; not serving it", digest, full, offset)
+            return None
+        return data

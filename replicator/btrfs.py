@@ -1,0 +1,261 @@
+"""btrfs-progs and the few btrfs ioctls icbd needs, behind plain functions.
+
+Long-running commands (send, receive) are started as child processes that die
+with their parent (PR_SET_PDEATHSIG), so a `kill -9` of a node never leaves a
+receive writing into a half-made subvolume behind its back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import logging
+import os
+import re
+import signal
+import struct
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+log = logging.getLogger(__name__)
+
+BTRFS_SUPER_MAGIC = 0x9123683E
+_SUBVOL_GETFLAGS = 0x80089419
+_SUBVOL_SETFLAGS = 0x4008941A
+_SUBVOL_RDONLY = 1 << 1
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class BtrfsError(Exception):
+    pass
+
+
+def _die_with_parent() -> None:
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+async def _run(*argv: str) -> str:
+    try:
+        result = await trio.run_process(list(argv), capture_stdout=True, capture_stderr=True, check=False)
+    except FileNotFoundError:
+        raise BtrfsError(f"{argv[0]} is not installed (apt-get install btrfs-progs)") from None
+    if result.returncode != 0:
+        detail = result.stderr.decode(errors="replace").strip().splitlines()
+        raise BtrfsError(f"{' '.join(argv[:3])} failed: {detail[-1] if detail else result.returncode}")
+    return result.stdout.decode(errors="replace")
+
+
+def fs_type(path: Path) -> int:
+    """The f_type of the filesystem holding `path` (statfs)."""
+
+    class StatFs(ctypes.Structure):
+        _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 120)]
+
+    buf = StatFs()
+    if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno), str(path))
+    return buf.f_type & 0xFFFFFFFF
+
+
+def is_btrfs(path: Path) -> bool:
+    return fs_type(path) == BTRFS_SUPER_MAGIC
+
+
+def is_subvolume(path: Path) -> bool:
+    """A btrfs subvolume root has inode number 256."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return st.st_ino == 256 and os.path.isdir(path) and is_btrfs(path)
+
+
+async def create_subvolume(path: Path) -> None:
+    await _run("btrfs", "subvolume", "create", str(path))
+
+
+async def snapshot(source: Path, dest: Path, *, readonly: bool = True) -> None:
+    args = ["btrfs", "subvolume", "snapshot"] + (["-r"] if readonly else []) + [str(source), str(dest)]
+    await _run(*args)
+
+
+async def delete_subvolume(path: Path) -> None:
+    """Delete a subvolume and any subvolumes nested in it (received ones are)."""
+    for child in sorted(_nested_subvolumes(path), key=lambda p: -len(p.parts)):
+        await _run("btrfs", "subvolume", "delete", str(child))
+    await _run("btrfs", "subvolume", "delete", str(path))
+
+
+def _nested_subvolumes(path: Path) -> list[Path]:
+    found = []
+    for dirpath, dirnames, _ in os.walk(path):
+        for name in list(dirnames):
+            child = Path(dirpath) / name
+            if is_subvolume(child):
+                found.append(child)
+    return found
+
+
+async def remove_tree(path: Path) -> None:
+    """Remove a path that may be or contain subvolumes."""
+    if not os.path.lexists(path):
+        return
+    if is_subvolume(path):
+        await delete_subvolume(path)
+        return
+    if path.is_dir() and not path.is_symlink():
+        for child in _nested_subvolumes(path):
+            if child.exists():
+                await delete_subvolume(child)
+        await trio.to_thread.run_sync(_rmtree, path)
+    else:
+        path.unlink()
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path)
+
+
+def get_readonly(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, _SUBVOL_GETFLAGS, buf)
+        return bool(struct.unpack("=Q", buf)[0] & _SUBVOL_RDONLY)
+    finally:
+        os.close(fd)
+
+
+def set_readonly(path: Path, readonly: bool) -> None:
+    """Flip a subvolume's read-only flag with the raw ioctl.
+
+    `btrfs property set ro false` would also clear received_uuid, and without
+    it the next incremental receive cannot find its parent. The kernel's
+    ioctl leaves received_uuid alone.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, _SUBVOL_GETFLAGS, buf)
+        flags = struct.unpack("=Q", buf)[0]
+        flags = flags | _SUBVOL_RDONLY if readonly else flags & ~_SUBVOL_RDONLY
+        fcntl.ioctl(fd, _SUBVOL_SETFLAGS, struct.pack("=Q", flags))
+    finally:
+        os.close(fd)
+
+
+def move_readonly_subvolume(source: Path, dest: Path) -> None:
+    """Rename a read-only subvolume into another directory.
+
+    The VFS refuses to move a read-only directory to a new parent (its '..'
+    would change), so the subvolume is made writable for the rename only.
+    A crash in between can leave `dest` writable; Repository and Receiver
+    startup checks make every version read-only again.
+    """
+    set_readonly(source, False)
+    try:
+        os.rename(source, dest)
+    except OSError:
+        set_readonly(source, True)
+        raise
+    set_readonly(dest, True)
+
+
+@dataclass(frozen=True)
+class SubvolumeInfo:
+    uuid: str
+    received_uuid: str | None
+    readonly: bool
+    generation: int
+
+
+async def subvolume_info(path: Path) -> SubvolumeInfo:
+    out = await _run("btrfs", "subvolume", "show", str(path))
+
+    def field(name: str) -> str:
+        match = re.search(rf"^\s*{name}:\s*(.*)$", out, re.MULTILINE)
+        return match.group(1).strip() if match else ""
+
+    received = field("Received UUID")
+    return SubvolumeInfo(
+        uuid=field("UUID"),
+        received_uuid=None if received in ("", "-") else received,
+        readonly="readonly" in field("Flags"),
+        generation=int(field("Generation") or 0),
+    )
+
+
+def start_send(snapshot: Path, parent: Path | None) -> subprocess.Popen:
+    """`btrfs send [-p parent] snapshot`, stdout a pipe of the stream."""
+    argv = ["btrfs", "send", "-q"]
+    if parent is not None:
+        argv += ["-p", str(parent)]
+    argv.append(str(snapshot))
+    return subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_die_with_parent
+    )
+
+
+def start_receive(target_dir: Path) -> subprocess.Popen:
+    """`btrfs receive target_dir`, stdin a pipe for the stream."""
+    return subprocess.Popen(
+        ["btrfs", "receive", "-q", "-e", str(target_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=_die_with_parent,
+    )
+
+
+# --- a node's data folder on btrfs ------------------------------------------
+
+
+def _mounted_at(path: Path) -> str | None:
+    """The filesystem type mounted exactly at `path`, if any."""
+    target = os.path.realpath(path)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            mount_point = parts[4].encode().decode("unicode_escape")
+            if mount_point == target:
+                found = parts[parts.index("-") + 1]
+    return found
+
+
+async def ensure_btrfs(data: Path, image_size: int) -> None:
+    """Make sure `data` is on btrfs.
+
+    If it is not, the node keeps its repository in DATA/btrfs.img (sparse),
+    formatted and loop-mounted on DATA itself, so DATA/imis, DATA/work and
+    DATA/incoming all live on one btrfs (snapshots and receives need that).
+    A later start finds the image and mounts it again.
+    """
+    data.mkdir(parents=True, exist_ok=True)
+    if is_btrfs(data):
+        return
+    if _mounted_at(data) is not None:
+        raise BtrfsError(f"{data} is a mount point but not btrfs; give a btrfs folder or an empty one")
+    image = data / "btrfs.img"
+    if not image.exists():
+        others = [p.name for p in data.iterdir()]
+        if others:
+            raise BtrfsError(
+                f"{data} is not on btrfs and not empty ({', '.join(others[:3])}); "
+                "give an empty folder (icbd then keeps a btrfs image in it) or a btrfs folder"
+            )
+        log.info("creating %s (%d bytes, sparse) as this node's btrfs", image, image_size)
+        with open(image, "wb") as f:
+            f.truncate(image_size)
+        await _run("mkfs.btrfs", "-q", "-L", "icbd", str(image))
+    log.info("loop-mounting %s on %s", image, data)
+    await _run("mount", "-o", "loop,noatime", str(image), str(data))
+    if not is_btrfs(data):
+        raise BtrfsError(f"mounting {image} on {data} did not give a btrfs")

@@ -1,0 +1,399 @@
+"""The master node: repository, name server, keep-alive, version streams,
+fan-out to subscribed replicas, and the admin API."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import httpx
+import trio
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from . import btrfs, http
+from .blockindex import BlockIndex
+from .http import HttpError, json_body, json_response
+from .layout import Layout
+from .nameserver import ALIVE, NameServer, UnknownNode
+from .node import require_token, run_until_signal, setup_logging
+from .readroutes import read_routes
+from .records import read_json, write_json
+from .repository import Repository, RepositoryError
+from .streams import SendSpools, Spool
+from .wire import API, NODE_HEADER, STREAM_ID_HEADER, check_digest, check_name, parse_version
+
+log = logging.getLogger(__name__)
+
+MASTER_ID = "master"
+MAX_PROFILE_BODY = 16 << 20
+NOTIFY_TIMEOUT = 3.0
+
+
+class Master:
+    def __init__(
+        self,
+        data: Path,
+        listen: str,
+        token: str,
+        *,
+        url: str | None = None,
+        site: str = "central",
+        image_size: int = 64 << 30,
+        chunk_size: int = 1 << 20,
+        suspect_after: float = 6.0,
+        down_after: float = 15.0,
+    ):
+        self.data = data
+        self.listen = listen
+        self.token = token
+        self.url = url or http.url_for_listen(listen)
+        self.site = site
+        self.image_size = image_size
+        self.layout = Layout(data)
+        self.repo = Repository(self.layout, chunk_size)
+        self.names = NameServer(data / "nodes.json", suspect_after, down_after)
+        self.spools = SendSpools(self.layout)
+        self.blocks = BlockIndex(self.layout)
+        self._nursery: trio.Nursery | None = None
+        self._http: httpx.AsyncClient | None = None
+
+    async def run(self, shutdown: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await btrfs.ensure_btrfs(self.data, self.image_size)
+        await self.repo.open()
+        self.names.load()
+        self.spools.load()
+        for imi in self.repo.imis.values():
+            for version in imi.versions:
+                self.blocks.add(imi.name, version, self.repo.manifest(imi.name, version))
+        headers = {"Authorization": f"Bearer {self.token}"}
+        async with httpx.AsyncClient(headers=headers, timeout=NOTIFY_TIMEOUT) as client, trio.open_nursery() as nursery:
+            self._http = client
+            self._nursery = nursery
+            await nursery.start(self.spools.run)
+            nursery.start_soon(self.names.watch)
+            await nursery.start(http.serve, http.build_app(self.routes(), self.token), self.listen, shutdown)
+            log.info("master serving on %s (data %s)", self.listen, self.data)
+            task_status.started()
+            await shutdown.wait()
+            # hypercorn returns once its connections are closed; then stop the rest.
+            nursery.cancel_scope.deadline = trio.current_time() + 3
+        log.info("master stopped")
+
+    # --- status --------------------------------------------------------------
+
+    def self_description(self) -> dict:
+        transfers = [
+            {"imi": s.name, "version": s.version, "parent": s.parent, "bytes": s.size,
+             "state": "failed" if s.error else ("done" if s.complete else "running"), "readers": s.readers}
+            for s in self.spools.all()
+        ]
+        return {
+            "id": MASTER_ID, "role": "master", "site": self.site, "url": self.url, "state": ALIVE,
+            "versions": {n: sorted(i.versions) for n, i in sorted(self.repo.imis.items())},
+            "transfers": transfers,
+        }
+
+    async def status(self, request: Request) -> Response:
+        doc = self.self_description()
+        doc["imis"] = len(self.repo.imis)
+        doc["nodes"] = len(self.names.nodes)
+        return json_response(doc)
+
+    # --- iMIs ------------------------------------------------------------------
+
+    def _imi_doc(self, name: str) -> dict:
+        imi = self.repo.get(name)
+        doc = imi.to_json()
+        doc["path"] = str(self.repo.work_path(name))
+        doc["subscribers"] = [n.id for n in self.names.subscribers(name)]
+        progress = self.repo.publishing.get(name)
+        doc["publishing"] = progress.to_json() if progress else None
+        return doc
+
+    async def list_imis(self, request: Request) -> Response:
+        return json_response({"imis": [i.to_json() for _, i in sorted(self.repo.imis.items())]})
+
+    async def create_imi(self, request: Request) -> Response:
+        body = await json_body(request)
+        name = check_name(body.get("name"))
+        source = body.get("from")
+        if not isinstance(source, str) or not source or "\0" in source:
+            raise HttpError(400, "'from' must be a path on the master host")
+        await self.repo.create(name, Path(source))
+        return json_response(self._imi_doc(name), status=201)
+
+    async def get_imi(self, request: Request) -> Response:
+        return json_response(self._imi_doc(request.path_params["name"]))
+
+    async def delete_imi(self, request: Request) -> Response:
+        name = check_name(request.path_params["name"])
+        subscribers = self.names.subscribers(name)
+        await self.repo.delete(name)
+        self.blocks.remove_imi(name)
+        self.spools.drop_imi(name)
+        self.names.drop_imi(name)
+        self._notify(subscribers, name)
+        return json_response({"deleted": name})
+
+    async def publish(self, request: Request) -> Response:
+        name = check_name(request.path_params["name"])
+        body = await json_body(request)
+        message = body.get("message", "")
+        if not isinstance(message, str) or len(message) > 4096:
+            raise HttpError(400, "'message' must be a string of at most 4096 characters")
+        record = await self.repo.publish(name, message)
+        self.blocks.add(name, record.version, self.repo.manifest(name, record.version))
+        self._notify(self.names.subscribers(name), name)
+        return json_response(record.to_json(), status=201)
+
+    async def get_version(self, request: Request) -> Response:
+        record = self.repo.version(request.path_params["name"], parse_version(request.path_params["version"]))
+        return json_response(record.to_json())
+
+    async def rollback(self, request: Request) -> Response:
+        name = check_name(request.path_params["name"])
+        body = await json_body(request)
+        version = parse_version(body.get("version"))
+        await self.repo.rollback(name, version)
+        self._notify(self.names.subscribers(name), name)
+        return json_response(self._imi_doc(name))
+
+    def _manifest(self, name: str, version: int) -> tuple[bytes, str] | None:
+        try:
+            record = self.repo.version(name, version)
+            return self.repo.manifest_bytes(name, version), record.digest
+        except RepositoryError:
+            return None
+
+    # --- fan-out ---------------------------------------------------------------
+
+    def _notify(self, nodes, name: str) -> None:
+        """Tell live subscribers at once; each fetches on its own. A replica
+        that misses this learns the same from its next heartbeat reply."""
+        for node in nodes:
+            if self.names.state(node) == ALIVE and self._nursery is not None:
+                self._nursery.start_soon(self._notify_one, node.url, node.id, name)
+
+    async def _notify_one(self, url: str, node_id: str, name: str) -> None:
+        assert self._http is not None
+        try:
+            response = await self._http.post(f"{url}{API}/notify", json={"imi": name})
+            response.raise_for_status()
+        except httpx.HTTPError as error:
+            log.info("could not notify %s of %s: %s", node_id, name, error)
+
+    # --- version streams -------------------------------------------------------
+
+    def _stream_args(self, request: Request) -> tuple[str, int, int | None]:
+        node = request.headers.get(NODE_HEADER, "")
+        if not self.names.is_registered(node):
+            raise HttpError(403, "streams are for registered nodes: register with POST /v1/nodes first")
+        name = check_name(request.path_params["name"])
+        version = parse_version(request.path_params["version"])
+        self.repo.version(name, version)
+        parent_arg = request.query_params.get("parent")
+        parent = parse_version(parent_arg) if parent_arg is not None else None
+        if parent is not None:
+            self.repo.version(name, parent)
+            if parent == version:
+                raise HttpError(400, "a version cannot be its own parent")
+        return name, version, parent
+
+    def _spool(self, name: str, version: int, parent: int | None) -> Spool:
+        return self.spools.get(
+            name, version, parent,
+            self.repo.snapshot_path(name, version),
+            self.repo.snapshot_path(name, parent) if parent else None,
+        )
+
+    async def get_stream(self, request: Request) -> Response:
+        name, version, parent = self._stream_args(request)
+        spool = self._spool(name, version, parent)
+        headers = {STREAM_ID_HEADER: spool.stream_id, "ETag": f'"{spool.stream_id}"', "Accept-Ranges": "bytes"}
+        offset = _range_start(request.headers.get("range"))
+        if_range = request.headers.get("if-range", "").strip('"')
+        if offset is None or (if_range and if_range != spool.stream_id):
+            if spool.complete:
+                headers["Content-Length"] = str(spool.size)
+                headers["X-Icbd-Stream-Digest"] = spool.digest or ""
+            return StreamingResponse(spool.chunks(0), media_type="application/octet-stream", headers=headers)
+        # A resumed transfer: serve from `offset` what exists (all of it if the
+        # spool is complete), so every answer has a known range.
+        delay = 0.001
+        while not spool.complete and spool.error is None and spool.size <= offset:
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        if spool.error is not None:
+            raise HttpError(503, f"stream failed on the master: {spool.error}; retry later")
+        end = spool.size
+        total = str(spool.size) if spool.complete else "*"
+        if offset >= end:
+            return json_response({"error": "range beyond the end of the stream"}, status=416,
+                                 headers={"Content-Range": f"bytes */{total}", **headers})
+        headers["Content-Range"] = f"bytes {offset}-{end - 1}/{total}"
+        headers["Content-Length"] = str(end - offset)
+        if spool.complete:
+            headers["X-Icbd-Stream-Digest"] = spool.digest or ""
+        return StreamingResponse(spool.chunks(offset, end), status_code=206,
+                                 media_type="application/octet-stream", headers=headers)
+
+    async def get_stream_digest(self, request: Request) -> Response:
+        name, version, parent = self._stream_args(request)
+        spool = self.spools.find(name, version, parent)
+        if spool is None:
+            raise HttpError(404, "no such stream on the master (start it with GET .../stream)")
+        if not spool.complete:
+            raise HttpError(409, "the stream is not complete yet")
+        return json_response(spool.describe())
+
+    # --- boot profiles -----------------------------------------------------------
+
+    async def get_profile(self, request: Request) -> Response:
+        name = check_name(request.path_params["name"])
+        version = parse_version(request.path_params["version"])
+        imi = self.repo.get(name)
+        for candidate in sorted((v for v in imi.versions if v <= version), reverse=True):
+            doc = read_json(self.layout.profile_file(name, candidate))
+            if isinstance(doc, dict):
+                return json_response({**doc, "imi": name, "version": version, "recorded_on": candidate})
+        raise HttpError(404, f"no boot profile for {name} version {version} or older")
+
+    async def put_profile(self, request: Request) -> Response:
+        name = check_name(request.path_params["name"])
+        version = parse_version(request.path_params["version"])
+        self.repo.version(name, version)
+        body = await json_body(request, limit=MAX_PROFILE_BODY)
+        digests = body.get("digests")
+        if not isinstance(digests, list) or not digests:
+            raise HttpError(400, "'digests' must be a non-empty list of block digests")
+        for digest in digests:
+            check_digest(digest)
+        path = self.layout.profile_file(name, version)
+        if path.exists() and request.query_params.get("replace") != "1":
+            return json_response({"stored": False, "reason": "a profile exists for this version"})
+        write_json(path, {"digests": digests})
+        log.info("stored a boot profile of %d blocks for %s version %d", len(digests), name, version)
+        return json_response({"stored": True, "blocks": len(digests)}, status=201)
+
+    # --- name server -------------------------------------------------------------
+
+    async def list_nodes(self, request: Request) -> Response:
+        nodes = [self.self_description()]
+        nodes += [self.names.describe(n) for _, n in sorted(self.names.nodes.items())]
+        return json_response({"nodes": nodes})
+
+    async def register_node(self, request: Request) -> Response:
+        body = await json_body(request)
+        if body.get("id") == MASTER_ID:
+            raise HttpError(400, f"node id {MASTER_ID!r} is the master's")
+        try:
+            node = self.names.register(body.get("id"), body.get("role"), body.get("site"), body.get("url"))
+        except (ValueError, TypeError) as error:
+            raise HttpError(400, str(error)) from None
+        return json_response(self.names.describe(node), status=201)
+
+    async def heartbeat(self, request: Request) -> Response:
+        node_id = request.path_params["node_id"]
+        body = await json_body(request)
+        try:
+            node = self.names.heartbeat(node_id, body)
+        except UnknownNode:
+            raise HttpError(404, f"unknown node {node_id!r}: register first") from None
+        subscriptions = {}
+        for name in self.names.subscriptions_of(node.id):
+            if name in self.repo.imis:
+                subscriptions[name] = self.repo.imis[name].to_json()
+        return json_response({"state": self.names.state(node), "subscriptions": subscriptions})
+
+    async def forget_node(self, request: Request) -> Response:
+        node_id = request.path_params["node_id"]
+        if node_id not in self.names.nodes:
+            raise HttpError(404, f"unknown node {node_id!r}")
+        self.names.forget(node_id)
+        return json_response({"forgotten": node_id})
+
+    async def list_subscriptions(self, request: Request) -> Response:
+        return json_response({"subscriptions": {k: sorted(v) for k, v in sorted(self.names.subscriptions.items())}})
+
+    async def _subscription_args(self, request: Request) -> tuple[str, str]:
+        body = await json_body(request)
+        if not body:
+            body = dict(request.query_params)
+        name = check_name(body.get("imi"))
+        node = body.get("node")
+        if not isinstance(node, str) or node not in self.names.nodes:
+            raise HttpError(404, f"unknown node {node!r} (see icbd status)")
+        return name, node
+
+    async def subscribe(self, request: Request) -> Response:
+        name, node = await self._subscription_args(request)
+        self.repo.get(name)
+        self.names.subscribe(name, node)
+        self._notify([self.names.nodes[node]], name)
+        return json_response({"imi": name, "node": node, "subscribed": True}, status=201)
+
+    async def unsubscribe(self, request: Request) -> Response:
+        name, node = await self._subscription_args(request)
+        if not self.names.unsubscribe(name, node):
+            raise HttpError(404, f"{node} is not subscribed to {name}")
+        self._notify([self.names.nodes[node]], name)
+        return json_response({"imi": name, "node": node, "subscribed": False})
+
+    # --- routes ------------------------------------------------------------------
+
+    def routes(self) -> list[Route]:
+        v = API + "/imis/{name}/versions/{version}"
+        return [
+            Route("/", self.status, methods=["GET"]),
+            Route(API + "/imis", self.list_imis, methods=["GET"]),
+            Route(API + "/imis", self.create_imi, methods=["POST"]),
+            Route(API + "/imis/{name}", self.get_imi, methods=["GET"]),
+            Route(API + "/imis/{name}", self.delete_imi, methods=["DELETE"]),
+            Route(API + "/imis/{name}/versions", self.publish, methods=["POST"]),
+            Route(API + "/imis/{name}/rollback", self.rollback, methods=["POST"]),
+            Route(v, self.get_version, methods=["GET"]),
+            Route(v + "/stream", self.get_stream, methods=["GET"]),
+            Route(v + "/stream/digest", self.get_stream_digest, methods=["GET"]),
+            Route(v + "/profile", self.get_profile, methods=["GET"]),
+            Route(v + "/profile", self.put_profile, methods=["PUT", "POST"]),
+            Route(API + "/nodes", self.list_nodes, methods=["GET"]),
+            Route(API + "/nodes", self.register_node, methods=["POST"]),
+            Route(API + "/nodes/{node_id}/heartbeat", self.heartbeat, methods=["POST"]),
+            Route(API + "/nodes/{node_id}", self.forget_node, methods=["DELETE"]),
+            Route(API + "/subscriptions", self.list_subscriptions, methods=["GET"]),
+            Route(API + "/subscriptions", self.subscribe, methods=["POST"]),
+            Route(API + "/subscriptions", self.unsubscribe, methods=["DELETE"]),
+            *read_routes(self._manifest, self.blocks),
+        ]
+
+
+_RANGE = re.compile(r"bytes=(\d{1,18})-\Z")
+
+
+def _range_start(header: str | None) -> int | None:
+    """The start of an open-ended `Range: bytes=N-`; other forms are ignored
+    (the whole stream is sent), as RFC 9110 allows."""
+    if not header:
+        return None
+    match = _RANGE.match(header.strip())
+    return int(match.group(1)) if match else None
+
+
+def run(args) -> int:
+    setup_logging(args.log, args.verbose)
+    token = require_token(args.token)
+    master = Master(
+        Path(args.data).resolve(),
+        args.listen,
+        token,
+        url=args.advertise,
+        image_size=args.image_size,
+        chunk_size=args.chunk_size,
+        suspect_after=args.suspect_after,
+        down_after=args.down_after,
+    )
+    return run_until_signal(master.run)
+

@@ -1,0 +1,302 @@
+"""A replica's receive of one version: the promise of DESIGN.md.
+
+1. The stream from the master goes through `btrfs receive` under
+   DATA/incoming/NAME/V.recv/, hashed as it goes, and is spooled beside it
+   (V-from-P.stream) so that a transfer cut off by a crash or the network
+   resumes with an HTTP Range request for the rest: the local receive starts
+   over from the spool, the network does not.
+2. It is accepted only if receive exited 0, the stream digest matches the
+   master's, the subvolume is read-only with a received UUID, and the manifest
+   matches the version record's digest.
+3. Records are written, then the subvolume moves to DATA/imis/NAME/V (one
+   rename), so nothing partial is ever visible there.
+4. On failure the partial subvolume is deleted; the spool is kept only when
+   the stream itself was fine but cut short.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+import urllib3
+
+from . import btrfs
+from .layout import Layout
+from .records import now_iso, read_json, write_bytes, write_json
+from .wire import API, NODE_HEADER, STREAM_ID_HEADER, Manifest, check_name, stream_hasher
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)\Z")
+_UNSATISFIED = re.compile(r"bytes \*/(\d+)\Z")
+
+
+class ReceiveFailed(Exception):
+    """The transfer failed; `resumable` if the spool may be continued."""
+
+    def __init__(self, message: str, resumable: bool = False):
+        super().__init__(message)
+        self.resumable = resumable
+
+
+@dataclass
+class Transfer:
+    """One version moving from the master to this replica (shown in status)."""
+
+    imi: str
+    version: int
+    parent: int | None
+    state: str = "running"  # running | done | failed
+    bytes: int = 0  # stream bytes through receive so far (spooled ones included)
+    network_bytes: int = 0  # of which came over the network in this attempt
+    resumed_from: int = 0
+    started: str = field(default_factory=now_iso)
+    error: str | None = None
+    _t0: float = field(default_factory=time.monotonic)
+    seconds: float = 0.0
+
+    def finish(self, error: str | None = None) -> None:
+        self.seconds = round(time.monotonic() - self._t0, 3)
+        self.state = "failed" if error else "done"
+        self.error = error
+
+    def to_json(self) -> dict:
+        seconds = self.seconds if self.state != "running" else round(time.monotonic() - self._t0, 3)
+        doc = {
+            "imi": self.imi, "version": self.version, "parent": self.parent, "bytes": self.bytes,
+            "network_bytes": self.network_bytes, "seconds": seconds, "state": self.state,
+            "started": self.started, "resumed_from": self.resumed_from,
+        }
+        if self.error:
+            doc["error"] = self.error
+        return doc
+
+
+class Receiver:
+    def __init__(self, layout: Layout, master_url: str, token: str, node_id: str):
+        self.layout = layout
+        self.master_url = master_url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}", NODE_HEADER: node_id}
+        self.pool = urllib3.PoolManager(maxsize=4, retries=False)
+        self._limiter = trio.CapacityLimiter(2)
+
+    # --- start-up ---------------------------------------------------------------
+
+    async def clean_incoming(self) -> None:
+        """Remove partial receives of an earlier run; keep spools that can resume."""
+        self.layout.incoming.mkdir(parents=True, exist_ok=True)
+        for imi_dir in self.layout.incoming.iterdir():
+            for path in imi_dir.iterdir() if imi_dir.is_dir() else [imi_dir]:
+                if path.suffix == ".stream" and isinstance(read_json(path.with_suffix(".json")), dict):
+                    continue
+                if path.suffix == ".json" and path.with_suffix(".stream").exists():
+                    continue
+                log.info("removing partial receive %s", path)
+                await btrfs.remove_tree(path)
+
+    # --- one version ---------------------------------------------------------------
+
+    def _paths(self, name: str, version: int, parent: int | None) -> tuple[Path, Path, Path]:
+        base = self.layout.incoming / check_name(name)
+        stem = f"{version}-from-{parent}" if parent else f"{version}-full"
+        return base / f"{stem}.stream", base / f"{stem}.json", base / f"{version}.recv"
+
+    async def receive(self, name: str, version: int, parent: int | None, record: dict, transfer: Transfer) -> None:
+        spool, spool_meta, target = self._paths(name, version, parent)
+        spool.parent.mkdir(parents=True, exist_ok=True)
+        await btrfs.remove_tree(target)
+        target.mkdir()
+        stop = threading.Event()
+        try:
+            try:
+                digest = await trio.to_thread.run_sync(
+                    self._stream_blocking, name, version, parent, spool, spool_meta, target, transfer, stop,
+                    limiter=self._limiter,
+                )
+            finally:
+                stop.set()
+            await self._accept(name, version, record, target, digest)
+        except BaseException as error:
+            with trio.CancelScope(shield=True):
+                await btrfs.remove_tree(target)
+                if not (isinstance(error, ReceiveFailed) and error.resumable):
+                    spool.unlink(missing_ok=True)
+                    spool_meta.unlink(missing_ok=True)
+            raise
+        spool.unlink(missing_ok=True)
+        spool_meta.unlink(missing_ok=True)
+
+    async def _accept(self, name: str, version: int, record: dict, target: Path, digest: str) -> None:
+        received = target / str(version)
+        if not btrfs.is_subvolume(received):
+            raise ReceiveFailed(f"the stream did not create subvolume {version}")
+        info = await btrfs.subvolume_info(received)
+        if not info.readonly or not info.received_uuid:
+            raise ReceiveFailed("received subvolume is not read-only with a received UUID (incomplete stream)")
+        raw = await trio.to_thread.run_sync(self._get_blocking, f"/imis/{name}/versions/{version}/manifest")
+        manifest = Manifest.from_bytes(raw, record["digest"])  # raises if it does not match the record
+        del manifest
+        write_bytes(self.layout.manifest_file(name, version), raw)
+        write_json(self.layout.version_record(name, version), record)
+        final = self.layout.version_dir(name, version)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        btrfs.move_readonly_subvolume(received, final)
+        target.rmdir()
+        log.info("received %s version %d (stream digest %s)", name, version, digest)
+
+    def _get_blocking(self, path: str) -> bytes:
+        response = self.pool.request(
+            "GET", f"{self.master_url}{API}{path}", headers=self.headers,
+            timeout=urllib3.Timeout(connect=5, read=60),
+        )
+        if response.status != 200:
+            raise ReceiveFailed(f"master answered {response.status} for {path}", resumable=True)
+        return response.data
+
+    # --- the stream (blocking; runs in a worker thread) -------------------------------
+
+    def _stream_blocking(
+        self, name: str, version: int, parent: int | None, spool: Path, spool_meta: Path,
+        target: Path, transfer: Transfer, stop: threading.Event,
+    ) -> str:
+        meta = read_json(spool_meta, {}) if spool.exists() else {}
+        stream_id = meta.get("stream_id") if isinstance(meta, dict) else None
+        if not stream_id:
+            spool.unlink(missing_ok=True)
+        process = btrfs.start_receive(target)
+        hasher = stream_hasher()
+        fd = os.open(spool, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            have = self._replay_spool(fd, process, hasher) if stream_id else 0
+            transfer.bytes = transfer.resumed_from = have
+            if have:
+                log.info("resuming %s v%d from byte %d of the spooled stream", name, version, have)
+            query = f"?parent={parent}" if parent else ""
+            url = f"{self.master_url}{API}/imis/{name}/versions/{version}/stream{query}"
+            digest = None
+            while True:
+                headers = dict(self.headers)
+                if have and stream_id:
+                    headers["Range"] = f"bytes={have}-"
+                    headers["If-Range"] = f'"{stream_id}"'
+                response = self._open(url, headers)
+                try:
+                    if response.status == 200 and have:
+                        # The master has a new stream (it restarted): start over.
+                        raise ReceiveFailed("the master's stream changed; starting over", resumable=False)
+                    if response.status == 416:
+                        total = _UNSATISFIED.match(response.headers.get("Content-Range", ""))
+                        if total and int(total.group(1)) == have:
+                            break
+                        raise ReceiveFailed("master refused the resume range")
+                    if response.status not in (200, 206):
+                        raise ReceiveFailed(_error_text(response), resumable=response.status >= 500)
+                    if response.status == 200:
+                        stream_id = response.headers.get(STREAM_ID_HEADER)
+                        write_json(spool_meta, {"stream_id": stream_id, "imi": name, "version": version, "parent": parent})
+                        complete = True
+                    else:
+                        match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+                        if not match or int(match.group(1)) != have:
+                            raise ReceiveFailed("master answered a range that does not continue the spool")
+                        complete = match.group(3) != "*" and int(match.group(2)) + 1 == int(match.group(3))
+                    digest = response.headers.get("X-Icbd-Stream-Digest") or digest
+                    have = self._copy_body(response, fd, have, process, hasher, transfer, stop)
+                finally:
+                    response.release_conn()
+                if complete:
+                    break
+            process.stdin.close()
+            code = process.wait()
+            stderr = process.stderr.read().decode(errors="replace").strip()
+            if code != 0:
+                raise ReceiveFailed(f"btrfs receive failed: {_last_line(stderr, code)}")
+            expected = digest or self._stream_digest(name, version, parent, stream_id)
+            if hasher.hexdigest() != expected:
+                raise ReceiveFailed(f"stream digest mismatch: got {hasher.hexdigest()}, master says {expected}")
+            return expected
+        except OSError as error:
+            # ENOSPC and friends: fail this transfer, keep the node.
+            raise ReceiveFailed(f"{error.strerror or error}", resumable=False) from None
+        finally:
+            os.close(fd)
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    def _open(self, url: str, headers: dict) -> urllib3.BaseHTTPResponse:
+        try:
+            return self.pool.request(
+                "GET", url, headers=headers, preload_content=False,
+                timeout=urllib3.Timeout(connect=5, read=120),
+            )
+        except urllib3.exceptions.HTTPError as error:
+            raise ReceiveFailed(f"cannot reach the master: {error}", resumable=True) from None
+
+    def _replay_spool(self, fd: int, process, hasher) -> int:
+        offset = 0
+        while data := os.pread(fd, CHUNK, offset):
+            hasher.update(data)
+            _feed(process, data)
+            offset += len(data)
+        return offset
+
+    def _copy_body(self, response, fd: int, have: int, process, hasher, transfer: Transfer, stop) -> int:
+        try:
+            for data in response.stream(CHUNK, decode_content=False):
+                if stop.is_set():
+                    raise ReceiveFailed("stopped", resumable=True)
+                hasher.update(data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.pwrite(fd, view, have + len(data) - len(view)):]
+                _feed(process, data)
+                have += len(data)
+                transfer.bytes = have
+                transfer.network_bytes += len(data)
+        except (urllib3.exceptions.HTTPError, ConnectionError) as error:
+            raise ReceiveFailed(f"stream cut off at byte {have}: {error}", resumable=True) from None
+        return have
+
+    def _stream_digest(self, name: str, version: int, parent: int | None, stream_id: str | None) -> str:
+        query = f"?parent={parent}" if parent else ""
+        raw = self._get_blocking(f"/imis/{name}/versions/{version}/stream/digest{query}")
+        doc = json.loads(raw)
+        if doc.get("stream_id") != stream_id:
+            raise ReceiveFailed("the master's stream changed during the transfer")
+        return doc["digest"]
+
+
+def _feed(process, data: bytes) -> None:
+    try:
+        process.stdin.write(data)
+    except BrokenPipeError:
+        stderr = process.stderr.read().decode(errors="replace").strip()
+        raise ReceiveFailed(f"btrfs receive stopped: {_last_line(stderr, process.wait())}") from None
+
+
+def _last_line(text: str, code) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit status {code}"
+
+
+def _error_text(response) -> str:
+    try:
+        return f"master answered {response.status}: {json.loads(response.data)['error']}"
+    except Exception:
+        return f"master answered {response.status}"
+
+
+def disk_usage(path: Path) -> dict:
+    usage = shutil.disk_usage(path)
+    return {"total": usage.total, "free": usage.free}

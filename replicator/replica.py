@@ -1,0 +1,327 @@
+"""The replica node: holds the versions of the iMIs it is subscribed to,
+receives new ones as deltas, serves manifests and blocks, and keeps working
+on what it holds while the master is unreachable."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from pathlib import Path
+
+import trio
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from . import btrfs, http
+from .blockindex import BlockIndex
+from .http import json_body, json_response
+from .layout import Layout
+from .node import Membership, NodeClient, node_id, require_token, run_until_signal, setup_logging
+from .readroutes import read_routes
+from .receiver import ReceiveFailed, Receiver, Transfer, disk_usage
+from .records import read_json, write_json
+from .wire import API, Manifest, check_name, check_site
+
+log = logging.getLogger(__name__)
+
+TRANSFERS_KEPT = 20
+RETRY_MIN, RETRY_MAX = 1.0, 60.0
+POLL = 10.0
+
+
+class Replica:
+    def __init__(
+        self,
+        data: Path,
+        listen: str,
+        master_url: str,
+        token: str,
+        site: str,
+        *,
+        name: str | None = None,
+        url: str | None = None,
+        keep: int = 5,
+        image_size: int = 64 << 30,
+        heartbeat: float = 2.0,
+    ):
+        self.data = data
+        self.listen = listen
+        self.master_url = master_url.rstrip("/")
+        self.token = token
+        self.site = check_site(site)
+        self.given_name = name
+        self.url = url or http.url_for_listen(listen)
+        self.keep = max(1, keep)
+        self.image_size = image_size
+        self.heartbeat_interval = heartbeat
+        self.layout = Layout(data)
+        self.blocks = BlockIndex(self.layout)
+        self.held: dict[str, dict[int, dict]] = {}  # name -> version -> record
+        self.catalog: dict[str, dict] = {}  # subscribed iMIs as the master last said
+        self.transfers: deque[Transfer] = deque(maxlen=TRANSFERS_KEPT)
+        self.id = ""
+        self._wake = trio.Event()
+        self._retry_at: dict[str, float] = {}
+        self._retry_delay: dict[str, float] = {}
+        self.membership: Membership | None = None
+
+    # --- start-up -----------------------------------------------------------------
+
+    async def run(self, shutdown: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await btrfs.ensure_btrfs(self.data, self.image_size)
+        self.layout.make_dirs()
+        self.id = node_id(self.data, "replica", self.given_name)
+        self.receiver = Receiver(self.layout, self.master_url, self.token, self.id)
+        await self.receiver.clean_incoming()
+        await self._load_held()
+        catalog = read_json(self.data / "catalog.json", {})
+        self.catalog = catalog if isinstance(catalog, dict) else {}
+        for doc in read_json(self.data / "transfers.json", []) or []:
+            if doc.get("state") == "running":
+                doc["state"], doc["error"] = "failed", "interrupted by a restart"
+            self.transfers.append(_transfer_from_json(doc))
+        master = NodeClient(self.master_url, self.token, self.id)
+        self.membership = Membership(
+            master, self.id, "replica", self.site, self.url, self.status_doc,
+            on_reply=self._on_heartbeat_reply, interval=self.heartbeat_interval,
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(http.serve, http.build_app(self.routes(), self.token), self.listen, shutdown)
+                log.info("replica %s (site %s) serving on %s", self.id, self.site, self.listen)
+                nursery.start_soon(self.membership.run)
+                nursery.start_soon(self._sync_loop)
+                task_status.started()
+                await shutdown.wait()
+                nursery.cancel_scope.deadline = trio.current_time() + 3
+        finally:
+            await master.aclose()
+            self._save_transfers()
+        log.info("replica %s stopped", self.id)
+
+    async def _load_held(self) -> None:
+        for imi_dir in sorted(self.layout.imis.iterdir()):
+            name = imi_dir.name
+            for path in sorted(imi_dir.iterdir()):
+                if not path.name.isdigit():
+                    continue
+                version = int(path.name)
+                record = read_json(self.layout.version_record(name, version))
+                if not isinstance(record, dict) or not btrfs.is_subvolume(path):
+                    log.warning("%s: version %d has no record; removing it", name, version)
+                    await btrfs.remove_tree(path)
+                    continue
+                if not btrfs.get_readonly(path):
+                    btrfs.set_readonly(path, True)  # a crash inside move_readonly_subvolume
+                manifest = Manifest.from_bytes(self.layout.manifest_file(name, version).read_bytes(), record["digest"])
+                self.blocks.add(name, version, manifest)
+                self.held.setdefault(name, {})[version] = record
+        log.info("holding %s", {n: sorted(v) for n, v in self.held.items()} or "nothing")
+
+    # --- status ---------------------------------------------------------------------
+
+    def versions_held(self) -> dict[str, list[int]]:
+        return {name: sorted(versions) for name, versions in sorted(self.held.items()) if versions}
+
+    def status_doc(self) -> dict:
+        return {
+            "id": self.id,
+            "role": "replica",
+            "site": self.site,
+            "url": self.url,
+            "versions": self.versions_held(),
+            "transfers": [t.to_json() for t in self.transfers],
+            "master_reachable": bool(self.membership and self.membership.reachable),
+            "disk": disk_usage(self.data),
+            "blocks": len(self.blocks),
+        }
+
+    def _save_transfers(self) -> None:
+        write_json(self.data / "transfers.json", [t.to_json() for t in self.transfers])
+
+    # --- what the master says -------------------------------------------------------------
+
+    async def _on_heartbeat_reply(self, reply: dict) -> None:
+        subscriptions = reply.get("subscriptions")
+        if not isinstance(subscriptions, dict):
+            return
+        if subscriptions != self.catalog:
+            self.catalog = subscriptions
+            write_json(self.data / "catalog.json", subscriptions)
+            self._wake.set()
+
+    def wanted(self, name: str) -> list[int]:
+        """The versions this replica should hold: the newest `keep`, and latest."""
+        imi = self.catalog.get(name, {})
+        versions = sorted(v["version"] for v in imi.get("versions", []))
+        wanted = set(versions[-self.keep:])
+        if imi.get("latest") is not None:
+            wanted.add(imi["latest"])
+        return sorted(wanted)
+
+    def choose_parent(self, name: str, version: int) -> int | None:
+        """The held version, also still on the master, nearest below `version`
+        (else nearest above): the smallest delta this replica can apply."""
+        on_master = {v["version"] for v in self.catalog.get(name, {}).get("versions", [])}
+        shared = sorted(set(self.held.get(name, {})) & on_master)
+        below = [v for v in shared if v < version]
+        above = [v for v in shared if v > version]
+        if below:
+            return below[-1]
+        return above[0] if above else None
+
+    # --- sync -------------------------------------------------------------------------
+
+    async def _sync_loop(self) -> None:
+        while True:
+            timeout = POLL
+            if self._retry_at:
+                timeout = min(POLL, max(0.05, min(self._retry_at.values()) - trio.current_time()))
+            with trio.move_on_after(timeout):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            if self.membership is not None and not self.membership.reachable:
+                continue
+            for name in sorted(set(self.catalog) | set(self.held)):
+                await self._sync_imi(name)
+
+    async def _sync_imi(self, name: str) -> None:
+        imi = self.catalog.get(name)
+        if imi is None:
+            await self._drop_imi(name, "no longer subscribed")
+            return
+        uuid_file = self.layout.meta_dir(name) / "imi.json"
+        known = read_json(uuid_file, {})
+        if known.get("uuid") not in (None, imi.get("uuid")):
+            await self._drop_imi(name, "the master re-created it")
+        write_json(uuid_file, {"uuid": imi.get("uuid"), "latest": imi.get("latest")})
+        if trio.current_time() < self._retry_at.get(name, 0):
+            return
+        records = {v["version"]: v for v in imi.get("versions", [])}
+        for version in self.wanted(name):
+            if version in self.held.get(name, {}):
+                continue
+            if not await self._fetch(name, version, records[version]):
+                return
+        await self._prune(name)
+
+    async def _fetch(self, name: str, version: int, record: dict) -> bool:
+        parent = self.choose_parent(name, version)
+        transfer = Transfer(name, version, parent)
+        self.transfers.append(transfer)
+        log.info("fetching %s version %d (%s)", name, version, f"delta from {parent}" if parent else "full")
+        try:
+            await self.receiver.receive(name, version, parent, record, transfer)
+        except (ReceiveFailed, OSError, btrfs.BtrfsError, ValueError) as error:
+            transfer.finish(str(error))
+            delay = min(self._retry_delay.get(name, RETRY_MIN / 2) * 2, RETRY_MAX)
+            self._retry_delay[name] = delay
+            self._retry_at[name] = trio.current_time() + delay
+            log.error("%s version %d failed: %s (retrying in %.0fs)", name, version, error, delay)
+            self._save_transfers()
+            return False
+        transfer.finish()
+        self._retry_delay.pop(name, None)
+        self._retry_at.pop(name, None)
+        manifest = Manifest.from_bytes(self.layout.manifest_file(name, version).read_bytes(), record["digest"])
+        self.blocks.add(name, version, manifest)
+        self.held.setdefault(name, {})[version] = record
+        self._save_transfers()
+        log.info("holding %s version %d (%d bytes in %.2fs)", name, version, transfer.bytes, transfer.seconds)
+        if self.membership:
+            self.membership.poke()
+        return True
+
+    async def _prune(self, name: str) -> None:
+        held = self.held.get(name, {})
+        keep = set(self.wanted(name))
+        on_master = {v["version"] for v in self.catalog.get(name, {}).get("versions", [])}
+        shared = sorted(set(held) & on_master)
+        if shared:
+            keep.add(shared[-1])  # the parent of the next delta
+        for version in sorted(set(held) - keep):
+            await self._remove_version(name, version)
+
+    async def _remove_version(self, name: str, version: int) -> None:
+        log.info("pruning %s version %d", name, version)
+        self.held[name].pop(version, None)
+        self.blocks.remove(name, version)
+        await btrfs.remove_tree(self.layout.version_dir(name, version))
+        self.layout.version_record(name, version).unlink(missing_ok=True)
+        self.layout.manifest_file(name, version).unlink(missing_ok=True)
+
+    async def _drop_imi(self, name: str, why: str) -> None:
+        if not self.held.get(name):
+            self.held.pop(name, None)
+            return
+        log.info("dropping %s: %s", name, why)
+        for version in sorted(self.held.get(name, {})):
+            await self._remove_version(name, version)
+        self.held.pop(name, None)
+
+    # --- routes -------------------------------------------------------------------------
+
+    async def status(self, request: Request) -> Response:
+        return json_response(self.status_doc())
+
+    async def notify(self, request: Request) -> Response:
+        body = await json_body(request)
+        check_name(body.get("imi"))
+        if self.membership:
+            self.membership.poke()  # the heartbeat reply brings the new catalogue
+        self._retry_at.pop(body["imi"], None)
+        self._wake.set()
+        return json_response({"ok": True})
+
+    async def list_imis(self, request: Request) -> Response:
+        imis = []
+        for name, versions in sorted(self.held.items()):
+            latest = self.catalog.get(name, {}).get("latest")
+            imis.append({
+                "name": name,
+                "latest": latest if latest in versions else max(versions, default=None),
+                "versions": [versions[v] for v in sorted(versions)],
+            })
+        return json_response({"imis": imis})
+
+    def _manifest(self, name: str, version: int) -> tuple[bytes, str] | None:
+        record = self.held.get(name, {}).get(version)
+        if record is None:
+            return None
+        return self.layout.manifest_file(name, version).read_bytes(), record["digest"]
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/", self.status, methods=["GET"]),
+            Route(API + "/notify", self.notify, methods=["POST"]),
+            Route(API + "/imis", self.list_imis, methods=["GET"]),
+            *read_routes(self._manifest, self.blocks),
+        ]
+
+
+def _transfer_from_json(doc: dict) -> Transfer:
+    transfer = Transfer(doc["imi"], doc["version"], doc.get("parent"))
+    transfer.state = doc.get("state", "failed")
+    transfer.bytes = doc.get("bytes", 0)
+    transfer.network_bytes = doc.get("network_bytes", 0)
+    transfer.seconds = doc.get("seconds", 0.0)
+    transfer.started = doc.get("started", "")
+    transfer.error = doc.get("error")
+    transfer.resumed_from = doc.get("resumed_from", 0)
+    return transfer
+
+
+def run(args) -> int:
+    setup_logging(args.log, args.verbose)
+    token = require_token(args.token)
+    if not args.master:
+        from icbdfs.errors import CliError
+
+        raise CliError("a replica needs --master URL (or ICBD_MASTER)")
+    replica = Replica(
+        Path(args.data).resolve(), args.listen, args.master, token, args.site,
+        name=args.name, url=args.advertise, keep=args.keep, image_size=args.image_size,
+        heartbeat=args.heartbeat,
+    )
+    return run_until_signal(replica.run)

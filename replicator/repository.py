@@ -1,0 +1,320 @@
+"""The master's repository: iMIs as btrfs subvolumes, versions as read-only
+snapshots, records that survive restarts.
+
+Commit points, so that a crash at any moment leaves a consistent repository
+(checked and repaired by `open()`):
+
+- create: the copy is made in work/.NAME.creating, renamed to work/NAME, and
+  the iMI exists once meta/NAME/imi.json is written.
+- publish: the working copy is snapshotted read-only to imis/NAME/V (complete
+  at once), its manifest is built and written, and the version exists once
+  meta/NAME/V.json is written. A snapshot without a record is deleted.
+- delete: removing imi.json is the commit; the rest is cleanup.
+- `latest` is the newest version unless a rollback pinned an older one, so a
+  publish needs no second record to move it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from . import btrfs
+from .layout import Layout
+from .manifest_builder import BuildStats, Parent, build_manifest
+from .records import now_iso, read_json, write_bytes, write_json
+from .wire import Manifest, Refused, check_name, parse_version
+
+log = logging.getLogger(__name__)
+
+
+class RepositoryError(Refused):
+    """A request the repository refuses, with the HTTP status to answer."""
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    version: int
+    digest: str
+    bytes: int
+    created: str
+    message: str
+    chunk_size: int
+
+    def to_json(self) -> dict:
+        return {
+            "version": self.version,
+            "digest": self.digest,
+            "bytes": self.bytes,
+            "created": self.created,
+            "message": self.message,
+            "chunk_size": self.chunk_size,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict) -> VersionRecord:
+        return cls(
+            version=parse_version(doc["version"]),
+            digest=str(doc["digest"]),
+            bytes=int(doc["bytes"]),
+            created=str(doc["created"]),
+            message=str(doc.get("message", "")),
+            chunk_size=int(doc["chunk_size"]),
+        )
+
+
+@dataclass
+class Imi:
+    name: str
+    uuid: str
+    created: str
+    pinned: int | None = None
+    versions: dict[int, VersionRecord] = field(default_factory=dict)
+
+    @property
+    def latest(self) -> int | None:
+        if self.pinned in self.versions:
+            return self.pinned
+        return max(self.versions, default=None)
+
+    def record(self) -> dict:
+        return {"name": self.name, "uuid": self.uuid, "created": self.created, "pinned": self.pinned}
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "uuid": self.uuid,
+            "created": self.created,
+            "latest": self.latest,
+            "versions": [self.versions[v].to_json() for v in sorted(self.versions)],
+        }
+
+
+@dataclass
+class PublishProgress:
+    version: int
+    bytes_done: int = 0
+    bytes_total: int = 0
+
+    def to_json(self) -> dict:
+        return {"version": self.version, "bytes_done": self.bytes_done, "bytes_total": self.bytes_total}
+
+
+class Repository:
+    def __init__(self, layout: Layout, chunk_size: int):
+        self.layout = layout
+        self.chunk_size = chunk_size
+        self.imis: dict[str, Imi] = {}
+        self.publishing: dict[str, PublishProgress] = {}
+        self._locks: dict[str, trio.Lock] = {}
+
+    def _lock(self, name: str) -> trio.Lock:
+        return self._locks.setdefault(name, trio.Lock())
+
+    # --- start-up ------------------------------------------------------------
+
+    async def open(self) -> None:
+        self.layout.make_dirs()
+        for leftover in self.layout.work.glob(".*.creating"):
+            log.warning("removing unfinished create %s", leftover)
+            await btrfs.remove_tree(leftover)
+        names = {p.name for p in self.layout.meta.iterdir() if p.is_dir()}
+        names |= {p.name for p in self.layout.work.iterdir() if not p.name.startswith(".")}
+        names |= {p.name for p in self.layout.imis.iterdir()}
+        for name in sorted(names):
+            doc = read_json(self.layout.meta / name / "imi.json")
+            if not isinstance(doc, dict):
+                log.warning("removing remains of iMI %s (never finished or deleted)", name)
+                await self._remove_files(name)
+                continue
+            imi = Imi(name=name, uuid=doc["uuid"], created=doc["created"], pinned=doc.get("pinned"))
+            await self._load_versions(imi)
+            self.imis[name] = imi
+        log.info("repository: %d iMIs", len(self.imis))
+
+    async def _load_versions(self, imi: Imi) -> None:
+        meta = self.layout.meta_dir(imi.name)
+        snapshots = {}
+        imi_dir = self.layout.imi_dir(imi.name)
+        if imi_dir.is_dir():
+            for path in imi_dir.iterdir():
+                if path.name.isdigit():
+                    snapshots[int(path.name)] = path
+        for path in meta.glob("*.json"):
+            stem = path.name.removesuffix(".json")
+            if not stem.isdigit():
+                continue
+            version = int(stem)
+            if version not in snapshots:
+                log.warning("%s: record of version %d without snapshot; dropping it", imi.name, version)
+                path.unlink()
+                self.layout.manifest_file(imi.name, version).unlink(missing_ok=True)
+                continue
+            imi.versions[version] = VersionRecord.from_json(read_json(path))
+        for version, path in snapshots.items():
+            if version not in imi.versions:
+                log.warning("%s: snapshot of version %d was never published; deleting it", imi.name, version)
+                await btrfs.delete_subvolume(path)
+            elif not btrfs.get_readonly(path):
+                btrfs.set_readonly(path, True)
+
+    async def _remove_files(self, name: str) -> None:
+        imi_dir = self.layout.imi_dir(name)
+        if imi_dir.is_dir():
+            for path in imi_dir.iterdir():
+                await btrfs.remove_tree(path)
+            imi_dir.rmdir()
+        await btrfs.remove_tree(self.layout.work_dir(name))
+        shutil.rmtree(self.layout.meta_dir(name), ignore_errors=True)
+
+    # --- queries -------------------------------------------------------------
+
+    def get(self, name: str) -> Imi:
+        imi = self.imis.get(check_name(name))
+        if imi is None:
+            raise RepositoryError(404, f"no iMI named {name!r}")
+        return imi
+
+    def version(self, name: str, version: int) -> VersionRecord:
+        imi = self.get(name)
+        record = imi.versions.get(parse_version(version))
+        if record is None:
+            raise RepositoryError(404, f"{name} has no version {version}")
+        return record
+
+    def snapshot_path(self, name: str, version: int) -> Path:
+        self.version(name, version)
+        return self.layout.version_dir(name, version)
+
+    def manifest_bytes(self, name: str, version: int) -> bytes:
+        self.version(name, version)
+        return self.layout.manifest_file(name, version).read_bytes()
+
+    def manifest(self, name: str, version: int) -> Manifest:
+        record = self.version(name, version)
+        return Manifest.from_bytes(self.manifest_bytes(name, version), record.digest)
+
+    def work_path(self, name: str) -> Path:
+        self.get(name)
+        return self.layout.work_dir(name)
+
+    # --- changes -------------------------------------------------------------
+
+    async def create(self, name: str, source: Path) -> Imi:
+        check_name(name)
+        if not source.is_absolute():
+            raise RepositoryError(400, f"--from must be an absolute path on the master host, not {source}")
+        if not source.exists():
+            raise RepositoryError(400, f"no such file or directory on the master host: {source}")
+        if not (source.is_dir() or source.is_file()):
+            raise RepositoryError(400, f"{source} is neither a directory nor a regular file")
+        async with self._lock(name):
+            if name in self.imis:
+                raise RepositoryError(409, f"iMI {name!r} exists already")
+            staging = self.layout.work / f".{name}.creating"
+            await btrfs.remove_tree(staging)
+            await btrfs.create_subvolume(staging)
+            try:
+                await _copy_into(source, staging)
+                os.rename(staging, self.layout.work_dir(name))
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await btrfs.remove_tree(staging)
+                raise
+            imi = Imi(name=name, uuid=uuid.uuid4().hex, created=now_iso())
+            write_json(self.layout.imi_record(name), imi.record())
+            self.imis[name] = imi
+            log.info("created iMI %s from %s", name, source)
+            return imi
+
+    async def publish(self, name: str, message: str = "") -> VersionRecord:
+        imi = self.get(name)
+        async with self._lock(name):
+            version = self._next_version(imi)
+            snapshot = self.layout.version_dir(name, version)
+            snapshot.parent.mkdir(parents=True, exist_ok=True)
+            progress = self.publishing[name] = PublishProgress(version)
+            try:
+                await btrfs.snapshot(self.layout.work_dir(name), snapshot, readonly=True)
+                parent = None
+                if imi.versions:
+                    newest = max(imi.versions)
+                    parent = Parent(self.layout.version_dir(name, newest), self.manifest(name, newest))
+
+                def report(done: int, total: int) -> None:
+                    progress.bytes_done, progress.bytes_total = done, total
+
+                try:
+                    manifest, stats = await trio.to_thread.run_sync(
+                        build_manifest, snapshot, self.chunk_size, parent, report
+                    )
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await btrfs.delete_subvolume(snapshot)
+                    raise
+                record = VersionRecord(
+                    version=version,
+                    digest=manifest.digest,
+                    bytes=manifest.bytes,
+                    created=now_iso(),
+                    message=message,
+                    chunk_size=self.chunk_size,
+                )
+                write_bytes(self.layout.manifest_file(name, version), manifest.canonical())
+                write_json(self.layout.version_record(name, version), record.to_json())
+                imi.versions[version] = record
+                if imi.pinned is not None:
+                    imi.pinned = None
+                    write_json(self.layout.imi_record(name), imi.record())
+            finally:
+                self.publishing.pop(name, None)
+        _log_publish(name, record, stats)
+        return record
+
+    def _next_version(self, imi: Imi) -> int:
+        on_disk = [int(p.name) for p in self.layout.imi_dir(imi.name).glob("*") if p.name.isdigit()]
+        return max([*imi.versions, *on_disk, 0]) + 1
+
+    async def rollback(self, name: str, version: int) -> Imi:
+        imi = self.get(name)
+        self.version(name, version)
+        async with self._lock(name):
+            imi.pinned = None if version == max(imi.versions) else version
+            write_json(self.layout.imi_record(name), imi.record())
+        log.info("%s: latest is now version %d", name, version)
+        return imi
+
+    async def delete(self, name: str) -> None:
+        self.get(name)
+        async with self._lock(name):
+            self.layout.imi_record(name).unlink()
+            del self.imis[name]
+            await self._remove_files(name)
+        log.info("deleted iMI %s", name)
+
+
+def _log_publish(name: str, record: VersionRecord, stats: BuildStats) -> None:
+    log.info(
+        "published %s version %d: %d files, %d bytes (%d hashed), digest %s",
+        name, record.version, stats.files, stats.bytes_total, stats.bytes_hashed, record.digest,
+    )
+
+
+async def _copy_into(source: Path, dest: Path) -> None:
+    """Copy a tree's content, or an image file by its name, into `dest`.
+    cp keeps modes, owners, timestamps, symlinks, sparseness and, on the same
+    btrfs, shares extents instead of copying them."""
+    if source.is_dir():
+        argv = ["cp", "-a", "--reflink=auto", "--sparse=always", f"{source}/.", f"{dest}/"]
+    else:
+        argv = ["cp", "-a", "--reflink=auto", "--sparse=always", str(source), f"{dest}/{source.name}"]
+    result = await trio.run_process(argv, capture_stderr=True, check=False)
+    if result.returncode != 0:
+        detail = result.stderr.decode(errors="replace").strip().splitlines()
+        raise RepositoryError(400, f"copying {source} failed: {detail[-1] if detail else result.returncode}")

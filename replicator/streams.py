@@ -1,0 +1,227 @@
+"""The master's version streams: one `btrfs send` per (version, parent),
+spooled to a file that any number of replicas read at once.
+
+Publishing to N replicas runs `btrfs send` once, not N times: the first
+request starts a spool, later ones read the same file, following it while it
+grows. The spool hashes as it goes; its xxh3 digest is the end-to-end check a
+replica makes before it accepts what `btrfs receive` built. A complete spool
+is kept (and named by a stream id) so a replica that was cut off can resume
+with an HTTP Range request instead of starting from zero; an incomplete one is
+deleted when the master starts, since `btrfs send` cannot resume.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from . import btrfs
+from .layout import Layout
+from .records import read_json, write_json
+from .wire import check_name, parse_version, stream_hasher
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 1 << 20
+_F_SETPIPE_SZ = 1031
+
+
+class StreamFailed(Exception):
+    pass
+
+
+@dataclass
+class Spool:
+    name: str
+    version: int
+    parent: int | None
+    path: Path
+    stream_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    size: int = 0  # bytes in the file so far; written by the generator thread
+    complete: bool = False
+    digest: str | None = None
+    error: str | None = None
+    last_used: float = field(default_factory=time.monotonic)
+    readers: int = 0
+
+    @property
+    def meta_path(self) -> Path:
+        return self.path.with_suffix(".json")
+
+    def describe(self) -> dict:
+        return {
+            "stream_id": self.stream_id,
+            "bytes": self.size,
+            "complete": self.complete,
+            "digest": self.digest,
+        }
+
+    async def chunks(self, offset: int, end: int | None = None) -> AsyncIterator[bytes]:
+        """The spool's bytes from `offset` (to `end`, exclusive), following it as it grows."""
+        self.readers += 1
+        fd = await trio.to_thread.run_sync(os.open, self.path, os.O_RDONLY)
+        try:
+            delay = 0.001
+            while True:
+                self.last_used = time.monotonic()
+                limit = self.size if end is None else min(self.size, end)
+                if offset < limit:
+                    data = await trio.to_thread.run_sync(os.pread, fd, min(READ_SIZE, limit - offset), offset)
+                    if not data:
+                        raise StreamFailed(f"spool {self.path.name} shrank")
+                    offset += len(data)
+                    delay = 0.001
+                    yield data
+                elif self.error is not None:
+                    raise StreamFailed(self.error)
+                elif self.complete or (end is not None and offset >= end):
+                    return
+                else:
+                    # The generator thread appends without telling trio; a short,
+                    # growing poll keeps readers close behind it at no real cost.
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 0.05)
+        finally:
+            self.readers -= 1
+            os.close(fd)
+
+
+class SendSpools:
+    """Spools keyed by (iMI, version, parent)."""
+
+    def __init__(self, layout: Layout, ttl: float = 600.0):
+        self.layout = layout
+        self.ttl = ttl
+        self._spools: dict[tuple[str, int, int | None], Spool] = {}
+        self._nursery: trio.Nursery | None = None
+
+    def _path(self, name: str, version: int, parent: int | None) -> Path:
+        check_name(name)
+        parse_version(version)
+        stem = f"{version}-from-{parent}" if parent else f"{version}-full"
+        return self.layout.streams / name / f"{stem}.stream"
+
+    def load(self) -> None:
+        """Keep complete spools from an earlier run; drop incomplete ones."""
+        for imi_dir in self.layout.streams.glob("*"):
+            for path in imi_dir.glob("*.stream"):
+                doc = read_json(path.with_suffix(".json"))
+                if not isinstance(doc, dict) or not doc.get("complete"):
+                    log.info("dropping incomplete stream spool %s", path)
+                    path.unlink(missing_ok=True)
+                    path.with_suffix(".json").unlink(missing_ok=True)
+                    continue
+                spool = Spool(
+                    name=doc["name"], version=doc["version"], parent=doc["parent"], path=path,
+                    stream_id=doc["stream_id"], size=doc["bytes"], complete=True, digest=doc["digest"],
+                )
+                self._spools[(spool.name, spool.version, spool.parent)] = spool
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Own the generator tasks and expire idle spools."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                await trio.sleep(min(self.ttl, 30))
+                self._expire()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for key, spool in list(self._spools.items()):
+            if (spool.complete or spool.error) and spool.readers == 0 and now - spool.last_used > self.ttl:
+                self._drop(key)
+
+    def _drop(self, key) -> None:
+        spool = self._spools.pop(key)
+        spool.path.unlink(missing_ok=True)
+        spool.meta_path.unlink(missing_ok=True)
+
+    def all(self) -> list[Spool]:
+        return list(self._spools.values())
+
+    def find(self, name: str, version: int, parent: int | None) -> Spool | None:
+        return self._spools.get((name, version, parent))
+
+    def drop_imi(self, name: str) -> None:
+        for key in [k for k in self._spools if k[0] == name]:
+            spool = self._spools[key]
+            spool.error = spool.error or "iMI deleted"
+            self._drop(key)
+
+    def get(self, name: str, version: int, parent: int | None, snapshot: Path, parent_snapshot: Path | None) -> Spool:
+        """The spool of this stream, started now if there is none (or it failed)."""
+        key = (name, version, parent)
+        spool = self._spools.get(key)
+        if spool is not None and spool.error is None:
+            spool.last_used = time.monotonic()
+            return spool
+        if spool is not None:
+            self._drop(key)
+        assert self._nursery is not None, "SendSpools.run() is not running"
+        spool = Spool(name, version, parent, self._path(name, version, parent))
+        spool.path.parent.mkdir(parents=True, exist_ok=True)
+        spool.meta_path.unlink(missing_ok=True)
+        spool.path.write_bytes(b"")  # readers may open it before the first byte arrives
+        self._spools[key] = spool
+        self._nursery.start_soon(self._generate, spool, snapshot, parent_snapshot)
+        return spool
+
+    async def _generate(self, spool: Spool, snapshot: Path, parent_snapshot: Path | None) -> None:
+        log.info("sending %s version %s (parent %s) to spool", spool.name, spool.version, spool.parent)
+        started = time.monotonic()
+        try:
+            await trio.to_thread.run_sync(_generate_blocking, spool, snapshot, parent_snapshot)
+        except Exception as error:  # a failed send must reach readers, not crash the master
+            spool.error = f"btrfs send failed: {error}"
+            log.error("stream %s v%s from %s: %s", spool.name, spool.version, spool.parent, spool.error)
+            return
+        write_json(spool.meta_path, {
+            "name": spool.name, "version": spool.version, "parent": spool.parent,
+            "stream_id": spool.stream_id, "bytes": spool.size, "digest": spool.digest, "complete": True,
+        })
+        spool.complete = True
+        log.info("spooled %s v%s from %s: %d bytes in %.2fs", spool.name, spool.version, spool.parent,
+                 spool.size, time.monotonic() - started)
+
+
+def _generate_blocking(spool: Spool, snapshot: Path, parent_snapshot: Path | None) -> None:
+    process = btrfs.start_send(snapshot, parent_snapshot)
+    assert process.stdout is not None and process.stderr is not None
+    try:
+        # A 1 MiB pipe lets one read() take 1 MiB instead of 64 KiB.
+        fcntl.fcntl(process.stdout.fileno(), _F_SETPIPE_SZ, 1 << 20)
+    except OSError:
+        pass
+    hasher = stream_hasher()
+    out = os.open(spool.path, os.O_WRONLY)
+    try:
+        pipe = process.stdout.fileno()
+        while True:
+            data = os.read(pipe, READ_SIZE)
+            if not data:
+                break
+            hasher.update(data)
+            view = memoryview(data)
+            while view:
+                written = os.write(out, view)
+                view = view[written:]
+            spool.size += len(data)
+            if spool.error is not None:  # dropped while sending
+                process.kill()
+                raise StreamFailed(spool.error)
+    finally:
+        os.close(out)
+        stderr = process.stderr.read().decode(errors="replace").strip()
+        code = process.wait()
+    if code != 0:
+        raise StreamFailed(stderr.splitlines()[-1] if stderr else f"exit status {code}")
+    spool.digest = hasher.hexdigest()

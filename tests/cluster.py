@@ -1,0 +1,207 @@
+"""Real icbd nodes for tests: processes on loopback ports, each with its own
+data folder (a loop-mounted btrfs image when the node needs one), stopped by
+pid and unmounted on teardown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+ICBD = [sys.executable, "-m", "icbdfs.cli"]
+TOKEN = "test-token-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"):
+    """Poll `condition()` until it returns something truthy; return that."""
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value:
+                return value
+        except (requests.RequestException, OSError, KeyError, ValueError) as error:
+            last_error = error
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_error})")
+
+
+def is_mountpoint(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def unmount(path: Path) -> None:
+    for _ in range(20):
+        if not is_mountpoint(path):
+            return
+        subprocess.run(["umount", str(path)], capture_output=True)
+        if is_mountpoint(path):
+            time.sleep(0.2)
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@dataclass
+class Node:
+    role: str
+    argv: list[str]
+    data: Path
+    port: int
+    log: Path
+    env: dict
+    id: str = ""
+    process: subprocess.Popen | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self, wait: bool = True) -> Node:
+        assert self.process is None or self.process.poll() is not None, "already running"
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
+        if wait:
+            wait_for(self.ready, timeout=60, what=f"{self.role} {self.id or ''} to serve on {self.url}")
+        return self
+
+    def ready(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"{self.role} exited with {self.process.returncode}; log:\n{self.log.read_text()[-3000:]}")
+        return requests.get(self.url + "/", timeout=2).status_code == 200
+
+    def status(self) -> dict:
+        return requests.get(self.url + "/", timeout=5).json()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, then SIGKILL if it does not stop in time."""
+        if not self.alive():
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGCONT)
+        self.process.terminate()
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(10)
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
+
+    def pause(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+
+class Cluster:
+    def __init__(self, root: Path, suspect_after: float = 1.5, down_after: float = 3.0, heartbeat: float = 0.5):
+        self.root = root
+        self.nodes: list[Node] = []
+        self.env = {**os.environ, "ICBD_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
+        self.env.pop("ICBD_MASTER", None)
+        self.suspect_after = suspect_after
+        self.down_after = down_after
+        self.heartbeat = heartbeat
+        self.master_node: Node | None = None
+
+    def _node(self, role: str, name: str, args: list[str], port: int | None = None) -> Node:
+        port = port or free_port()
+        data = self.root / name
+        data.mkdir(parents=True, exist_ok=True)
+        argv = [*ICBD, role, "--data", str(data), "--listen", f"127.0.0.1:{port}", *args]
+        node = Node(role, argv, data, port, self.root / f"{name}.log", self.env, id=name)
+        self.nodes.append(node)
+        return node
+
+    def master(self, image_size: str = "2G", start: bool = True, extra: list[str] = ()) -> Node:
+        node = self._node("master", "master", [
+            "--image-size", image_size, "--suspect-after", str(self.suspect_after),
+            "--down-after", str(self.down_after), "--heartbeat", str(self.heartbeat), *extra,
+        ])
+        self.master_node = node
+        return node.start() if start else node
+
+    def replica(self, name: str, site: str = "a", image_size: str = "2G", start: bool = True,
+                extra: list[str] = ()) -> Node:
+        assert self.master_node is not None
+        node = self._node("replica", name, [
+            "--master", self.master_node.url, "--site", site, "--name", name,
+            "--image-size", image_size, "--heartbeat", str(self.heartbeat), *extra,
+        ])
+        return node.start() if start else node
+
+    def cache(self, name: str, site: str = "a", size: str = "1G", start: bool = True, extra: list[str] = ()) -> Node:
+        assert self.master_node is not None
+        node = self._node("cache", name, [
+            "--master", self.master_node.url, "--site", site, "--name", name,
+            "--size", size, "--heartbeat", str(self.heartbeat), *extra,
+        ])
+        return node.start() if start else node
+
+    # --- the command line -------------------------------------------------------
+
+    def icbd(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        assert self.master_node is not None
+        result = subprocess.run(
+            [*ICBD, "--master", self.master_node.url, *args],
+            capture_output=True, text=True, env=self.env, cwd=REPO, timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"icbd {' '.join(args)} failed ({result.returncode}): {result.stderr}")
+        return result
+
+    def icbd_json(self, *args: str) -> dict:
+        return json.loads(self.icbd("--json", *args).stdout)
+
+    def api(self, method: str, path: str, node: Node | None = None, **kwargs) -> requests.Response:
+        node = node or self.master_node
+        headers = {"Authorization": f"Bearer {TOKEN}", **kwargs.pop("headers", {})}
+        return requests.request(method, node.url + path, headers=headers, timeout=30, **kwargs)
+
+    def nodes_status(self) -> dict[str, dict]:
+        return {n["id"]: n for n in self.api("GET", "/v1/nodes").json()["nodes"]}
+
+    def wait_held(self, replica: Node, name: str, versions: list[int], timeout: float = 60) -> dict:
+        def held():
+            status = replica.status()
+            return status if status["versions"].get(name) == versions else None
+
+        return wait_for(held, timeout, what=f"{replica.id} to hold {name} {versions}")
+
+    def stop_all(self) -> None:
+        for node in reversed(self.nodes):
+            try:
+                node.stop()
+            except Exception:  # teardown goes on whatever one node does
+                pass
+        for node in reversed(self.nodes):
+            unmount(node.data)
