@@ -157,6 +157,7 @@ class NameServer:
         return sorted(imi for imi, ids in self.subscriptions.items() if node_id in ids)
 
     def describe(self, node: Node) -> dict:
+        self._note_state(node)  # whoever sees a new state first logs the change
         status = node.status
         silence = None if node.last_seen is None else round(time.monotonic() - node.last_seen, 1)
         return {

@@ -220,6 +220,8 @@ class Replica:
             self._retry_at[name] = trio.current_time() + delay
             log.error("%s version %d failed: %s (retrying in %.0fs)", name, version, error, delay)
             self._save_transfers()
+            if self.membership:
+                self.membership.poke()
             return False
         transfer.finish()
         self._retry_delay.pop(name, None)

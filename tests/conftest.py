@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from cluster import Cluster, unmount
+from bench.cluster import Cluster, unmount
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,8 +4,9 @@ import os
 import shutil
 from pathlib import Path
 
-from cluster import wait_for
 from trees import describe, make_tree
+
+from bench.cluster import wait_for
 
 
 def _publish(cluster, name, message=""):
