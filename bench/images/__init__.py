@@ -1,0 +1,1 @@
+"""Sample iMIs built from Debian packages, for tests, benchmarks and the demo."""

@@ -1,0 +1,344 @@
+"""Get-or-fetch: serve a block from the local store, or fetch it once from the
+best upstream, fail over on errors, store it, and hand it to every reader
+that asked for it meanwhile (single-flight).
+
+Every lookup, hit or miss, runs as a *flight* task in the Fetcher's own
+nursery, registered under its digest until it has finished (including the
+store put). A reader that finds a flight for its digest waits for it instead of
+starting another, so N concurrent reads of a cold block cost one upstream
+request, and a reader that is cancelled only stops waiting: the flight, owned
+by the Fetcher, carries on for the others. The protocol is in docs/CACHE.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable
+from contextlib import AsyncExitStack
+from dataclasses import asdict, dataclass, field
+
+import trio
+
+from replicator.wire import check_digest, check_name, parse_version
+
+from .blockclient import BlockClient, FetchFailure
+from .blockstore import STORE_ERRORS, BlockStore
+from .source import Unavailable
+from .upstreams import Upstreams
+
+log = logging.getLogger(__name__)
+
+LATENCY_SAMPLES = 4096  # the most recent get() latencies kept for p50/p99
+# FetchFailure.kind -> the counter it bumps
+_COUNTER = {"not_held": "not_held", "host": "host_failures", "timeout": "timeouts", "corrupt": "corrupt"}
+
+
+@dataclass
+class PrefetchProgress:
+    """Counts of one prefetch, updated as it goes (read it from anywhere)."""
+
+    total: int
+    imi: str | None = None
+    version: int | None = None
+    already: int = 0  # in the store before we started
+    in_flight: int = 0  # being fetched by someone else: not waited for
+    fetched: int = 0
+    failed: int = 0
+    bytes: int = 0
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    @property
+    def done(self) -> int:
+        return self.already + self.in_flight + self.fetched + self.failed
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "done": self.done}
+
+
+class _Flight:
+    """One lookup of one digest. Readers wait for `answered` (data or error);
+    prefetches wait for `finished` (stored, or failed). `data` None with no
+    `error` means a prefetch found the block already stored."""
+
+    __slots__ = ("answered", "finished", "data", "error")
+
+    def __init__(self) -> None:
+        self.answered = trio.Event()
+        self.finished = trio.Event()
+        self.data: bytes | None = None
+        self.error: Unavailable | None = None
+
+
+class Fetcher:
+    """Use as `async with Fetcher(store, upstreams, client) as fetcher:`."""
+
+    def __init__(
+        self,
+        store: BlockStore,
+        upstreams: Upstreams,
+        client: BlockClient,
+        *,
+        store_threads: int = 8,
+        attempt_timeout: float = 5.0,
+        deadline: float = 20.0,
+        retry_pause: float = 0.25,
+    ):
+        self.store = store
+        self.upstreams = upstreams
+        self.client = client
+        self.attempt_timeout = attempt_timeout  # one request to one upstream
+        self.deadline = deadline  # everything one flight may try before Unavailable
+        self.retry_pause = retry_pause
+        self._store_limiter = trio.CapacityLimiter(store_threads)
+        self._inflight: dict[str, _Flight] = {}
+        self._nursery: trio.Nursery | None = None
+        self._stack = AsyncExitStack()
+        self._latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self.prefetches: deque[PrefetchProgress] = deque(maxlen=8)
+        self.counts = dict.fromkeys(
+            ("gets", "hits", "coalesced", "demand_fetches", "prefetched", "upstream_bytes",
+             "failovers", "not_held", "host_failures", "timeouts", "corrupt", "unavailable",
+             "store_errors"), 0)
+
+    async def __aenter__(self) -> Fetcher:
+        self._nursery = await self._stack.enter_async_context(trio.open_nursery())
+        return self
+
+    async def __aexit__(self, *exc) -> bool | None:
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        self._nursery = None
+        return await self._stack.__aexit__(*exc)
+
+    # --- reading -------------------------------------------------------------
+
+    async def get(self, digest: str, *, imi: str | None = None, version: int | None = None) -> bytes:
+        """The verified bytes of a block; raises Unavailable within `deadline`."""
+        check_digest(digest)
+        _check_hints(imi, version)
+        started = time.perf_counter()
+        self.counts["gets"] += 1
+        while True:
+            flight = self._inflight.get(digest)
+            if flight is None:
+                flight = self._launch(digest, imi, version, prefetch=False)
+            else:
+                self.counts["coalesced"] += 1
+            await flight.answered.wait()
+            if flight.error is not None:
+                self.counts["unavailable"] += 1
+                raise Unavailable(str(flight.error))
+            if flight.data is not None:
+                self._latencies.append(time.perf_counter() - started)
+                return flight.data
+            # We joined a prefetch that found the block stored: read it ourselves.
+
+    def _launch(self, digest: str, imi: str | None, version: int | None, *, prefetch: bool) -> _Flight:
+        if self._nursery is None:
+            raise RuntimeError("Fetcher used outside `async with`")
+        flight = self._inflight[digest] = _Flight()
+        self._nursery.start_soon(self._fly, digest, flight, imi, version, prefetch)
+        return flight
+
+    async def _fly(self, digest: str, flight: _Flight, imi: str | None, version: int | None, prefetch: bool) -> None:
+        try:
+            if prefetch:
+                # Only ask whether it is there: a prefetch is no hit and must not promote.
+                if await self._in_store(digest):
+                    flight.answered.set()
+                    return
+            else:
+                flight.data = await self._store_get(digest)
+                if flight.data is not None:
+                    self.counts["hits"] += 1
+                    flight.answered.set()
+                    return
+            data = await self._from_upstreams(digest, imi, version)
+            self.counts["prefetched" if prefetch else "demand_fetches"] += 1
+            self.counts["upstream_bytes"] += len(data)
+            flight.data = data
+            flight.answered.set()  # readers go on; the flight stays registered until stored
+            await self._store_put(digest, data)
+        except Unavailable as error:
+            flight.error = error
+        except Exception as error:  # a bug must not strand the readers
+            log.exception("block %s: lookup failed", digest)
+            flight.error = Unavailable(f"block {digest}: {type(error).__name__}: {error}")
+        finally:
+            if not flight.answered.is_set():  # cancelled: the Fetcher is closing
+                flight.error = flight.error or Unavailable(f"block {digest}: the cache is shutting down")
+                flight.answered.set()
+            if self._inflight.get(digest) is flight:
+                del self._inflight[digest]
+            flight.finished.set()
+
+    async def _from_upstreams(self, digest: str, imi: str | None, version: int | None) -> bytes:
+        """Try the candidates in order, round after round, until one delivers,
+        none holds the block, or the deadline passes."""
+        tried: list[str] = []
+        pause = self.retry_pause
+        attempts = 0
+        with trio.move_on_after(self.deadline):
+            while True:
+                candidates = self.upstreams.candidates(imi, version)
+                if not candidates:
+                    tried.append("no upstream is known (is the master reachable?)")
+                    break
+                anyone_failed = False
+                for up in candidates:
+                    attempts += 1
+                    if attempts > 1:
+                        self.counts["failovers"] += 1
+                    started = time.perf_counter()
+                    try:
+                        data = await self.client.fetch(
+                            up.url, digest, imi=imi, version=version, timeout=self.attempt_timeout
+                        )
+                    except FetchFailure as error:
+                        self.upstreams.failed(up, error)
+                        self.counts[_COUNTER[error.kind]] += 1
+                        anyone_failed |= error.kind != "not_held"
+                        tried.append(f"{up.id}: {error.why}")
+                        continue
+                    self.upstreams.succeeded(up, time.perf_counter() - started, len(data))
+                    return data
+                if not anyone_failed:
+                    break  # every upstream answered that it lacks the block: waiting will not help
+                await trio.sleep(pause)
+                pause = min(2 * pause, 2.0)
+        if len(tried) > 6:
+            tried = [*tried[:3], f"... {len(tried) - 6} more ...", *tried[-3:]]
+        raise Unavailable(f"block {digest} unavailable after {attempts} requests: " + "; ".join(tried))
+
+    # --- the store, in worker threads ---------------------------------------------
+
+    async def _store_get(self, digest: str) -> bytes | None:
+        try:
+            return await trio.to_thread.run_sync(self.store.get, digest, limiter=self._store_limiter)
+        except STORE_ERRORS as error:
+            self.counts["store_errors"] += 1
+            log.error("block store read of %s failed (%s); fetching it instead", digest, error)
+            return None
+
+    async def _in_store(self, digest: str) -> bool:
+        try:
+            return await trio.to_thread.run_sync(self.store.__contains__, digest, limiter=self._store_limiter)
+        except STORE_ERRORS:
+            self.counts["store_errors"] += 1
+            return False
+
+    async def _store_put(self, digest: str, data: bytes) -> None:
+        try:
+            await trio.to_thread.run_sync(self.store.put, digest, data, limiter=self._store_limiter)
+        except STORE_ERRORS as error:
+            self.counts["store_errors"] += 1
+            log.error("block store write of %s failed (%s); served it without keeping it", digest, error)
+
+    # --- prefetching ---------------------------------------------------------
+
+    async def prefetch(
+        self,
+        digests: Iterable[str],
+        *,
+        imi: str | None = None,
+        version: int | None = None,
+        concurrency: int = 16,
+        progress: PrefetchProgress | None = None,
+    ) -> PrefetchProgress:
+        """Warm the store with these blocks, `concurrency` at a time, skipping
+        those already stored or in flight; failures are counted, not raised."""
+        wanted = [check_digest(d) for d in dict.fromkeys(digests)]
+        _check_hints(imi, version)
+        if progress is None:
+            progress = PrefetchProgress(len(wanted), imi, version)
+            self.prefetches.append(progress)
+        todo = [d for d in wanted if d not in self._inflight]
+        progress.in_flight += len(wanted) - len(todo)
+        try:
+            missing = await trio.to_thread.run_sync(self.store.missing, todo, limiter=self._store_limiter)
+        except STORE_ERRORS:
+            self.counts["store_errors"] += 1
+            missing = todo
+        progress.already += len(todo) - len(missing)
+        queue = iter(missing)
+
+        async def worker() -> None:
+            for digest in queue:
+                if digest in self._inflight:
+                    progress.in_flight += 1
+                    continue
+                flight = self._launch(digest, imi, version, prefetch=True)
+                await flight.finished.wait()
+                if flight.error is not None:
+                    progress.failed += 1
+                elif flight.data is None:
+                    progress.already += 1
+                else:
+                    progress.fetched += 1
+                    progress.bytes += len(flight.data)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(max(1, concurrency)):
+                    nursery.start_soon(worker)
+        finally:
+            progress.finished = time.time()
+        if progress.failed:
+            log.warning("prefetch of %s v%s: %d of %d blocks failed", imi, version, progress.failed, progress.total)
+        return progress
+
+    def start_prefetch(
+        self,
+        digests: Iterable[str],
+        *,
+        imi: str | None = None,
+        version: int | None = None,
+        concurrency: int = 16,
+    ) -> PrefetchProgress:
+        """Start a prefetch in the Fetcher's nursery; returns its progress at once."""
+        if self._nursery is None:
+            raise RuntimeError("Fetcher used outside `async with`")
+        digests = list(digests)
+        progress = PrefetchProgress(len(set(digests)), imi, version)
+        self.prefetches.append(progress)
+
+        async def run() -> None:
+            try:
+                await self.prefetch(digests, imi=imi, version=version, concurrency=concurrency,
+                                    progress=progress)
+            except Exception:
+                log.exception("prefetch of %s v%s failed", imi, version)
+
+        self._nursery.start_soon(run)
+        return progress
+
+    # --- reporting -----------------------------------------------------------
+
+    def stats(self) -> dict:
+        latencies = sorted(self._latencies)
+
+        def quantile(q: float) -> float | None:
+            if not latencies:
+                return None
+            return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000, 3)
+
+        return {
+            **self.counts,
+            "in_flight": len(self._inflight),
+            "get_ms_p50": quantile(0.50),
+            "get_ms_p99": quantile(0.99),
+            "latency_samples": len(latencies),
+            "prefetches": [p.to_json() for p in self.prefetches],
+            **self.upstreams.stats(),
+        }
+
+
+def _check_hints(imi: str | None, version: int | None) -> None:
+    """Refuse bad hints here, with InvalidInput, rather than deep in a flight."""
+    if imi is not None:
+        check_name(imi)
+    if version is not None:
+        parse_version(version)

@@ -1,0 +1,209 @@
+"""Recent whole blocks in memory, each fetched once however many readers ask.
+
+The kernel sends buffered reads in 128 KiB requests, so a reader of one 1 MiB
+block asks for it eight times in a row, and its readahead requests may arrive
+while the first one is still being fetched. Keeping recent blocks whole costs
+one source call per block and no re-hash: the source verified it on arrival.
+
+Protocol (the invariants the code keeps):
+
+- A digest is absent, in flight (`Flights`), stored (`_blocks`), or briefly
+  both in flight and stored while a flight finishes.
+- A flight runs in a task of the owner's nursery, not in the task of the
+  reader that started it: a reader that gives up (its own timeout) cancels
+  neither the fetch nor the other readers waiting on it, nor readahead.
+- A flight is bounded by `fetch_timeout`. When it ends, with data or an error,
+  it leaves the table, so the next request after a failure tries again.
+- Stored bytes never exceed `capacity`; the least recently used go first.
+  The store only grows from a finished fetch, so a block is never half there.
+- A block a reader gave up on (`give_up`) is refused at once for
+  `GAVE_UP_MEMO` seconds unless it arrives meanwhile: the kernel answers an
+  EIO on a readahead page by asking for that page again, and without the memo
+  the reader would wait twice the timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Hashable, Iterable
+from typing import Generic, TypeVar
+
+import trio
+
+from cache.source import ImageSource, Unavailable
+
+log = logging.getLogger(__name__)
+
+GAVE_UP_MEMO = 2.0
+
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+
+
+class _Flight(Generic[T]):
+    __slots__ = ("done", "value", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.value: T | None = None
+        self.error: Exception | None = None
+
+    def result(self) -> T:
+        if self.error is not None:
+            raise self.error
+        if self.value is None:
+            raise Unavailable("fetch cancelled")
+        return self.value
+
+
+class Flights(Generic[K, T]):
+    """Single-flight fetches by key, each in a task of `nursery`, bounded by `limit`."""
+
+    def __init__(self, nursery: trio.Nursery, limit: float):
+        self._nursery = nursery
+        self._limit = limit
+        self._flights: dict[K, _Flight[T]] = {}
+
+    def __contains__(self, key: K) -> bool:
+        return key in self._flights
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    def start(self, key: K, fetch: Callable[[], Awaitable[T]]) -> tuple[_Flight[T], bool]:
+        """The flight for `key`, and whether this call started it."""
+        flight = self._flights.get(key)
+        if flight is not None:
+            return flight, False
+        flight = self._flights[key] = _Flight()
+        self._nursery.start_soon(self._run, key, flight, fetch)
+        return flight, True
+
+    async def get(self, key: K, fetch: Callable[[], Awaitable[T]]) -> T:
+        flight, _ = self.start(key, fetch)
+        await flight.done.wait()
+        return flight.result()
+
+    async def _run(self, key: K, flight: _Flight[T], fetch: Callable[[], Awaitable[T]]) -> None:
+        try:
+            with trio.fail_after(self._limit):
+                flight.value = await fetch()
+        except trio.TooSlowError:
+            flight.error = Unavailable(f"no answer within {self._limit:g} s")
+        except Unavailable as error:
+            flight.error = error
+        except Exception as error:  # a bug in a source must not take the mount down
+            log.exception("fetch of %s failed", key)
+            flight.error = Unavailable(f"{type(error).__name__}: {error}")
+        finally:
+            del self._flights[key]
+            flight.done.set()
+
+
+class BlockCache:
+    """A bounded LRU of whole verified blocks in front of an ImageSource."""
+
+    def __init__(
+        self,
+        source: ImageSource,
+        nursery: trio.Nursery,
+        *,
+        capacity: int,
+        fetch_timeout: float,
+        stats: Counter[str],
+    ):
+        self._source = source
+        self._capacity = capacity
+        self._blocks: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
+        self._flights: Flights[str, bytes] = Flights(nursery, fetch_timeout)
+        self._stats = stats
+        self._gave_up: dict[str, float] = {}  # digest -> until when it is refused
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._blocks
+
+    def peek(self, digest: str) -> bytes | None:
+        """The block if it is in memory (a hit makes it most recent), else None."""
+        data = self._blocks.get(digest)
+        if data is None:
+            self._stats["lru_misses"] += 1
+            return None
+        self._blocks.move_to_end(digest)
+        self._stats["lru_hits"] += 1
+        return data
+
+    async def get(self, digests: Iterable[str], imi: str, version: int) -> list[bytes]:
+        """The blocks, from memory or from the source (all fetched in parallel);
+        raises Unavailable.
+
+        Unbounded in time by itself (each flight is bounded): callers wrap it
+        in their own timeout.
+        """
+        flights: list[bytes | _Flight[bytes]] = []
+        for digest in digests:
+            data = self._blocks.get(digest)
+            if data is not None:
+                self._blocks.move_to_end(digest)
+                flights.append(data)
+                continue
+            if self._gave_up and self._gave_up.get(digest, 0.0) > trio.current_time():
+                raise Unavailable("a reader gave up on this block moments ago")
+            flight, started = self._flights.start(digest, lambda d=digest: self._fetch(d, imi, version))
+            if not started:
+                self._stats["coalesced"] += 1
+            flights.append(flight)
+        out = []
+        for item in flights:
+            if isinstance(item, _Flight):
+                await item.done.wait()
+                item = item.result()
+            out.append(item)
+        return out
+
+    def give_up(self, digests: Iterable[str]) -> None:
+        """Readers timed out waiting for these blocks: refuse them for a moment."""
+        now = trio.current_time()
+        if len(self._gave_up) > 4096:
+            self._gave_up = {d: t for d, t in self._gave_up.items() if t > now}
+        for digest in digests:
+            if digest not in self._blocks:
+                self._gave_up[digest] = now + GAVE_UP_MEMO
+
+    def warm(self, digests: Iterable[str], imi: str, version: int) -> int:
+        """Start fetching the blocks not in memory yet; returns how many were started."""
+        started = 0
+        for digest in digests:
+            if digest in self._blocks or digest in self._flights:
+                continue
+            self._flights.start(digest, lambda d=digest: self._fetch(d, imi, version))
+            started += 1
+        return started
+
+    async def _fetch(self, digest: str, imi: str, version: int) -> bytes:
+        self._stats["source_blocks"] += 1
+        try:
+            data = await self._source.block(digest, imi, version)
+        except Unavailable:
+            self._stats["source_errors"] += 1
+            raise
+        self._stats["source_bytes"] += len(data)
+        self._store(digest, data)
+        return data
+
+    def _store(self, digest: str, data: bytes) -> None:
+        if len(data) > self._capacity or digest in self._blocks:
+            return
+        self._blocks[digest] = data
+        self._bytes += len(data)
+        while self._bytes > self._capacity:
+            _, old = self._blocks.popitem(last=False)
+            self._bytes -= len(old)

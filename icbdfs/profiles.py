@@ -1,0 +1,160 @@
+"""Boot profiles: which blocks a version needs first, recorded and replayed.
+
+A desktop booting from a cold cache would otherwise wait for its blocks one
+by one, each a round trip to a replica. The first mount that boots a version
+writes down the distinct blocks its readers touched, in first-touch order;
+every later mount hands that list to `source.prefetch` as soon as the version
+is first accessed, so the blocks stream in ahead of the boot.
+
+Recording rules:
+
+- It starts at the first read of a version and counts demand reads only
+  (readahead does not touch blocks, it guesses).
+- It closes after `quiet` seconds without a new block (a boot settles), after
+  `max_seconds`, or at `max_blocks` blocks, whichever comes first.
+- It is saved with `source.save_profile` only when the source had no usable
+  profile of this exact version when recording began. `source.profile` may
+  answer with an older version's profile without saying so; a profile that
+  names a block outside this version's manifest cannot be this version's, so
+  it is replaced. One that lies wholly within this version is kept: replaying
+  it is as good as replaying a new one.
+
+Replay filters the profile to blocks of this version's manifest (an older
+version's profile mostly still applies) and prefetches it at once.
+
+Everything here runs in background tasks of the filesystem's nursery, off
+the request path: a read only appends a digest to a dict.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import trio
+
+from cache.source import ImageSource
+
+log = logging.getLogger(__name__)
+
+_UNKNOWN = object()  # the source's profile could not be fetched
+
+
+@dataclass
+class ProfileOptions:
+    quiet: float = 10.0  # close a recording after this long without a new block
+    max_seconds: float = 600.0
+    max_blocks: int = 1 << 16
+    timeout: float = 30.0  # bound on each profile/prefetch/save call to the source
+
+
+@dataclass
+class _Version:
+    imi: str
+    version: int
+    digests: frozenset[str]  # every block of the version's manifest
+    known: object = None  # what source.profile said (list, None or _UNKNOWN)
+    known_ready: trio.Event = field(default_factory=trio.Event)
+    recording: dict[str, None] | None = None  # ordered set; None: not started
+    closed: bool = False
+    last_new: float = 0.0
+
+
+class BootProfiles:
+    def __init__(
+        self,
+        source: ImageSource,
+        nursery: trio.Nursery,
+        options: ProfileOptions,
+        stats: Counter[str],
+    ):
+        self._source = source
+        self._nursery = nursery
+        self._options = options
+        self._stats = stats
+        self._versions: dict[tuple[str, int], _Version] = {}
+
+    def first_access(self, imi: str, version: int, digests: frozenset[str]) -> None:
+        """A version's manifest was just loaded: replay its profile in the background."""
+        key = (imi, version)
+        if key in self._versions:
+            return
+        state = self._versions[key] = _Version(imi, version, digests)
+        self._nursery.start_soon(self._replay, state)
+
+    def touched(self, imi: str, version: int, digests: Iterable[str]) -> None:
+        """Readers touched these blocks of the version (called on every read)."""
+        state = self._versions.get((imi, version))
+        if state is None or state.closed:
+            return
+        recording = state.recording
+        if recording is None:
+            recording = state.recording = {}
+            state.last_new = trio.current_time()
+            self._nursery.start_soon(self._record, state)
+        for digest in digests:
+            if digest not in recording:
+                recording[digest] = None
+                state.last_new = trio.current_time()
+        if len(recording) >= self._options.max_blocks:
+            state.closed = True
+
+    def recorded(self, imi: str, version: int) -> list[str] | None:
+        """The recording so far (for tests and status)."""
+        state = self._versions.get((imi, version))
+        return None if state is None or state.recording is None else list(state.recording)
+
+    async def _replay(self, state: _Version) -> None:
+        try:
+            with trio.fail_after(self._options.timeout):
+                state.known = await self._source.profile(state.imi, state.version)
+        except Exception as error:
+            log.warning("no boot profile for %s@%d: %s", state.imi, state.version, error)
+            state.known = _UNKNOWN
+        finally:
+            state.known_ready.set()
+        if not isinstance(state.known, list):
+            return
+        wanted = [d for d in dict.fromkeys(state.known) if d in state.digests]
+        if not wanted:
+            return
+        self._stats["profile_replays"] += 1
+        self._stats["profile_blocks"] += len(wanted)
+        log.info("replaying boot profile of %s@%d: %d blocks", state.imi, state.version, len(wanted))
+        try:
+            with trio.fail_after(self._options.timeout):
+                await self._source.prefetch(wanted, state.imi, state.version)
+        except Exception as error:
+            log.warning("prefetch of the boot profile of %s@%d failed: %s", state.imi, state.version, error)
+
+    async def _record(self, state: _Version) -> None:
+        options = self._options
+        started = trio.current_time()
+        while not state.closed:
+            deadline = min(state.last_new + options.quiet, started + options.max_seconds)
+            if trio.current_time() >= deadline:
+                break
+            await trio.sleep_until(deadline)
+        state.closed = True
+        digests = list(state.recording or ())
+        if not digests:
+            return
+        self._stats["profiles_recorded"] += 1
+        await state.known_ready.wait()
+        known = state.known
+        if known is _UNKNOWN:
+            log.info("boot profile of %s@%d not saved: the source's profile is unknown", state.imi, state.version)
+            return
+        if isinstance(known, list) and known and all(d in state.digests for d in known):
+            log.debug("boot profile of %s@%d already known", state.imi, state.version)
+            return
+        try:
+            with trio.fail_after(options.timeout):
+                await self._source.save_profile(state.imi, state.version, digests)
+        except Exception as error:
+            log.warning("saving the boot profile of %s@%d failed: %s", state.imi, state.version, error)
+            return
+        self._stats["profiles_saved"] += 1
+        log.info("saved the boot profile of %s@%d: %d blocks", state.imi, state.version, len(digests))

@@ -1,0 +1,316 @@
+"""BlockStore on a real LMDB and real files: verification, the bound, SLRU
+protection, concurrent use, and recovery after a real kill -9."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from cache.blockstore import BadBlock, BlockStore, StoreBusy
+from replicator.wire import block_digest
+
+MiB = 1 << 20
+
+
+def make_blocks(count: int, size: int, seed: int = 0) -> list[tuple[str, bytes]]:
+    """`count` distinct blocks of `size` bytes (one random buffer, numbered)."""
+    base = bytearray(random.Random(seed).randbytes(size))
+    out = []
+    for i in range(count):
+        base[:8] = (seed << 40 | i).to_bytes(8, "little")
+        data = bytes(base)
+        out.append((block_digest(data), data))
+    return out
+
+
+def assert_consistent(store: BlockStore) -> dict:
+    found = store.audit(verify=True)
+    assert found["missing"] == [] and found["damaged"] == [] and found["orphans"] == []
+    assert found["order_mismatch"] == 0 and found["totals_ok"]
+    return found
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = BlockStore(tmp_path / "blocks", 64 * MiB)
+    yield s
+    s.close()
+
+
+def test_put_get_round_trip_and_reopen(tmp_path):
+    blocks = make_blocks(5, 100_000) + [(block_digest(b"tiny"), b"tiny")]
+    with BlockStore(tmp_path / "blocks", 64 * MiB) as store:
+        for digest, data in blocks:
+            assert store.put(digest, data) is True
+        assert store.put(*blocks[0]) is False  # already there
+        for digest, data in blocks:
+            assert digest in store
+            assert store.get(digest) == data
+        unknown = block_digest(b"never stored")
+        assert store.get(unknown) is None and unknown not in store
+        assert store.missing([d for d, _ in blocks] + [unknown]) == [unknown]
+        stats = store.stats()
+        assert stats["blocks"] == 6 and stats["bytes"] == 5 * 100_000 + 4
+        assert stats["footprint"] == 5 * 102_400 + 4096  # charged in 4 KiB units
+        assert stats["hits"] == 6 and stats["misses"] == 1
+        assert (tmp_path / "blocks" / blocks[0][0][:2] / blocks[0][0]).is_file()
+    with BlockStore(tmp_path / "blocks", 64 * MiB) as store:
+        assert not store.stats()["recovering"]  # closed cleanly: no recovery pass
+        assert [store.get(d) for d, _ in blocks] == [b for _, b in blocks]
+        assert_consistent(store)
+
+
+def test_put_refuses_bytes_that_do_not_match(store):
+    digest = block_digest(b"right")
+    with pytest.raises(BadBlock):
+        store.put(digest, b"wrong")
+    with pytest.raises(ValueError):
+        store.put("../../etc/passwd", b"x")
+    assert digest not in store and store.stats()["blocks"] == 0
+    assert list((store.path / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_damaged_or_lost_file_is_a_miss_and_dropped(store, damage, caplog):
+    (digest, data), (other, other_data) = make_blocks(2, 200_000)
+    store.put(digest, data)
+    store.put(other, other_data)
+    path = store.path / digest[:2] / digest
+    if damage == "flip":
+        raw = bytearray(path.read_bytes())
+        raw[12345] ^= 0x40
+        path.write_bytes(raw)
+    elif damage == "truncate":
+        os.truncate(path, 1000)
+    else:
+        path.unlink()
+    with caplog.at_level(logging.WARNING, logger="cache.blockstore"):
+        assert store.get(digest) is None
+    assert digest not in store and not path.exists()
+    assert "dropped it from the store" in caplog.text
+    stats = store.stats()
+    assert stats["blocks"] == 1 and stats["bytes"] == 200_000
+    assert stats["corrupt_dropped" if damage != "delete" else "missing_dropped"] == 1
+    assert store.get(other) == other_data
+    # Stored again, it is served again.
+    assert store.put(digest, data) is True and store.get(digest) == data
+    assert_consistent(store)
+
+
+def test_malformed_index_value_is_a_miss_and_dropped(store):
+    (digest, data), = make_blocks(1, 5000)
+    store.put(digest, data)
+    with store._env.begin(write=True) as txn:  # what a torn index page could leave
+        txn.put(bytes.fromhex(digest), b"junk", db=store._entries)
+    assert store.get(digest) is None
+    assert digest not in store and store.stats()["corrupt_dropped"] == 1
+    assert store.put(digest, data) is True and store.get(digest) == data
+    store.close()  # the totals counted the lost entry: the next open recounts
+    with BlockStore(store.path, store.bound) as again:
+        assert again.wait_recovered(30)
+        assert_consistent(again)
+        assert again.get(digest) == data and again.stats()["blocks"] == 1
+
+
+def test_bound_holds_while_500_mib_pass_through(store):
+    bound = store.bound
+    for digest, data in make_blocks(500, MiB):
+        store.put(digest, data)
+        assert store.stats()["footprint"] <= bound
+    stats = store.stats()
+    assert bound - MiB < stats["footprint"] <= bound
+    assert stats["evictions"] == 500 - 64 and stats["blocks"] == 64
+    on_disk = sum(f.stat().st_size for f in store.path.glob("??/*"))
+    assert on_disk == stats["bytes"] <= bound
+    assert_consistent(store)
+
+
+def test_hot_blocks_survive_a_scan(tmp_path):
+    """SLRU: blocks read after they arrived are protected; a one-off scan of
+    four times the bound evicts only probation. The cold control set, stored at
+    the same time but never read, is flushed by the same scan."""
+    size = 64 << 10
+    with BlockStore(tmp_path / "blocks", 8 * MiB) as store:  # 128 blocks
+        hot = make_blocks(24, size, seed=1)
+        cold = make_blocks(24, size, seed=2)
+        for digest, data in hot + cold:
+            store.put(digest, data)
+        for digest, data in hot:
+            assert store.get(digest) == data
+        for digest, data in make_blocks(4 * 128, size, seed=3):
+            store.put(digest, data)
+        assert store.missing([d for d, _ in hot]) == []
+        assert store.missing([d for d, _ in cold]) == [d for d, _ in cold]
+        stats = store.stats()
+        assert stats["protected"] == 24 * size and stats["footprint"] <= store.bound
+        assert_consistent(store)
+
+
+def test_protected_segment_stays_under_its_cap(tmp_path):
+    size = 64 << 10
+    with BlockStore(tmp_path / "blocks", 4 * MiB) as store:  # 64 blocks, protected cap 51
+        blocks = make_blocks(64, size)
+        for digest, data in blocks:
+            store.put(digest, data)
+        for digest, _ in blocks:
+            store.get(digest)
+        store.put(*make_blocks(1, size, seed=9)[0])  # a put writes the pending hits
+        stats = store.stats()
+        assert 0 < stats["protected"] <= stats["protected_cap"]
+        assert stats["footprint"] <= store.bound
+        assert_consistent(store)
+
+
+def test_threads_sharing_a_store(store):
+    """Four threads put overlapping blocks and read them back: every block is
+    counted once and index and files agree afterwards."""
+    blocks = make_blocks(64, 50_000)
+    errors = []
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(300):
+                digest, data = rng.choice(blocks)
+                store.put(digest, data)
+                got = store.get(digest)
+                assert got is None or got == data
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    found = assert_consistent(store)
+    assert found["entries"] == store.stats()["blocks"] == len({d for d, _ in blocks} - set(store.missing(d for d, _ in blocks)))
+
+
+def test_second_process_is_refused(store):
+    with pytest.raises(StoreBusy, match="in use by another process"):
+        BlockStore(store.path, MiB)
+
+
+def test_unreadable_index_is_moved_aside_and_rebuilt_from_files(tmp_path, caplog):
+    blocks = make_blocks(10, 30_000)
+    with BlockStore(tmp_path / "blocks", 64 * MiB) as store:
+        for digest, data in blocks:
+            store.put(digest, data)
+    bad = make_blocks(1, 30_000, seed=5)[0][0]
+    (tmp_path / "blocks" / bad[:2] / bad).write_bytes(b"not the block it claims to be")
+    (tmp_path / "blocks" / "index" / "data.mdb").write_bytes(os.urandom(64 << 10))
+    with caplog.at_level(logging.ERROR, logger="cache.blockstore"):
+        store = BlockStore(tmp_path / "blocks", 64 * MiB)
+    try:
+        assert "cannot be opened" in caplog.text
+        assert (tmp_path / "blocks" / "index.broken").is_dir()
+        assert store.wait_recovered(30)
+        assert store.stats()["adopted"] == 10
+        assert [store.get(d) for d, _ in blocks] == [b for _, b in blocks]
+        assert bad not in store and not (tmp_path / "blocks" / bad[:2] / bad).exists()
+        assert_consistent(store)
+    finally:
+        store.close()
+
+
+# --- kill -9 -------------------------------------------------------------
+
+CHILD = textwrap.dedent("""
+    import os, random, signal, sys, threading
+    from pathlib import Path
+    from cache.blockstore import BlockStore
+    from replicator.wire import block_digest
+
+    path, seed, crash = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    if crash == "after-rename":       # the block file is in place, its entry not committed
+        real = os.rename
+        def rename(src, dst):
+            real(src, dst)
+            if "/tmp/" in str(src) and random.random() < 0.2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        os.rename = rename
+    elif crash == "after-unlink":     # an evicted file is gone, its entry not yet deleted
+        real_unlink = Path.unlink
+        def unlink(self, missing_ok=False):
+            real_unlink(self, missing_ok=missing_ok)
+            if len(self.name) == 32 and random.random() < 0.2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        Path.unlink = unlink
+    store = BlockStore(Path(path), 2 << 20)
+    done = []
+
+    def work(n):
+        rng = random.Random(seed * 10 + n)
+        mine = []
+        while True:
+            data = rng.randbytes(rng.choice([100, 5000, 70000, 200000]))
+            digest = block_digest(data)
+            store.put(digest, data)
+            mine.append(digest)
+            for d in rng.sample(mine, min(3, len(mine))):
+                got = store.get(d)
+                assert got is None or block_digest(got) == d
+            done.append(1)
+            if len(done) % 25 == 0:
+                print(len(done), flush=True)
+
+    for n in range(2):
+        threading.Thread(target=work, args=(n,), daemon=True).start()
+    threading.Event().wait()
+""")
+
+
+def run_and_kill(path: Path, seed: int, crash: str) -> int:
+    """Run a writer on the store; kill -9 it after a random amount of work
+    (or let it kill itself at a crash point); return the puts it reported."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(path), str(seed), crash],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    target = random.Random(seed).randrange(50, 300)
+    reported = 0
+    try:
+        for line in child.stdout:
+            reported = int(line)
+            if reported >= target:
+                break
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+        child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+    return reported
+
+
+@pytest.mark.parametrize("crash", ["anywhere", "after-rename", "after-unlink"])
+def test_kill_9_leaves_a_store_that_reopens_consistent(tmp_path, crash):
+    path = tmp_path / "blocks"
+    recovered = adopted = 0
+    for round_ in range(3):
+        reported = run_and_kill(path, seed=round_ + 7, crash=crash)
+        if crash == "anywhere":
+            assert reported >= 50
+        with BlockStore(path, 2 << 20) as store:
+            assert store.wait_recovered(60)
+            found = assert_consistent(store)
+            assert found["entries"] > 0 and store.stats()["footprint"] <= 2 << 20
+            for key in sorted(store.path.glob("??/*"))[:50]:
+                assert block_digest(store.get(key.name)) == key.name
+            recovered += store.stats()["recovered_entries"]
+            adopted += store.stats()["adopted"]
+    # The targeted crash points leave exactly the debris recovery exists for.
+    if crash == "after-rename":
+        assert adopted >= 1
+    if crash == "after-unlink":
+        assert recovered >= 1

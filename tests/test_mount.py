@@ -1,0 +1,339 @@
+"""Real FUSE mounts: a TreeSource served by `icbdfs.mount.serve` in a
+subprocess (tests/tree_source.py run as a script), read through the kernel.
+Every mount is unmounted and every process stopped by pid in teardown."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import select
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tree_source import ODD_NAME, SAMPLE_CHUNK, build_sample_tree
+
+from icbdfs.errors import CliError
+from icbdfs.mount import _start_in_background, mount_info
+
+REPO = Path(__file__).resolve().parent.parent
+RUNNER = REPO / "tests" / "tree_source.py"
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+    reason="needs /dev/fuse and fusermount3",
+)
+
+
+def is_mounted(path: Path) -> bool:
+    return mount_info(str(path)) is not None
+
+
+class Mount:
+    def __init__(self, tmp_path: Path, **options):
+        self.root = tmp_path / "imis"
+        self.path = tmp_path / "mnt"
+        self.control = tmp_path / "control"
+        self.path.mkdir()
+        (self.control / "latest").mkdir(parents=True)
+        self.options = {"timeout": 10, "refresh": 2, "chunk-size": SAMPLE_CHUNK, **options}
+        self.process: subprocess.Popen | None = None
+        self.log = tmp_path / "mount.log"
+
+    def start(self) -> None:
+        command = [sys.executable, str(RUNNER), "--root", str(self.root), "--mount", str(self.path),
+                   "--control", str(self.control)]
+        for key, value in self.options.items():
+            command += [f"--{key}", str(value)]
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, cwd=REPO)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            readable = select.select([self.process.stdout], [], [], 0.2)[0]
+            if readable and self.process.stdout.readline().strip() == b"ready":
+                return
+            if self.process.poll() is not None:
+                break
+        raise AssertionError(f"mount did not come up: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if is_mounted(self.path):
+            subprocess.run(["fusermount3", "-u", str(self.path)], capture_output=True)
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.terminate()
+                try:
+                    self.process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+            self.process.stdout.close()
+        if is_mounted(self.path):
+            subprocess.run(["fusermount3", "-uz", str(self.path)], capture_output=True)
+
+    def status(self) -> dict:
+        return json.loads((self.path / ".icbd" / "status").read_bytes())
+
+
+@pytest.fixture
+def mount(tmp_path):
+    mounts: list[Mount] = []
+
+    def start(versions=(1, 2), **options) -> Mount:
+        m = Mount(tmp_path, **options)
+        for version in versions:
+            build_sample_tree(m.root / "demo" / str(version), variant=version)
+        mounts.append(m)
+        m.start()
+        return m
+
+    try:
+        yield start
+    finally:
+        for m in mounts:
+            m.stop()
+
+
+def digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def snapshot(top: Path) -> dict[str, tuple]:
+    """Every path under `top` with what must survive the trip through the mount."""
+    out = {}
+    for folder, dirs, files in os.walk(top):
+        for name in dirs + files:
+            path = Path(folder) / name
+            st = os.lstat(path)
+            rel = os.fsdecode(path.relative_to(top))
+            item = [st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns]
+            if stat.S_ISREG(st.st_mode):
+                item += [st.st_size, digest(path)]
+            elif stat.S_ISLNK(st.st_mode):
+                item += [st.st_size, os.readlink(path)]
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                item += [st.st_rdev]
+            out[rel] = tuple(item)
+    return out
+
+
+def test_the_tree_through_the_kernel_equals_the_tree(mount):
+    m = mount()
+    for version in ("1", "2"):
+        original = snapshot(m.root / "demo" / version)
+        mounted = snapshot(m.path / "demo" / version)
+        assert mounted == original
+        assert ODD_NAME in mounted and "sparse.img" in mounted
+    assert os.readlink(m.path / "demo" / "latest") == "2"
+    assert (m.path / "demo/latest/etc/motd").read_text() == "welcome to version 2\n"
+    assert sorted(os.listdir(m.path)) == ["demo"]
+    assert mount_info(str(m.path)) == ("fuse.icbd", "icbd")
+    dev = os.stat(m.path).st_dev
+    with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb") as f:
+        assert f.read().strip() == "1024", "1 MiB kernel requests, not 128 KiB"
+    for cmd in (["cmp", m.root / "demo/1/bin/tool", m.path / "demo/1/bin/tool"],
+                ["cmp", m.root / "demo/1/sparse.img", m.path / "demo/1/sparse.img"]):
+        assert subprocess.run(cmd).returncode == 0
+
+
+def test_the_kernel_refuses_writes(mount):
+    m = mount()
+    motd = m.path / "demo/1/etc/motd"
+    attempts = [
+        lambda: os.open(motd, os.O_WRONLY),
+        lambda: os.open(motd, os.O_RDWR),
+        lambda: os.open(motd, os.O_RDONLY | os.O_TRUNC),
+        lambda: os.open(m.path / "demo/1/new", os.O_WRONLY | os.O_CREAT),
+        lambda: os.mkdir(m.path / "demo/1/newdir"),
+        lambda: os.unlink(motd),
+        lambda: os.chmod(motd, 0o777),
+        lambda: os.rename(motd, m.path / "demo/1/etc/other"),
+        lambda: os.symlink("x", m.path / "demo/1/sym"),
+        lambda: os.mkdir(m.path / "newimi"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(OSError) as raised:
+            attempt()
+        assert raised.value.errno == errno.EROFS
+    assert motd.read_text() == "welcome to version 1\n"
+
+
+READER = r"""
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+started = time.monotonic()
+try:
+    os.read(fd, 1 << 20)
+    print("read", time.monotonic() - started, flush=True)
+except OSError as error:
+    print(error.errno, time.monotonic() - started, flush=True)
+sys.stdin.read()  # stay alive, asleep, until the test has looked at us
+"""
+
+
+def test_hung_source_gives_eio_in_bounded_time_and_no_d_state(mount):
+    m = mount(timeout=1.5)
+    target = m.path / "demo/1/big.bin"
+    os.stat(target)  # the manifest is in; its blocks are not
+    (m.control / "hang").touch()
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(target)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        ready = select.select([reader.stdout], [], [], 20)[0]
+        assert ready, "the reader is stuck"
+        code, elapsed = reader.stdout.readline().split()
+        assert int(code) == errno.EIO
+        assert float(elapsed) < 1.5 + 2.0
+        with open(f"/proc/{reader.pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        assert state != "D"
+        assert m.status()["eio"] >= 1
+    finally:
+        reader.kill()
+        reader.wait()
+    (m.control / "hang").unlink()
+    time.sleep(2.1)  # past the memo of blocks readers gave up on
+    assert target.read_bytes() == (m.root / "demo/1/big.bin").read_bytes()
+
+
+def test_second_read_comes_from_the_page_cache(mount):
+    m = mount()
+    target = m.path / "demo/1/bin/tool"
+    expected = (m.root / "demo/1/bin/tool").read_bytes()
+    assert target.read_bytes() == expected
+    before = m.status()
+    assert before["reads"] >= 1
+    for _ in range(3):
+        assert target.read_bytes() == expected
+    after = m.status()
+    assert after["reads"] == before["reads"]
+    assert after["source_blocks"] == before["source_blocks"]
+
+
+def test_new_versions_and_rollbacks_appear_without_remounting(mount):
+    m = mount(refresh=0.2)
+    latest = m.path / "demo/latest"
+    assert os.readlink(latest) == "2"
+    assert (latest / "etc/motd").read_text() == "welcome to version 2\n"
+    build_sample_tree(m.root / "demo" / "3", variant=3)
+    wait_until(lambda: os.readlink(latest) == "3")
+    assert (latest / "etc/motd").read_text() == "welcome to version 3\n"
+    assert sorted(os.listdir(m.path / "demo")) == ["1", "2", "3", "latest"]
+    (m.control / "latest" / "demo").write_text("1")
+    wait_until(lambda: os.readlink(latest) == "1")
+    assert (latest / "etc/motd").read_text() == "welcome to version 1\n"
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_signal_unmounts_cleanly(mount):
+    m = mount()
+    assert is_mounted(m.path)
+    m.process.terminate()
+    assert m.process.wait(timeout=20) == 0
+    assert not is_mounted(m.path)
+
+
+def test_icbd_umount(mount, tmp_path):
+    m = mount()
+    icbd = [sys.executable, "-m", "icbdfs.cli"]
+    other = tmp_path / "plain"
+    other.mkdir()
+    result = subprocess.run([*icbd, "umount", str(other)], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1 and "not mounted" in result.stderr
+    result = subprocess.run([*icbd, "umount", "/proc"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1 and "not an icbd mount" in result.stderr
+    result = subprocess.run([*icbd, "mount", str(m.path), "--cache", "http://127.0.0.1:9"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1 and "already an icbd mount" in result.stderr
+    result = subprocess.run([*icbd, "umount", str(m.path)], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert not is_mounted(m.path)
+    assert m.process.wait(timeout=20) == 0
+
+
+def test_icbd_mount_needs_a_source(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "ICBD_MASTER"}
+    result = subprocess.run([sys.executable, "-m", "icbdfs.cli", "mount", str(tmp_path)],
+                            capture_output=True, text=True, cwd=REPO, env=env)
+    assert result.returncode == 1
+    assert result.stderr.startswith("icbd: ") and "--cache URL" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = subprocess.run([sys.executable, "-m", "icbdfs.cli", "mount", str(tmp_path / "nope"),
+                             "--cache", "http://127.0.0.1:9"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1 and "does not exist" in result.stderr
+
+
+def test_background_start_reports_ready_or_the_error(tmp_path):
+    log_file = tmp_path / "mount.log"
+    pid = _start_in_background(lambda ready: ready(), log_file, False, wait=20)
+    assert os.waitpid(pid, 0)[1] == 0
+
+    def fail(ready):
+        raise CliError("the source said no")
+
+    with pytest.raises(CliError, match="the source said no"):
+        _start_in_background(fail, log_file, False, wait=20)
+    assert "the source said no" in log_file.read_text()
+
+
+# `icbd mount` itself, with cache.remote.RemoteCache standing in as a TreeSource
+# (the real one is another module's business).
+CLI_OVER_TREE = r"""
+import contextlib, sys, types
+from pathlib import Path
+sys.path.insert(0, sys.argv.pop(1))
+from tree_source import SAMPLE_CHUNK, TreeSource
+
+class RemoteCache:
+    @staticmethod
+    @contextlib.asynccontextmanager
+    async def open(url, token):
+        yield TreeSource(Path(url), SAMPLE_CHUNK)
+
+module = types.ModuleType("cache.remote")
+module.RemoteCache = RemoteCache
+sys.modules["cache.remote"] = module
+from icbdfs.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_icbd_mount_in_the_background(tmp_path):
+    root, mountpoint, log_file = tmp_path / "imis", tmp_path / "mnt", tmp_path / "log" / "mount.log"
+    build_sample_tree(root / "demo" / "1")
+    mountpoint.mkdir()
+    icbd = [sys.executable, "-c", CLI_OVER_TREE, str(REPO / "tests")]
+    try:
+        result = subprocess.run([*icbd, "mount", str(mountpoint), "--cache", str(root), "--log", str(log_file)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert is_mounted(mountpoint), "returned before the mount was ready"
+        assert (mountpoint / "demo/latest/etc/motd").read_text() == "welcome to version 1\n"
+        assert "answers" in log_file.read_text()
+        result = subprocess.run([*icbd, "umount", str(mountpoint)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        wait_until(lambda: "unmounted" in log_file.read_text())
+    finally:
+        if is_mounted(mountpoint):
+            subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True)
+
+    result = subprocess.run([*icbd, "mount", str(mountpoint), "--cache", str(tmp_path / "nothing"),
+                             "--log", str(log_file)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "cannot read the catalogue" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not is_mounted(mountpoint)
