@@ -222,10 +222,7 @@ class Master:
             return StreamingResponse(spool.chunks(0), media_type="application/octet-stream", headers=headers)
         # A resumed transfer: serve from `offset` what exists (all of it if the
         # spool is complete), so every answer has a known range.
-        delay = 0.001
-        while not spool.complete and spool.error is None and spool.size <= offset:
-            await trio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        await spool.wait_beyond(offset)
         if spool.error is not None:
             raise HttpError(503, f"stream failed on the master: {spool.error}; retry later")
         end = spool.size

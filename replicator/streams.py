@@ -12,9 +12,11 @@ deleted when the master starts, since `btrfs send` cannot resume.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,7 +33,7 @@ from .wire import check_name, parse_version, stream_hasher
 log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 20
-_F_SETPIPE_SZ = 1031
+RECENT_CHUNKS = 16
 
 
 class StreamFailed(Exception):
@@ -45,12 +47,16 @@ class Spool:
     parent: int | None
     path: Path
     stream_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    size: int = 0  # bytes in the file so far; written by the generator thread
+    size: int = 0  # bytes in the file so far
     complete: bool = False
     digest: str | None = None
     error: str | None = None
     last_used: float = field(default_factory=time.monotonic)
     readers: int = 0
+    # Readers right behind the writer (the usual case in a fan-out) take the
+    # newest chunks from memory instead of reading the file back.
+    _recent: dict[int, bytes] = field(default_factory=dict, repr=False)
+    _grown: trio.Event = field(default_factory=trio.Event, repr=False)
 
     @property
     def meta_path(self) -> Path:
@@ -64,34 +70,53 @@ class Spool:
             "digest": self.digest,
         }
 
+    def _advance(self, data: bytes) -> None:
+        self._recent[self.size] = data
+        if len(self._recent) > RECENT_CHUNKS:
+            del self._recent[min(self._recent)]
+        self.size += len(data)
+        self._wake()
+
+    def _finish(self, digest: str | None = None, error: str | None = None) -> None:
+        self.digest, self.error = digest, error
+        self.complete = error is None
+        self._recent.clear()
+        self._wake()
+
+    def _wake(self) -> None:
+        self._grown.set()
+        self._grown = trio.Event()
+
     async def chunks(self, offset: int, end: int | None = None) -> AsyncIterator[bytes]:
         """The spool's bytes from `offset` (to `end`, exclusive), following it as it grows."""
         self.readers += 1
         fd = await trio.to_thread.run_sync(os.open, self.path, os.O_RDONLY)
         try:
-            delay = 0.001
             while True:
                 self.last_used = time.monotonic()
                 limit = self.size if end is None else min(self.size, end)
                 if offset < limit:
-                    data = await trio.to_thread.run_sync(os.pread, fd, min(READ_SIZE, limit - offset), offset)
+                    data = self._recent.get(offset)
+                    if data is None or offset + len(data) > limit:
+                        data = await trio.to_thread.run_sync(os.pread, fd, min(READ_SIZE, limit - offset), offset)
                     if not data:
                         raise StreamFailed(f"spool {self.path.name} shrank")
                     offset += len(data)
-                    delay = 0.001
                     yield data
                 elif self.error is not None:
                     raise StreamFailed(self.error)
                 elif self.complete or (end is not None and offset >= end):
                     return
                 else:
-                    # The generator thread appends without telling trio; a short,
-                    # growing poll keeps readers close behind it at no real cost.
-                    await trio.sleep(delay)
-                    delay = min(delay * 2, 0.05)
+                    await self._grown.wait()
         finally:
             self.readers -= 1
             os.close(fd)
+
+    async def wait_beyond(self, offset: int) -> None:
+        """Until the spool holds more than `offset` bytes, or is finished."""
+        while not self.complete and self.error is None and self.size <= offset:
+            await self._grown.wait()
 
 
 class SendSpools:
@@ -154,7 +179,8 @@ class SendSpools:
     def drop_imi(self, name: str) -> None:
         for key in [k for k in self._spools if k[0] == name]:
             spool = self._spools[key]
-            spool.error = spool.error or "iMI deleted"
+            if not spool.complete:
+                spool._finish(error="iMI deleted")
             self._drop(key)
 
     def get(self, name: str, version: int, parent: int | None, snapshot: Path, parent_snapshot: Path | None) -> Spool:
@@ -179,49 +205,60 @@ class SendSpools:
         log.info("sending %s version %s (parent %s) to spool", spool.name, spool.version, spool.parent)
         started = time.monotonic()
         try:
-            await trio.to_thread.run_sync(_generate_blocking, spool, snapshot, parent_snapshot)
-        except Exception as error:  # a failed send must reach readers, not crash the master
-            spool.error = f"btrfs send failed: {error}"
+            digest = await _send_into(spool, snapshot, parent_snapshot)
+        except (OSError, StreamFailed) as error:  # a failed send must reach readers, not crash the master
+            spool._finish(error=f"btrfs send failed: {error}")
             log.error("stream %s v%s from %s: %s", spool.name, spool.version, spool.parent, spool.error)
             return
         write_json(spool.meta_path, {
             "name": spool.name, "version": spool.version, "parent": spool.parent,
-            "stream_id": spool.stream_id, "bytes": spool.size, "digest": spool.digest, "complete": True,
+            "stream_id": spool.stream_id, "bytes": spool.size, "digest": digest, "complete": True,
         })
-        spool.complete = True
+        spool._finish(digest)
         log.info("spooled %s v%s from %s: %d bytes in %.2fs", spool.name, spool.version, spool.parent,
                  spool.size, time.monotonic() - started)
 
 
-def _generate_blocking(spool: Spool, snapshot: Path, parent_snapshot: Path | None) -> None:
-    process = btrfs.start_send(snapshot, parent_snapshot)
-    assert process.stdout is not None and process.stderr is not None
-    try:
-        # A 1 MiB pipe lets one read() take 1 MiB instead of 64 KiB.
-        fcntl.fcntl(process.stdout.fileno(), _F_SETPIPE_SZ, 1 << 20)
-    except OSError:
-        pass
+async def _send_into(spool: Spool, snapshot: Path, parent_snapshot: Path | None) -> str:
+    """Run btrfs send into the spool file, hashing as it goes; return the digest."""
+    process = await trio.lowlevel.open_process(
+        btrfs.send_argv(snapshot, parent_snapshot),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=btrfs.die_with_parent,
+    )
+    with contextlib.suppress(OSError):
+        # A 1 MiB pipe lets one read take 1 MiB instead of 64 KiB.
+        fcntl.fcntl(process.stdout.fileno(), btrfs.F_SETPIPE_SZ, 1 << 20)
     hasher = stream_hasher()
-    out = os.open(spool.path, os.O_WRONLY)
+    out = await trio.to_thread.run_sync(os.open, spool.path, os.O_WRONLY)
+    stderr = bytearray()
     try:
-        pipe = process.stdout.fileno()
-        while True:
-            data = os.read(pipe, READ_SIZE)
-            if not data:
-                break
-            hasher.update(data)
-            view = memoryview(data)
-            while view:
-                written = os.write(out, view)
-                view = view[written:]
-            spool.size += len(data)
-            if spool.error is not None:  # dropped while sending
-                process.kill()
-                raise StreamFailed(spool.error)
+        async with trio.open_nursery() as nursery:
+
+            async def drain_stderr() -> None:
+                async for data in process.stderr:
+                    stderr.extend(data[:4096])
+
+            nursery.start_soon(drain_stderr)
+            while data := await process.stdout.receive_some(READ_SIZE):
+                hasher.update(data)
+                await trio.to_thread.run_sync(_write_all, out, data)
+                spool._advance(data)
+                if spool.error is not None:  # dropped while sending
+                    raise StreamFailed(spool.error)
+        code = await process.wait()
     finally:
         os.close(out)
-        stderr = process.stderr.read().decode(errors="replace").strip()
-        code = process.wait()
+        if process.returncode is None:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
     if code != 0:
-        raise StreamFailed(stderr.splitlines()[-1] if stderr else f"exit status {code}")
-    spool.digest = hasher.hexdigest()
+        text = stderr.decode(errors="replace").strip()
+        raise StreamFailed(text.splitlines()[-1] if text else f"exit status {code}")
+    return hasher.hexdigest()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

@@ -1,0 +1,175 @@
+"""Master-to-replica transfers: full, delta (against rsync too), fan-out."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from .cluster import Cluster, wait_for
+from .context import BenchContext
+from .data import MIB, change_image, drop_caches, write_image
+from .results import Result, median
+
+log = logging.getLogger(__name__)
+
+
+def _subscribe_and_wait(cluster: Cluster, name: str, replicas, version: int = 1, timeout: float = 900) -> float:
+    """Seconds from the subscription until every replica holds `version`."""
+    start = time.perf_counter()
+    for replica in replicas:
+        cluster.api("POST", "/v1/subscriptions", json={"imi": name, "node": replica.id}).raise_for_status()
+    for replica in replicas:
+        wait_for(lambda r=replica: version in r.status()["versions"].get(name, []),
+                 timeout=timeout, interval=0.02, what=f"{replica.id} to hold {name} v{version}")
+    return time.perf_counter() - start
+
+
+def _transfer(replica, name: str, version: int) -> dict:
+    return [t for t in replica.status()["transfers"] if t["imi"] == name and t["version"] == version
+            and t["state"] == "done"][-1]
+
+
+def _bare_pipe(snapshot: Path, target: Path) -> float:
+    """A bare `btrfs send | btrfs receive` of the same snapshot, caches dropped."""
+    target.mkdir(parents=True, exist_ok=True)
+    drop_caches()
+    start = time.perf_counter()
+    subprocess.run(f"btrfs send -q '{snapshot}' | btrfs receive -q '{target}'", shell=True, check=True)
+    seconds = time.perf_counter() - start
+    received = target / snapshot.name
+    subprocess.run(["btrfs", "subvolume", "delete", str(received)], check=True, capture_output=True)
+    return seconds
+
+
+def full_transfer(ctx: BenchContext) -> list[Result]:
+    size = ctx.pick(quick=1 << 30, full=4 << 30)
+    reps = ctx.pick(quick=2, full=3)
+    room = f"{(size * (reps + 2)) // (1 << 30) + 4}G"
+    cluster = ctx.cluster("full")
+    master = cluster.master(image_size=room)
+    replica = cluster.replica("r1", image_size=room)
+    source = ctx.scratch / "full-src"
+    source.mkdir()
+    write_image(source / "disk.img", size)
+    ours, bare, wire = [], [], []
+    for rep in range(reps):
+        name = f"full{rep}"
+        cluster.icbd("imi", "create", name, "--from", str(source))
+        cluster.icbd("imi", "publish", name)
+        ctx.step(f"full transfer {rep + 1}/{reps}: bare pipe")
+        bare.append(_bare_pipe(master.data / "imis" / name / "1", replica.data / "bench-baseline"))
+        ctx.step(f"full transfer {rep + 1}/{reps}: icbd")
+        drop_caches()
+        ours.append(_subscribe_and_wait(cluster, name, [replica]))
+        wire.append(_transfer(replica, name, 1)["network_bytes"])
+    stream = wire[0]
+    return [Result(
+        "full_transfer", stream / median(ours) / 1e6, stream / median(bare) / 1e6, "MB/s",
+        detail={
+            "image_bytes": size, "stream_bytes": stream, "runs": reps,
+            "icbd_seconds": [round(s, 3) for s in ours], "bare_pipe_seconds": [round(s, 3) for s in bare],
+            "measured": "subscription to a verified, visible version, caches dropped; "
+                        "baseline: btrfs send | btrfs receive between the same two filesystems",
+        },
+        target=0.9, higher_is_better=True,
+    )]
+
+
+def delta_transfer(ctx: BenchContext) -> list[Result]:
+    size = ctx.pick(quick=512 * MIB, full=4 << 30)
+    changed_target = ctx.pick(quick=16 * MIB, full=64 * MIB)
+    cluster = ctx.cluster("delta")
+    master = cluster.master(image_size=f"{3 * size // (1 << 30) + 4}G")
+    replica = cluster.replica("r1", image_size=f"{3 * size // (1 << 30) + 4}G")
+    source = ctx.scratch / "delta-src"
+    source.mkdir()
+    write_image(source / "disk.img", size)
+    cluster.icbd("imi", "create", "delta", "--from", str(source))
+    cluster.icbd("imi", "publish", "delta")
+    _subscribe_and_wait(cluster, "delta", [replica])
+    work = master.data / "work" / "delta"
+    # rsync's view of the same change: the old version copied aside, then updated.
+    rsync_dest = ctx.scratch / "rsync-dest"
+    subprocess.run(["cp", "-a", "--sparse=always", f"{master.data / 'imis/delta/1'}/.", str(rsync_dest)], check=True)
+    changed = change_image(work / "disk.img", changed_target)
+    ctx.step("delta transfer: publish and replicate")
+    start = time.perf_counter()
+    cluster.icbd("imi", "publish", "delta")
+    wait_for(lambda: 2 in replica.status()["versions"].get("delta", []), timeout=600, interval=0.02,
+             what="delta version at the replica")
+    seconds = time.perf_counter() - start
+    transfer = _transfer(replica, "delta", 2)
+    ctx.step("delta transfer: rsync of the same change")
+    rsync = _rsync(master.data / "imis/delta/2", rsync_dest)
+    baseline = changed + MIB
+    return [
+        Result("delta_transfer", transfer["network_bytes"], baseline, "bytes", detail={
+            "changed_bytes": changed, "image_bytes": size, "parent": transfer["parent"],
+            "stream_bytes": transfer["bytes"], "publish_to_held_seconds": round(seconds, 3),
+            "rsync_bytes_on_wire": rsync["bytes"], "rsync_seconds": round(rsync["seconds"], 3),
+            "ratio_to_changed_bytes": round(transfer["network_bytes"] / changed, 4),
+            "budget": "bytes on the wire <= 1.05 x changed + 1 MiB",
+        }, target=(1.05 * changed + MIB) / baseline),
+        Result("delta_vs_rsync_seconds", seconds, rsync["seconds"], "s", detail={
+            "what": "publish-to-replicated time of the delta, against rsync --no-whole-file of the same change",
+            "rsync_bytes_on_wire": rsync["bytes"], "icbd_bytes_on_wire": transfer["network_bytes"],
+        }),
+    ]
+
+
+def _rsync(source: Path, dest: Path) -> dict:
+    if not shutil.which("rsync"):
+        return {"bytes": float("nan"), "seconds": float("nan")}
+    drop_caches()
+    start = time.perf_counter()
+    out = subprocess.run(
+        ["rsync", "-a", "--no-whole-file", "--inplace", "--stats", f"{source}/", f"{dest}/"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    seconds = time.perf_counter() - start
+    sent = int(re.search(r"Total bytes sent: ([\d,]+)", out).group(1).replace(",", ""))
+    received = int(re.search(r"Total bytes received: ([\d,]+)", out).group(1).replace(",", ""))
+    return {"bytes": sent + received, "seconds": seconds}
+
+
+def fanout(ctx: BenchContext) -> list[Result]:
+    """Publishing one version to 3 replicas against publishing it to 1."""
+    size = ctx.pick(quick=256 * MIB, full=1 << 30)
+    changed = ctx.pick(quick=32 * MIB, full=128 * MIB)
+    reps = ctx.pick(quick=2, full=3)
+    room = f"{3 * size // (1 << 30) + 3}G"
+    cluster = ctx.cluster("fanout")
+    master = cluster.master(image_size=room)
+    replicas = [cluster.replica(f"r{i}", site="ab"[i % 2], image_size=room) for i in range(3)]
+    source = ctx.scratch / "fanout-src"
+    source.mkdir()
+    write_image(source / "disk.img", size)
+    timings: dict[int, list[float]] = {1: [], 3: []}
+    full: dict[int, float] = {}
+    for count in (1, 3):
+        name = f"fan{count}"
+        cluster.icbd("imi", "create", name, "--from", str(source))
+        cluster.icbd("imi", "publish", name)
+        ctx.step(f"fan-out to {count}: first (full) version")
+        full[count] = _subscribe_and_wait(cluster, name, replicas[:count])
+        for rep in range(reps):
+            change_image(master.data / "work" / name / "disk.img", changed)
+            ctx.step(f"fan-out to {count}: delta {rep + 1}/{reps}")
+            start = time.perf_counter()
+            cluster.icbd("imi", "publish", name)
+            for replica in replicas[:count]:
+                wait_for(lambda r=replica, v=rep + 2: v in r.status()["versions"].get(name, []),
+                         timeout=600, interval=0.02, what="fan-out")
+            timings[count].append(time.perf_counter() - start)
+    return [Result("fanout", median(timings[3]), median(timings[1]), "s", detail={
+        "what": f"publish of a {changed // MIB} MiB change to an image of {size // MIB} MiB until every "
+                "subscribed replica holds it: 3 replicas against 1",
+        "seconds_3": [round(s, 3) for s in timings[3]], "seconds_1": [round(s, 3) for s in timings[1]],
+        "full_first_version_seconds": {"1": round(full[1], 3), "3": round(full[3], 3)},
+        "note": "all replicas share this machine's 2 cores and disk, so their receives compete; "
+                "on separate hosts only the master's send is shared",
+    }, target=1.3)]
