@@ -122,6 +122,61 @@ class Node:
         os.kill(self.pid, signal.SIGCONT)
 
 
+def fuse_unmount(path: Path) -> None:
+    """Unmount a FUSE mount, lazily as the last resort."""
+    for _ in range(25):
+        if not is_mountpoint(path):
+            return
+        subprocess.run(["fusermount3", "-u", str(path)], capture_output=True)
+        if is_mountpoint(path):
+            time.sleep(0.2)
+    subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True)
+
+
+@dataclass
+class MountProcess:
+    """`icbd mount --foreground` in a subprocess."""
+
+    mountpoint: Path
+    argv: list[str]
+    log: Path
+    env: dict
+    process: subprocess.Popen | None = None
+
+    def start(self) -> MountProcess:
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
+
+        def mounted() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"mount exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+            return is_mountpoint(self.mountpoint)
+
+        wait_for(mounted, timeout=60, what=f"the mount at {self.mountpoint}")
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def status(self) -> dict:
+        return json.loads((self.mountpoint / ".icbd" / "status").read_text())
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+        fuse_unmount(self.mountpoint)
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
+
 class Cluster:
     def __init__(self, root: Path, suspect_after: float = 1.5, down_after: float = 3.0, heartbeat: float = 0.5):
         self.root = root
@@ -132,6 +187,7 @@ class Cluster:
         self.down_after = down_after
         self.heartbeat = heartbeat
         self.master_node: Node | None = None
+        self.mounts: list[MountProcess] = []
 
     def _node(self, role: str, name: str, args: list[str], port: int | None = None) -> Node:
         port = port or free_port()
@@ -167,6 +223,19 @@ class Cluster:
         ])
         return node.start() if start else node
 
+    def mount(self, name: str, *, cache: Node | None = None, cache_dir: Path | None = None,
+              site: str | None = None, timeout: float = 5.0, extra: list[str] = ()) -> MountProcess:
+        """A FUSE mount reading through `cache` (a cache server), or through an
+        embedded cache in `cache_dir` filled from the master's replicas."""
+        assert self.master_node is not None
+        source = ["--cache", cache.url] if cache else ["--master", self.master_node.url,
+                                                      "--cache-dir", str(cache_dir or self.root / f"{name}-cache")]
+        argv = [*ICBD, "mount", str(self.root / name), "--foreground", "--timeout", str(timeout),
+                "--refresh", "0.5", *source, *(["--site", site] if site else []), *extra]
+        mount = MountProcess(self.root / name, argv, self.root / f"{name}.log", self.env)
+        self.mounts.append(mount)
+        return mount.start()
+
     # --- the command line -------------------------------------------------------
 
     def icbd(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -198,6 +267,11 @@ class Cluster:
         return wait_for(held, timeout, what=f"{replica.id} to hold {name} {versions}")
 
     def stop_all(self) -> None:
+        for mount in reversed(self.mounts):
+            try:
+                mount.stop()
+            except Exception:  # teardown goes on whatever one mount does
+                pass
         for node in reversed(self.nodes):
             try:
                 node.stop()

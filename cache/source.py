@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from replicator.wire import Manifest
+from replicator.wire import Manifest, check_digest
 
 
 class Unavailable(Exception):
@@ -84,6 +84,26 @@ class Catalog:
         return cls({i["name"]: ImiInfo.from_json(i) for i in doc.get("imis", [])})
 
 
+@dataclass(frozen=True)
+class Profile:
+    """A boot profile: the blocks a version's first boot read, in order.
+    `recorded_on` is the version it was recorded on; it may be older than
+    the version asked for, whose unchanged blocks share its digests."""
+
+    recorded_on: int
+    digests: list[str]
+
+    def to_json(self) -> dict:
+        return {"recorded_on": self.recorded_on, "digests": self.digests}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> Profile:
+        digests = doc["digests"]
+        if not isinstance(digests, list):
+            raise ValueError("profile digests must be a list")
+        return cls(recorded_on=int(doc["recorded_on"]), digests=[check_digest(d) for d in digests])
+
+
 class ImageSource(Protocol):
     async def catalog(self) -> Catalog:
         """The current catalogue; the last one known when upstream is unreachable."""
@@ -98,9 +118,9 @@ class ImageSource(Protocol):
     async def prefetch(self, digests: list[str], imi: str, version: int) -> None:
         """Start warming these blocks; returns without waiting for them."""
 
-    async def profile(self, imi: str, version: int) -> list[str] | None:
-        """The recorded boot profile (block digests in access order) for this
-        version or the nearest older one, or None."""
+    async def profile(self, imi: str, version: int) -> Profile | None:
+        """The recorded boot profile for this version or the nearest older
+        one, or None if there is none."""
 
     async def save_profile(self, imi: str, version: int, digests: list[str]) -> None:
         """Store a recorded boot profile where every site can find it."""

@@ -12,12 +12,10 @@ Recording rules:
   (readahead does not touch blocks, it guesses).
 - It closes after `quiet` seconds without a new block (a boot settles), after
   `max_seconds`, or at `max_blocks` blocks, whichever comes first.
-- It is saved with `source.save_profile` only when the source had no usable
-  profile of this exact version when recording began. `source.profile` may
-  answer with an older version's profile without saying so; a profile that
-  names a block outside this version's manifest cannot be this version's, so
-  it is replaced. One that lies wholly within this version is kept: replaying
-  it is as good as replaying a new one.
+- It is saved with `source.save_profile` only when the source had no
+  profile recorded on this exact version when recording began (it may have
+  answered with an older version's, which replays well but is not this
+  version's own).
 
 Replay filters the profile to blocks of this version's manifest (an older
 version's profile mostly still applies) and prefetches it at once.
@@ -35,7 +33,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from cache.source import ImageSource
+from cache.source import ImageSource, Profile
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +53,7 @@ class _Version:
     imi: str
     version: int
     digests: frozenset[str]  # every block of the version's manifest
-    known: object = None  # what source.profile said (list, None or _UNKNOWN)
+    known: object = None  # what source.profile said (Profile, None or _UNKNOWN)
     known_ready: trio.Event = field(default_factory=trio.Event)
     recording: dict[str, None] | None = None  # ordered set; None: not started
     closed: bool = False
@@ -115,9 +113,9 @@ class BootProfiles:
             state.known = _UNKNOWN
         finally:
             state.known_ready.set()
-        if not isinstance(state.known, list):
+        if not isinstance(state.known, Profile):
             return
-        wanted = [d for d in dict.fromkeys(state.known) if d in state.digests]
+        wanted = [d for d in dict.fromkeys(state.known.digests) if d in state.digests]
         if not wanted:
             return
         self._stats["profile_replays"] += 1
@@ -147,7 +145,7 @@ class BootProfiles:
         if known is _UNKNOWN:
             log.info("boot profile of %s@%d not saved: the source's profile is unknown", state.imi, state.version)
             return
-        if isinstance(known, list) and known and all(d in state.digests for d in known):
+        if isinstance(known, Profile) and known.recorded_on == state.version:
             log.debug("boot profile of %s@%d already known", state.imi, state.version)
             return
         try:

@@ -28,6 +28,8 @@ class BlockIndex:
         self._where: dict[str, Location] = {}
         self._manifests: dict[tuple[str, int], Manifest] = {}
         self._limiter = trio.CapacityLimiter(8)
+        self.served_blocks = 0  # egress, for status and the boot-storm benchmark
+        self.served_bytes = 0
 
     def add(self, name: str, version: int, manifest: Manifest) -> None:
         self._manifests[(name, version)] = manifest
@@ -81,4 +83,6 @@ class BlockIndex:
         if block_digest(data) != digest:
             log.error("block %s at %s offset %d is damaged on this node; not serving it", digest, full, offset)
             return None
+        self.served_blocks += 1
+        self.served_bytes += len(data)
         return data

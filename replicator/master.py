@@ -74,12 +74,10 @@ class Master:
             self._nursery = nursery
             await nursery.start(self.spools.run)
             nursery.start_soon(self.names.watch)
-            await nursery.start(http.serve, http.build_app(self.routes(), self.token), self.listen, shutdown)
-            log.info("master serving on %s (data %s)", self.listen, self.data)
-            task_status.started()
-            await shutdown.wait()
-            # hypercorn returns once its connections are closed; then stop the rest.
-            nursery.cancel_scope.deadline = trio.current_time() + 3
+            log.info("master on %s (data %s)", self.listen, self.data)
+            # serve() returns once SIGINT/SIGTERM closed the server; then stop the rest.
+            await http.serve(http.build_app(self.routes(), self.token), self.listen, shutdown, task_status=task_status)
+            nursery.cancel_scope.cancel()
         log.info("master stopped")
 
     # --- status --------------------------------------------------------------

@@ -88,13 +88,12 @@ class Replica:
         )
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(http.serve, http.build_app(self.routes(), self.token), self.listen, shutdown)
-                log.info("replica %s (site %s) serving on %s", self.id, self.site, self.listen)
+                log.info("replica %s (site %s) on %s", self.id, self.site, self.listen)
                 nursery.start_soon(self.membership.run)
                 nursery.start_soon(self._sync_loop)
-                task_status.started()
-                await shutdown.wait()
-                nursery.cancel_scope.deadline = trio.current_time() + 3
+                await http.serve(http.build_app(self.routes(), self.token), self.listen, shutdown,
+                                 task_status=task_status)
+                nursery.cancel_scope.cancel()
         finally:
             await master.aclose()
             self._save_transfers()
@@ -135,6 +134,7 @@ class Replica:
             "master_reachable": bool(self.membership and self.membership.reachable),
             "disk": disk_usage(self.data),
             "blocks": len(self.blocks),
+            "served": {"blocks": self.blocks.served_blocks, "bytes": self.blocks.served_bytes},
         }
 
     def _save_transfers(self) -> None:

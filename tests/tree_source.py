@@ -29,7 +29,7 @@ from pathlib import Path
 
 import trio
 
-from cache.source import Catalog, ImiInfo, Unavailable, VersionInfo
+from cache.source import Catalog, ImiInfo, Profile, Unavailable, VersionInfo
 from icbdfs.fs import MountOptions
 from icbdfs.mount import serve
 from replicator.manifest_builder import build_manifest
@@ -127,10 +127,12 @@ class TreeSource:
         self.calls["prefetch"] += 1
         self.prefetched.append((imi, version, list(digests)))
 
-    async def profile(self, imi: str, version: int) -> list[str] | None:
+    async def profile(self, imi: str, version: int) -> Profile | None:
         self.calls["profile"] += 1
         older = [v for (name, v) in self.profiles if name == imi and v <= version]
-        return list(self.profiles[imi, max(older)]) if older else None
+        if not older:
+            return None
+        return Profile(max(older), list(self.profiles[imi, max(older)]))
 
     async def save_profile(self, imi: str, version: int, digests: list[str]) -> None:
         self.calls["save_profile"] += 1

@@ -1,0 +1,93 @@
+"""A site cache server seen from a mount: cache.source.ImageSource over HTTP.
+
+Control calls (catalogue, manifests, profiles) go through httpx; blocks go
+through the BlockClient (urllib3 in worker threads, verified on arrival), the
+same path a cache uses to fill from replicas. The last catalogue is kept, so
+the mount's view survives a restart of the cache server.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import httpx
+import trio
+
+from replicator.wire import API, Manifest, check_name, parse_version
+
+from .blockclient import BlockClient, FetchFailure
+from .source import Catalog, Profile, Unavailable
+
+log = logging.getLogger(__name__)
+
+CONTROL_TIMEOUT = 10.0
+
+
+class RemoteCache:
+    def __init__(self, url: str, token: str):
+        self.url = url.rstrip("/")
+        self.http = httpx.AsyncClient(
+            base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=CONTROL_TIMEOUT
+        )
+        self.client = BlockClient(token, connections=16)
+        self._catalog: Catalog | None = None
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, url: str, token: str):
+        remote = cls(url, token)
+        try:
+            yield remote
+        finally:
+            await remote.http.aclose()
+            remote.client.close()
+
+    async def catalog(self) -> Catalog:
+        try:
+            response = await self.http.get(f"{API}/imis")
+            response.raise_for_status()
+            self._catalog = Catalog.from_json(response.json())
+        except (httpx.HTTPError, ValueError, KeyError) as error:
+            if self._catalog is None:
+                raise Unavailable(f"cannot reach the cache server at {self.url}: {error}") from None
+            log.debug("cache server unreachable (%s); keeping the last catalogue", error)
+        return self._catalog
+
+    async def manifest(self, imi: str, version: int) -> Manifest:
+        catalog = self._catalog or await self.catalog()
+        info = catalog.imis.get(check_name(imi))
+        record = info.versions.get(parse_version(version)) if info else None
+        if record is None:
+            raise Unavailable(f"{imi} has no version {version}")
+        try:
+            response = await self.http.get(f"{API}/imis/{imi}/versions/{version}/manifest", timeout=60)
+            response.raise_for_status()
+        except httpx.HTTPError as error:
+            raise Unavailable(f"manifest of {imi} v{version}: {error}") from None
+        return await trio.to_thread.run_sync(Manifest.from_bytes, response.content, record.digest)
+
+    async def block(self, digest: str, imi: str, version: int) -> bytes:
+        try:
+            return await self.client.fetch(self.url, digest, imi=imi, version=version)
+        except FetchFailure as error:
+            raise Unavailable(str(error)) from None
+
+    async def prefetch(self, digests: list[str], imi: str, version: int) -> None:
+        try:
+            response = await self.http.post(f"{API}/prefetch", json={"blocks": digests, "imi": imi, "version": version})
+            response.raise_for_status()
+        except httpx.HTTPError as error:
+            log.info("prefetch request to the cache server failed: %s", error)
+
+    async def profile(self, imi: str, version: int) -> Profile | None:
+        response = await self.http.get(f"{API}/imis/{imi}/versions/{version}/profile")
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        return Profile.from_json(response.json())
+
+    async def save_profile(self, imi: str, version: int, digests: list[str]) -> None:
+        response = await self.http.put(f"{API}/imis/{imi}/versions/{version}/profile",
+                                       json={"digests": digests}, timeout=30)
+        response.raise_for_status()

@@ -1,0 +1,240 @@
+"""The site cache server: serves a site's mounts from its SiteCache, and
+pre-stages versions or boot profiles before a boot storm."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import httpx
+import trio
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from icbdfs.errors import CliError
+from replicator import http
+from replicator.http import HttpError, json_body, json_response
+from replicator.node import (
+    Membership,
+    NodeClient,
+    node_id,
+    require_token,
+    run_until_signal,
+    setup_logging,
+)
+from replicator.readroutes import BLOCK_ROUTE, MANIFEST_ROUTE, block_response, manifest_response
+from replicator.wire import API, check_digest, check_name, check_site, parse_version
+
+from .fetcher import PrefetchProgress
+from .site import SiteCache
+from .source import Unavailable
+
+log = logging.getLogger(__name__)
+
+MAX_PREFETCH_BODY = 16 << 20
+JOBS_KEPT = 32
+
+
+class PrefetchJob:
+    """An admin's pre-staging of a version (or its boot profile) at this site."""
+
+    def __init__(self, job_id: int, imi: str, version: int, progress: PrefetchProgress):
+        self.id = job_id
+        self.imi = imi
+        self.version = version
+        self.progress = progress
+
+    def to_json(self) -> dict:
+        p = self.progress
+        state = "running" if p.finished is None else ("failed" if p.failed else "done")
+        return {"id": self.id, "imi": self.imi, "version": self.version, "state": state,
+                "blocks": p.total, "done": p.done, "fetched": p.fetched, "failed": p.failed,
+                "already": p.already, "bytes": p.bytes}
+
+
+class CacheServer:
+    def __init__(self, data: Path, listen: str, master_url: str, token: str, site: str, size: int,
+                 *, name: str | None = None, url: str | None = None, heartbeat: float = 2.0):
+        self.data = data
+        self.listen = listen
+        self.master_url = master_url
+        self.token = token
+        self.site = check_site(site)
+        self.size = size
+        self.given_name = name
+        self.url = url or http.url_for_listen(listen)
+        self.heartbeat = heartbeat
+        self.id = ""
+        self.cache: SiteCache | None = None
+        self.jobs: dict[int, PrefetchJob] = {}
+        self._job_ids = itertools.count(1)
+
+    async def run(self, shutdown: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.id = node_id(self.data, "cache", self.given_name)
+        async with SiteCache.open(self.data, self.master_url, self.token, self.site, self.size) as cache:
+            self.cache = cache
+            master = NodeClient(self.master_url, self.token, self.id)
+            membership = Membership(master, self.id, "cache", self.site, self.url, self.status_doc,
+                                    interval=self.heartbeat)
+            try:
+                async with trio.open_nursery() as nursery:
+                    log.info("cache %s (site %s) on %s", self.id, self.site, self.listen)
+                    nursery.start_soon(membership.run)
+                    await http.serve(http.build_app(self.routes(), self.token), self.listen, shutdown,
+                                     task_status=task_status)
+                    nursery.cancel_scope.cancel()
+            finally:
+                await master.aclose()
+        log.info("cache %s stopped", self.id)
+
+    def status_doc(self) -> dict:
+        assert self.cache is not None
+        return {"id": self.id, "role": "cache", "site": self.site, "url": self.url,
+                "versions": {}, "transfers": [], **self.cache.stats(),
+                "prefetch_jobs": [j.to_json() for j in list(self.jobs.values())[-8:]]}
+
+    # --- routes --------------------------------------------------------------------
+
+    async def status(self, request: Request) -> Response:
+        return json_response(self.status_doc())
+
+    async def list_imis(self, request: Request) -> Response:
+        assert self.cache is not None
+        return json_response((await self.cache.catalog()).to_json())
+
+    async def get_manifest(self, request: Request) -> Response:
+        assert self.cache is not None
+        name = check_name(request.path_params["name"])
+        version = parse_version(request.path_params["version"])
+        try:
+            raw, digest = await self.cache.manifest_bytes(name, version)
+        except Unavailable as error:
+            raise HttpError(404, str(error)) from None
+        return manifest_response(raw, digest)
+
+    async def get_block(self, request: Request) -> Response:
+        assert self.cache is not None
+        digest = check_digest(request.path_params["digest"])
+        imi, version = _hints(request)
+        try:
+            data = await self.cache.block(digest, imi, version)
+        except Unavailable as error:
+            # The site cannot get it now: a gateway failing, not a bad request.
+            raise HttpError(504, f"block {digest} unavailable: {error}") from None
+        return block_response(data, digest)
+
+    async def prefetch(self, request: Request) -> Response:
+        """{"imi", "version"?, "profile"?: bool} stages a version (or just its boot
+        profile); {"blocks": [...], "imi"?, "version"?} stages those blocks."""
+        assert self.cache is not None
+        body = await json_body(request, limit=MAX_PREFETCH_BODY)
+        imi = check_name(body["imi"]) if body.get("imi") is not None else None
+        version = parse_version(body["version"]) if body.get("version") is not None else None
+        if "blocks" in body:
+            blocks = body["blocks"]
+            if not isinstance(blocks, list):
+                raise HttpError(400, "'blocks' must be a list of digests")
+            digests = [check_digest(d) for d in blocks]
+        else:
+            if imi is None:
+                raise HttpError(400, "give 'imi' (and optionally 'version') or 'blocks'")
+            version, digests = await self._version_blocks(imi, version, bool(body.get("profile")))
+        progress = self.cache.start_prefetch(digests, imi, version, concurrency=32)
+        job = PrefetchJob(next(self._job_ids), imi or "", version or 0, progress)
+        self.jobs[job.id] = job
+        while len(self.jobs) > JOBS_KEPT:
+            self.jobs.pop(next(iter(self.jobs)))
+        return json_response(job.to_json(), status=202)
+
+    async def _version_blocks(self, imi: str, version: int | None, profile_only: bool) -> tuple[int, list[str]]:
+        assert self.cache is not None
+        info = (await self.cache.catalog()).imis.get(imi)
+        if info is None or not info.versions:
+            raise HttpError(404, f"no iMI named {imi!r} with versions at this site")
+        version = version or info.latest
+        if version not in info.versions:
+            raise HttpError(404, f"{imi} has no version {version}")
+        try:
+            manifest = await self.cache.manifest(imi, version)
+        except Unavailable as error:
+            raise HttpError(504, str(error)) from None
+        if not profile_only:
+            return version, [d for e in manifest.files() for d in e.chunks]
+        try:
+            profile = await self.cache.profile(imi, version)
+        except httpx.HTTPError as error:
+            raise HttpError(504, f"cannot reach the master for the boot profile: {error}") from None
+        if profile is None:
+            raise HttpError(404, f"no boot profile recorded for {imi} version {version} or older")
+        blocks = manifest.digests()
+        return version, [d for d in profile.digests if d in blocks]
+
+    async def get_job(self, request: Request) -> Response:
+        job_id = request.path_params["job_id"]
+        job = self.jobs.get(int(job_id)) if job_id.isdigit() and len(job_id) < 10 else None
+        if job is None:
+            raise HttpError(404, f"no prefetch job {job_id}")
+        return json_response(job.to_json())
+
+    async def get_profile(self, request: Request) -> Response:
+        assert self.cache is not None
+        name = check_name(request.path_params["name"])
+        version = parse_version(request.path_params["version"])
+        try:
+            profile = await self.cache.profile(name, version)
+        except httpx.HTTPError as error:
+            raise HttpError(504, f"cannot reach the master for the boot profile: {error}") from None
+        if profile is None:
+            raise HttpError(404, f"no boot profile for {name} version {version} or older")
+        return json_response({"imi": name, "version": version, **profile.to_json()})
+
+    async def put_profile(self, request: Request) -> Response:
+        assert self.cache is not None
+        name = check_name(request.path_params["name"])
+        version = parse_version(request.path_params["version"])
+        body = await json_body(request, limit=MAX_PREFETCH_BODY)
+        digests = body.get("digests")
+        if not isinstance(digests, list) or not digests:
+            raise HttpError(400, "'digests' must be a non-empty list of block digests")
+        try:
+            await self.cache.save_profile(name, version, [check_digest(d) for d in digests])
+        except httpx.HTTPStatusError as error:
+            raise HttpError(error.response.status_code, "the master refused the profile") from None
+        except httpx.HTTPError as error:
+            raise HttpError(504, f"cannot reach the master to store the profile: {error}") from None
+        return json_response({"stored": True}, status=201)
+
+    def routes(self) -> list[Route]:
+        profile = API + "/imis/{name}/versions/{version}/profile"
+        return [
+            Route("/", self.status, methods=["GET"]),
+            Route(API + "/imis", self.list_imis, methods=["GET"]),
+            Route(MANIFEST_ROUTE, self.get_manifest, methods=["GET"]),
+            Route(BLOCK_ROUTE, self.get_block, methods=["GET"]),
+            Route(API + "/prefetch", self.prefetch, methods=["POST"]),
+            Route(API + "/prefetch/{job_id}", self.get_job, methods=["GET"]),
+            Route(profile, self.get_profile, methods=["GET"]),
+            Route(profile, self.put_profile, methods=["PUT", "POST"]),
+        ]
+
+
+def _hints(request: Request) -> tuple[str | None, int | None]:
+    imi = request.query_params.get("imi")
+    version = request.query_params.get("version")
+    return (check_name(imi) if imi is not None else None,
+            parse_version(version) if version is not None else None)
+
+
+def run(args) -> int:
+    setup_logging(args.log, args.verbose)
+    token = require_token(args.token)
+    if not args.master:
+        raise CliError("a cache server needs --master URL (or ICBD_MASTER)")
+    server = CacheServer(
+        Path(args.data).resolve(), args.listen, args.master, token, args.site, args.size,
+        name=args.name, url=args.advertise, heartbeat=args.heartbeat,
+    )
+    return run_until_signal(server.run)

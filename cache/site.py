@@ -1,0 +1,236 @@
+"""The site cache: what a site knows of its iMIs and the blocks it keeps.
+
+One SiteCache serves a site cache server (cache/server.py) or, embedded, a
+single host's FUSE mount. It puts together
+
+- the catalogue of iMIs and versions, polled from the master and kept on
+  disk, so a site cut off from the master keeps the last one it saw;
+- manifests, fetched once from a replica holding the version (or the
+  master), checked against the catalogue's digest and kept on disk;
+- blocks: the BlockStore, filled by the Fetcher from the Upstreams;
+- boot profiles, read from and recorded to the master, kept on disk too.
+
+It implements cache.source.ImageSource.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import trio
+
+from replicator.records import read_json, write_bytes, write_json
+from replicator.wire import API, InvalidInput, Manifest, block_digest, check_name, parse_version
+
+from .blockclient import BlockClient
+from .blockstore import BlockStore
+from .fetcher import Fetcher, PrefetchProgress
+from .source import Catalog, Profile, Unavailable
+from .upstreams import Upstreams
+
+log = logging.getLogger(__name__)
+
+MANIFESTS_IN_MEMORY = 32
+CONTROL_TIMEOUT = 5.0
+
+
+class SiteCache:
+    def __init__(self, data: Path, master_url: str, token: str, site: str | None, size_bound: int,
+                 *, refresh: float = 2.0):
+        self.data = data
+        self.master_url = master_url.rstrip("/")
+        self.site = site or ""
+        self.refresh = refresh
+        self.store = BlockStore(data / "blocks", size_bound)
+        self.upstreams = Upstreams(self.site, data / "upstreams.json", master_url=self.master_url)
+        self.client = BlockClient(token)
+        self.http = httpx.AsyncClient(
+            base_url=self.master_url, headers={"Authorization": f"Bearer {token}"}, timeout=CONTROL_TIMEOUT
+        )
+        self.fetcher: Fetcher | None = None
+        self._catalog = Catalog()
+        self._catalog_at = 0.0  # time.monotonic() of the last answer from the master
+        self._manifests: OrderedDict[tuple[str, int], Manifest] = OrderedDict()
+        self._manifest_locks: dict[tuple[str, int], trio.Lock] = {}
+        self.master_reachable = False
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, data_dir: Path, master_url: str, token: str, site: str | None, size_bound: int,
+                   *, refresh: float = 2.0):
+        data_dir.mkdir(parents=True, exist_ok=True)
+        cache = await trio.to_thread.run_sync(lambda: cls(data_dir, master_url, token, site, size_bound,
+                                                          refresh=refresh))
+        try:
+            cache._load()
+            async with Fetcher(cache.store, cache.upstreams, cache.client) as fetcher, trio.open_nursery() as nursery:
+                cache.fetcher = fetcher
+                await cache.poll_master()
+                nursery.start_soon(cache._keep_polling)
+                nursery.start_soon(cache.upstreams.keep_probing, cache.client)
+                yield cache
+                nursery.cancel_scope.cancel()
+        finally:
+            await cache.http.aclose()
+            cache.client.close()
+            await trio.to_thread.run_sync(cache.store.close)
+
+    # --- the catalogue and the upstream list ---------------------------------------
+
+    def _load(self) -> None:
+        doc = read_json(self.data / "catalog.json")
+        if isinstance(doc, dict):
+            self._catalog = Catalog.from_json(doc)
+        self.upstreams.load()
+
+    async def poll_master(self) -> bool:
+        """Ask the master for the catalogue and the node list; keep the last
+        answers if it does not reply."""
+        try:
+            imis = await self.http.get(f"{API}/imis")
+            imis.raise_for_status()
+            nodes = await self.http.get(f"{API}/nodes")
+            nodes.raise_for_status()
+            catalog = Catalog.from_json(imis.json())
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as error:
+            if self.master_reachable:
+                log.warning("master unreachable (%s); serving the last catalogue", error)
+            self.master_reachable = False
+            return False
+        if not self.master_reachable:
+            log.info("master reachable: %d iMIs", len(catalog.imis))
+        self.master_reachable = True
+        self._catalog_at = time.monotonic()
+        self.upstreams.update(nodes.json()["nodes"])
+        if catalog != self._catalog:
+            self._catalog = catalog
+            await trio.to_thread.run_sync(write_json, self.data / "catalog.json", catalog.to_json())
+        return True
+
+    async def _keep_polling(self) -> None:
+        while True:
+            await trio.sleep(self.refresh)
+            await self.poll_master()
+
+    async def catalog(self) -> Catalog:
+        return self._catalog
+
+    def _record(self, imi: str, version: int):
+        info = self._catalog.imis.get(check_name(imi))
+        record = info.versions.get(parse_version(version)) if info else None
+        if record is None:
+            raise Unavailable(f"{imi} has no version {version} in the catalogue")
+        return record
+
+    # --- manifests ---------------------------------------------------------------------
+
+    def _manifest_path(self, imi: str, version: int) -> Path:
+        return self.data / "manifests" / check_name(imi) / f"{parse_version(version)}.json"
+
+    async def manifest_bytes(self, imi: str, version: int) -> tuple[bytes, str]:
+        """The canonical bytes of a version's manifest and its digest."""
+        record = self._record(imi, version)
+        path = self._manifest_path(imi, version)
+        lock = self._manifest_locks.setdefault((imi, version), trio.Lock())
+        async with lock:
+            raw = await trio.to_thread.run_sync(_read_if_matches, path, record.digest)
+            if raw is None:
+                raw = await self._fetch_manifest(imi, version, record.digest)
+                await trio.to_thread.run_sync(write_bytes, path, raw)
+        return raw, record.digest
+
+    async def manifest(self, imi: str, version: int) -> Manifest:
+        key = (imi, version)
+        cached = self._manifests.get(key)
+        if cached is not None and cached.digest == self._record(imi, version).digest:
+            self._manifests.move_to_end(key)
+            return cached
+        raw, digest = await self.manifest_bytes(imi, version)
+        manifest = await trio.to_thread.run_sync(Manifest.from_bytes, raw, digest)
+        self._manifests[key] = manifest
+        while len(self._manifests) > MANIFESTS_IN_MEMORY:
+            self._manifests.popitem(last=False)
+        return manifest
+
+    async def _fetch_manifest(self, imi: str, version: int, digest: str) -> bytes:
+        errors = []
+        for upstream in self.upstreams.candidates(imi, version):
+            url = f"{upstream.url}{API}/imis/{imi}/versions/{version}/manifest"
+            try:
+                response = await self.http.get(url, timeout=30)
+                response.raise_for_status()
+                if block_digest(response.content) != digest:
+                    raise InvalidInput("manifest does not match the catalogue's digest")
+                return response.content
+            except (httpx.HTTPError, InvalidInput) as error:
+                errors.append(f"{upstream.id}: {error}")
+        raise Unavailable(f"no upstream delivered the manifest of {imi} v{version}: {'; '.join(errors) or 'none known'}")
+
+    # --- blocks ------------------------------------------------------------------------
+
+    async def block(self, digest: str, imi: str, version: int) -> bytes:
+        assert self.fetcher is not None
+        return await self.fetcher.get(digest, imi=imi, version=version)
+
+    async def prefetch(self, digests: list[str], imi: str, version: int) -> None:
+        assert self.fetcher is not None
+        self.fetcher.start_prefetch(digests, imi=imi, version=version, concurrency=16)
+
+    def start_prefetch(self, digests: list[str], imi: str | None, version: int | None,
+                       concurrency: int = 16) -> PrefetchProgress:
+        assert self.fetcher is not None
+        return self.fetcher.start_prefetch(digests, imi=imi, version=version, concurrency=concurrency)
+
+    # --- boot profiles -----------------------------------------------------------------
+
+    def _profile_path(self, imi: str, version: int) -> Path:
+        return self.data / "profiles" / check_name(imi) / f"{parse_version(version)}.json"
+
+    async def profile(self, imi: str, version: int) -> Profile | None:
+        """The master's profile for this version (or the nearest older one);
+        the last one seen when the master is unreachable."""
+        path = self._profile_path(imi, version)
+        try:
+            response = await self.http.get(f"{API}/imis/{imi}/versions/{version}/profile")
+            if response.status_code == 404:
+                return None
+            response.raise_for_status()
+            profile = Profile.from_json(response.json())
+        except httpx.HTTPError:
+            doc = await trio.to_thread.run_sync(read_json, path)
+            if isinstance(doc, dict):
+                return Profile.from_json(doc)
+            raise
+        await trio.to_thread.run_sync(write_json, path, profile.to_json())
+        return profile
+
+    async def save_profile(self, imi: str, version: int, digests: list[str]) -> None:
+        response = await self.http.put(f"{API}/imis/{imi}/versions/{version}/profile",
+                                       json={"digests": digests}, timeout=30)
+        response.raise_for_status()
+
+    # --- status ------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        return {
+            "master_reachable": self.master_reachable,
+            "catalog_age_s": None if not self._catalog_at else round(time.monotonic() - self._catalog_at, 1),
+            "store": self.store.stats(),
+            "fetcher": self.fetcher.stats() if self.fetcher else {},
+        }
+
+
+def _read_if_matches(path: Path, digest: str) -> bytes | None:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    if block_digest(raw) != digest:
+        log.warning("cached manifest %s is damaged; fetching it again", path)
+        return None
+    return raw
