@@ -69,10 +69,11 @@ class Node:
     id: str = ""
     process: subprocess.Popen | None = None
     extra: dict = field(default_factory=dict)
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -189,38 +190,42 @@ class Cluster:
         self.master_node: Node | None = None
         self.mounts: list[MountProcess] = []
 
-    def _node(self, role: str, name: str, args: list[str], port: int | None = None) -> Node:
+    def _node(self, role: str, name: str, args: list[str], port: int | None = None,
+              host: str = "127.0.0.1", netns: str | None = None) -> Node:
+        """A node listening on host:port; in network namespace `netns` if given."""
         port = port or free_port()
         data = self.root / name
         data.mkdir(parents=True, exist_ok=True)
-        argv = [*ICBD, role, "--data", str(data), "--listen", f"127.0.0.1:{port}", *args]
-        node = Node(role, argv, data, port, self.root / f"{name}.log", self.env, id=name)
+        wrapper = ["ip", "netns", "exec", netns] if netns else []
+        argv = [*wrapper, *ICBD, role, "--data", str(data), "--listen", f"{host}:{port}", *args]
+        node = Node(role, argv, data, port, self.root / f"{name}.log", self.env, id=name, host=host)
         self.nodes.append(node)
         return node
 
-    def master(self, image_size: str = "2G", start: bool = True, extra: list[str] = ()) -> Node:
+    def master(self, image_size: str = "2G", start: bool = True, extra: list[str] = (), **where) -> Node:
         node = self._node("master", "master", [
             "--image-size", image_size, "--suspect-after", str(self.suspect_after),
             "--down-after", str(self.down_after), "--heartbeat", str(self.heartbeat), *extra,
-        ])
+        ], **where)
         self.master_node = node
         return node.start() if start else node
 
     def replica(self, name: str, site: str = "a", image_size: str = "2G", start: bool = True,
-                extra: list[str] = ()) -> Node:
+                extra: list[str] = (), **where) -> Node:
         assert self.master_node is not None
         node = self._node("replica", name, [
             "--master", self.master_node.url, "--site", site, "--name", name,
             "--image-size", image_size, "--heartbeat", str(self.heartbeat), *extra,
-        ])
+        ], **where)
         return node.start() if start else node
 
-    def cache(self, name: str, site: str = "a", size: str = "1G", start: bool = True, extra: list[str] = ()) -> Node:
+    def cache(self, name: str, site: str = "a", size: str = "1G", start: bool = True, extra: list[str] = (),
+              **where) -> Node:
         assert self.master_node is not None
         node = self._node("cache", name, [
             "--master", self.master_node.url, "--site", site, "--name", name,
             "--size", size, "--heartbeat", str(self.heartbeat), *extra,
-        ])
+        ], **where)
         return node.start() if start else node
 
     def mount(self, name: str, *, cache: Node | None = None, cache_dir: Path | None = None,

@@ -58,6 +58,7 @@ class SiteCache:
         self._manifests: OrderedDict[tuple[str, int], Manifest] = OrderedDict()
         self._manifest_locks: dict[tuple[str, int], trio.Lock] = {}
         self.master_reachable = False
+        self._polling = trio.Lock()
 
     @classmethod
     @asynccontextmanager
@@ -91,6 +92,10 @@ class SiteCache:
     async def poll_master(self) -> bool:
         """Ask the master for the catalogue and the node list; keep the last
         answers if it does not reply."""
+        async with self._polling:
+            return await self._poll_master()
+
+    async def _poll_master(self) -> bool:
         try:
             imis = await self.http.get(f"{API}/imis")
             imis.raise_for_status()
@@ -118,6 +123,12 @@ class SiteCache:
             await self.poll_master()
 
     async def catalog(self) -> Catalog:
+        """The catalogue, refreshed first if it is older than `refresh` and the
+        master answers within a second (so a new version shows up at once)."""
+        stale = time.monotonic() - self._catalog_at > self.refresh
+        if stale and self.master_reachable and not self._polling.locked():
+            with trio.move_on_after(1.0):
+                await self.poll_master()
         return self._catalog
 
     def _record(self, imi: str, version: int):

@@ -91,6 +91,9 @@ class Spool:
         """The spool's bytes from `offset` (to `end`, exclusive), following it as it grows."""
         self.readers += 1
         fd = await trio.to_thread.run_sync(os.open, self.path, os.O_RDONLY)
+        # A reader of the whole stream re-checks the digest, so a spool damaged
+        # on the master's disk is noticed, cut off, and sent afresh next time.
+        hasher = stream_hasher() if offset == 0 and end is None else None
         try:
             while True:
                 self.last_used = time.monotonic()
@@ -102,6 +105,12 @@ class Spool:
                     if not data:
                         raise StreamFailed(f"spool {self.path.name} shrank")
                     offset += len(data)
+                    if hasher is not None:
+                        hasher.update(data)
+                    if self.complete and offset == self.size and hasher and hasher.hexdigest() != self.digest:
+                        self.error = "spool damaged on the master's disk"
+                        log.error("%s: %s; it will be sent afresh", self.path, self.error)
+                        raise StreamFailed(self.error)
                     yield data
                 elif self.error is not None:
                     raise StreamFailed(self.error)
