@@ -102,8 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mount", help="mount every iMI read-only at MOUNTPOINT")
     p.add_argument("mountpoint")
     _connection_options(p)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--cache", metavar="URL", help="read through this site cache server")
+    p.add_argument("--cache", metavar="URL", help="read through this site cache server")
     p.add_argument("--cache-dir", metavar="DIR", help="with --master: keep blocks here (embedded cache)")
     p.add_argument("--cache-size", type=_size, default=_size("10G"), metavar="BYTES",
                    help="with --cache-dir: bound on cached bytes (default 10G)")
@@ -112,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a read that cannot be served within S seconds fails with EIO (default 10)")
     p.add_argument("--refresh", type=float, default=2.0, metavar="S",
                    help="seconds between checks for new versions and rollbacks (default 2)")
+    p.add_argument("--memory-cache", type=_size, default=_size("64M"), metavar="BYTES",
+                   help="whole recent blocks kept in the mount's memory (default 64M)")
+    p.add_argument("--profile-quiet", type=float, default=10.0, metavar="S",
+                   help="a boot profile recording ends after S seconds without a new block (default 10)")
     p.add_argument("--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--log", metavar="FILE", help="log to FILE (rotated)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -166,9 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler="icbdfs.admin:prefetch")
 
     p = sub.add_parser("boot", help="boot a desktop from a mounted iMI under qemu",
+                       usage="icbd boot NAME[@VERSION] --mount MOUNTPOINT [options] [-- QEMU-ARGS...]",
                        description="Boot NAME[@VERSION] from the mount under qemu, through a "
                        "per-desktop copy-on-write overlay. The serial console goes to stdout. "
-                       "Exits 0 when the guest powers off.")
+                       "Exits 0 when the guest powers off. Arguments after -- go to qemu.")
     p.add_argument("target", metavar="NAME[@VERSION]")
     p.add_argument("--mount", required=True, metavar="MOUNTPOINT")
     p.add_argument("--overlay", metavar="DIR", help="where to keep the desktop's overlay (default: a temporary folder)")
@@ -180,8 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", help="override the guest memory (e.g. 512M)")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                    help="qemu accelerator (auto: KVM when it answers, else TCG)")
-    p.add_argument("qemu_args", nargs="*", metavar="-- QEMU-ARGS", help="extra qemu arguments")
-    p.set_defaults(handler="icbdfs.boot:main")
+    p.set_defaults(handler="icbdfs.boot:main", qemu_args=[])
 
     p = sub.add_parser("bench", help="run the transfer and read-path benchmarks")
     p.add_argument("--quick", action="store_true", help="small images, fewer runs (about 10 minutes)")
@@ -192,7 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # argparse cannot take a trailing free-form list after options, so what
+    # follows `--` is split off here and handed to `icbd boot` as qemu arguments.
+    args = None
+    if "--" in argv and "boot" in argv[: argv.index("--")]:
+        cut = argv.index("--")
+        args = build_parser().parse_args(argv[:cut])
+        if args.command == "boot":
+            args.qemu_args = argv[cut + 1:]
+        else:
+            args = None  # "boot" was a value of another command; parse as usual
+    if args is None:
+        args = build_parser().parse_args(argv)
     module_name, func_name = args.handler.split(":")
     handler = getattr(importlib.import_module(module_name), func_name)
     try:

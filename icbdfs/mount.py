@@ -225,7 +225,10 @@ def _options(args) -> MountOptions:
         raise CliError("--timeout must be more than 0 seconds")
     if args.refresh < 0:
         raise CliError("--refresh must be 0 (never) or more seconds")
-    return MountOptions(timeout=args.timeout, refresh=args.refresh)
+    if args.profile_quiet <= 0:
+        raise CliError("--profile-quiet must be more than 0 seconds")
+    return MountOptions(timeout=args.timeout, refresh=args.refresh, lru_bytes=args.memory_cache,
+                        profile_quiet=args.profile_quiet)
 
 
 def _source_opener(args) -> SourceOpener:
