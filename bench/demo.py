@@ -1,0 +1,145 @@
+"""`make demo`: the whole job on one machine, end to end.
+
+A master, two replicas (sites a and b) and a site cache server on loopback;
+a bootable desktop iMI built from Debian packages, published and replicated,
+then changed and replicated again as a delta; the iMI mounted through the
+site cache; a desktop booted from the mount under qemu. Everything runs in a
+scratch folder that is removed afterwards (unless --keep).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.cluster import Cluster
+from bench.images.desktop import build_desktop_tree
+from icbdfs.boot import boot
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def step(title: str) -> None:
+    say()
+    say(f"== {title}")
+
+
+def run_icbd(cluster: Cluster, *args: str) -> str:
+    say(f"$ icbd {' '.join(shlex.quote(a) for a in args)}")
+    out = cluster.icbd(*args).stdout
+    for line in out.rstrip().splitlines():
+        say(f"  {line}")
+    return out
+
+
+def transfer_of(node, name: str, version: int) -> dict:
+    return [t for t in node.status()["transfers"] if t["imi"] == name and t["version"] == version
+            and t["state"] == "done"][-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keep", action="store_true", help="leave the nodes running and the folder in place")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        say("the demo mounts btrfs images and a FUSE filesystem: run it as root")
+        return 1
+    scratch = Path(tempfile.mkdtemp(prefix="icbd-demo-", dir="/var/tmp"))
+    cluster = Cluster(scratch, suspect_after=3, down_after=6, heartbeat=1)
+    started = time.monotonic()
+    try:
+        step("building a desktop iMI from Debian packages (linux-image-cloud-amd64, busybox-static)")
+        tree = build_desktop_tree(scratch / "desktop-tree", label="1")
+        for path in sorted(tree.rglob("*")):
+            if path.is_file():
+                say(f"  {path.relative_to(tree)}  ({path.stat().st_size:,} bytes)")
+
+        step("starting a master, two replicas (sites a and b) and a site cache (site a) on loopback")
+        master = cluster.master(image_size="8G")
+        near = cluster.replica("replica-a", site="a", image_size="8G")
+        far = cluster.replica("replica-b", site="b", image_size="8G")
+        cache = cluster.cache("cache-a", site="a", size="2G")
+        for node in (master, near, far, cache):
+            say(f"  {node.role:<8} {node.id:<10} {node.url}   (log: {cluster.root / (node.id + '.log')})")
+        say(f"  environment for your own icbd commands: ICBD_MASTER={master.url} ICBD_TOKEN={cluster.env['ICBD_TOKEN']}")
+
+        step("creating and publishing the iMI; both replicas subscribe and receive it in full")
+        run_icbd(cluster, "imi", "create", "desktop", "--from", str(tree))
+        run_icbd(cluster, "imi", "publish", "desktop", "--message", "first release")
+        for replica in (near, far):
+            run_icbd(cluster, "subscribe", "desktop", "--node", replica.id)
+        for replica in (near, far):
+            cluster.wait_held(replica, "desktop", [1], timeout=120)
+        full = transfer_of(near, "desktop", 1)
+
+        step("release 2: a small change, published and replicated as a btrfs delta")
+        second = build_desktop_tree(scratch / "desktop-tree-2", label="2")
+        work = Path(cluster.icbd("imi", "path", "desktop").stdout.strip())
+        subprocess.run(["rsync", "-a", "--checksum", "--inplace", "--no-whole-file", "--delete",
+                        f"{second}/", f"{work}/"], check=True)
+        run_icbd(cluster, "imi", "publish", "desktop", "--message", "second release")
+        for replica in (near, far):
+            cluster.wait_held(replica, "desktop", [1, 2], timeout=120)
+        delta = transfer_of(near, "desktop", 2)
+        run_icbd(cluster, "imi", "versions", "desktop")
+        run_icbd(cluster, "status")
+
+        step("mounting every iMI through the site cache (FUSE, read-only, lazy)")
+        mount = cluster.mount("imis", cache=cache)
+        for _ in range(50):
+            if (mount.mountpoint / "desktop" / "latest").exists():
+                break
+            time.sleep(0.2)
+        say(f"$ ls {mount.mountpoint}/desktop  ->  {' '.join(sorted(os.listdir(mount.mountpoint / 'desktop')))}")
+        say(f"$ readlink {mount.mountpoint}/desktop/latest  ->  {os.readlink(mount.mountpoint / 'desktop' / 'latest')}")
+
+        step("booting a desktop from the mount (qemu, per-desktop overlay); its console:")
+        say(f"$ icbd boot desktop --mount {mount.mountpoint}")
+        result = boot(mount.mountpoint, "desktop", None, timeout=300, console=sys.stdout)
+        cache_stats = cache.status()
+
+        step("summary")
+        summary = {
+            "versions": [1, 2],
+            "full_transfer_bytes": full["network_bytes"],
+            "delta_transfer_bytes": delta["network_bytes"],
+            "image_bytes": sum(p.stat().st_size for p in tree.rglob("*") if p.is_file()),
+            "boot": {"version": result.version, "outcome": result.outcome, "seconds": round(result.seconds, 2)},
+            "cache": {"blocks_fetched": cache_stats["fetcher"]["demand_fetches"],
+                      "prefetched": cache_stats["fetcher"]["prefetched"],
+                      "bytes_stored": cache_stats["store"]["bytes"]},
+            "replica_a_egress_bytes": near.status()["served"]["bytes"],
+            "seconds": round(time.monotonic() - started, 1),
+        }
+        say(f"  release 1 reached both replicas in full: {full['network_bytes']:,} stream bytes")
+        say(f"  release 2 reached them as a delta: {delta['network_bytes']:,} stream bytes "
+            f"(parent {delta['parent']})")
+        say(f"  desktop booted release {result.version}: {result.outcome} after {result.seconds:.1f} s; "
+            f"the site cache fetched {summary['cache']['blocks_fetched']} blocks on demand and "
+            f"{summary['cache']['prefetched']} ahead")
+        say(json.dumps(summary, indent=2))
+        if result.returncode != 0:
+            say(f"the desktop did not power off cleanly: {result.message}")
+            return 1
+        if args.keep:
+            say(f"\nleft running (--keep): {scratch}; stop with: kill {' '.join(str(n.pid) for n in cluster.nodes)}")
+        return 0
+    finally:
+        if not args.keep:
+            cluster.stop_all()
+            subprocess.run(["rm", "-rf", str(scratch)], check=False)
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())
