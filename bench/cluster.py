@@ -191,13 +191,13 @@ class Cluster:
         self.mounts: list[MountProcess] = []
 
     def _node(self, role: str, name: str, args: list[str], port: int | None = None,
-              host: str = "127.0.0.1", netns: str | None = None) -> Node:
-        """A node listening on host:port; in network namespace `netns` if given."""
+              host: str = "127.0.0.1") -> Node:
+        """A node listening on host:port (to run it in a network namespace,
+        see bench.netns.Site.adopt)."""
         port = port or free_port()
         data = self.root / name
         data.mkdir(parents=True, exist_ok=True)
-        wrapper = ["ip", "netns", "exec", netns] if netns else []
-        argv = [*wrapper, *ICBD, role, "--data", str(data), "--listen", f"{host}:{port}", *args]
+        argv = [*ICBD, role, "--data", str(data), "--listen", f"{host}:{port}", *args]
         node = Node(role, argv, data, port, self.root / f"{name}.log", self.env, id=name, host=host)
         self.nodes.append(node)
         return node

@@ -25,18 +25,23 @@ CONTROL_TIMEOUT = 10.0
 
 
 class RemoteCache:
-    def __init__(self, url: str, token: str):
+    def __init__(self, url: str, token: str, timeout: float = 10.0):
         self.url = url.rstrip("/")
+        self.timeout = timeout
         self.http = httpx.AsyncClient(
             base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=CONTROL_TIMEOUT
         )
-        self.client = BlockClient(token, connections=16)
+        # A fetch gives up at `timeout`, the mount's own bound, so the worker
+        # thread (which trio cannot interrupt) frees its connection slot then too;
+        # enough slots that reads stuck on an unreachable block do not starve
+        # reads of blocks the cache server holds.
+        self.client = BlockClient(token, connections=64, read_timeout=timeout)
         self._catalog: Catalog | None = None
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, url: str, token: str):
-        remote = cls(url, token)
+    async def open(cls, url: str, token: str, timeout: float = 10.0):
+        remote = cls(url, token, timeout)
         try:
             yield remote
         finally:
@@ -69,7 +74,7 @@ class RemoteCache:
 
     async def block(self, digest: str, imi: str, version: int) -> bytes:
         try:
-            return await self.client.fetch(self.url, digest, imi=imi, version=version)
+            return await self.client.fetch(self.url, digest, imi=imi, version=version, timeout=self.timeout)
         except FetchFailure as error:
             raise Unavailable(str(error)) from None
 

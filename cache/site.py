@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import trio
 
+from replicator.node import describe_error
 from replicator.records import read_json, write_bytes, write_json
 from replicator.wire import API, InvalidInput, Manifest, block_digest, check_name, parse_version
 
@@ -104,7 +105,7 @@ class SiteCache:
             catalog = Catalog.from_json(imis.json())
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as error:
             if self.master_reachable:
-                log.warning("master unreachable (%s); serving the last catalogue", error)
+                log.warning("master unreachable (%s); serving the last catalogue", describe_error(error))
             self.master_reachable = False
             return False
         if not self.master_reachable:

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size of DATA/btrfs.img when DATA is not on btrfs (sparse; default 64G)")
     p.add_argument("--keep", type=int, default=5, metavar="N",
                    help="versions to keep per iMI, besides latest and the delta parent (default 5)")
+    p.add_argument("--resume-spool", choices=("auto", "always", "never"), default="auto",
+                   help="keep a copy of each incoming stream so a cut-off transfer resumes where it "
+                   "stopped (auto: only on links slower than 200 MB/s, where starting over is costly)")
     p.set_defaults(handler="replicator.replica:run")
 
     p = sub.add_parser("cache", help="run a site cache server")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
-import os
 import secrets
 import signal
 import sys
@@ -152,6 +151,7 @@ class Membership:
         self.reachable = False
         self.last_contact: float | None = None
         self._registered = False
+        self._warned = False
         self._poke = trio.Event()
 
     def poke(self) -> None:
@@ -162,11 +162,14 @@ class Membership:
         node = self.registration["id"]
         while True:
             try:
+                # A heartbeat that takes longer than two periods counts as lost,
+                # so a cut-off node notices within seconds, as the master does.
+                timeout = max(2.0, 2 * self.interval)
                 if not self._registered:
-                    await self.master.post_json(f"{API}/nodes", self.registration)
+                    await self.master.post_json(f"{API}/nodes", self.registration, timeout=timeout)
                     self._registered = True
                     log.info("registered with the master as %s", node)
-                reply = await self.master.post_json(f"{API}/nodes/{node}/heartbeat", self.status())
+                reply = await self.master.post_json(f"{API}/nodes/{node}/heartbeat", self.status(), timeout=timeout)
                 if not self.reachable:
                     log.info("master reachable")
                 self.reachable = True
@@ -179,17 +182,19 @@ class Membership:
                     continue
                 self._lost(f"master answered {error.response.status_code}")
             except (httpx.HTTPError, OSError, ValueError) as error:
-                self._lost(f"{type(error).__name__}: {error}")
+                self._lost(describe_error(error))
             with trio.move_on_after(self.interval):
                 await self._poke.wait()
             self._poke = trio.Event()
 
     def _lost(self, why: str) -> None:
-        if self.reachable or self.last_contact is None:
+        if self.reachable or not self._warned:
             log.warning("master unreachable (%s); carrying on with what this node holds", why)
         self.reachable = False
-        self.last_contact = self.last_contact or 0.0
+        self._warned = True
 
 
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0", "false", "no")
+def describe_error(error: BaseException) -> str:
+    """`ReadTimeout` or `ConnectError: [Errno 111] ...`: timeouts carry no text."""
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

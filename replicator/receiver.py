@@ -36,7 +36,7 @@ from .wire import API, NODE_HEADER, STREAM_ID_HEADER, Manifest, check_name, stre
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
+CHUNK = 4 << 20  # see streams.READ_SIZE
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)\Z")
 _UNSATISFIED = re.compile(r"bytes \*/(\d+)\Z")
 
@@ -82,8 +82,83 @@ class Transfer:
         return doc
 
 
+SPOOL_POLICIES = ("auto", "always", "never")
+# With --resume-spool auto, the spool is judged once this much has arrived:
+# kept if the link is slower than FAST_LINK, dropped otherwise, since on a
+# fast link starting over costs less than writing every byte twice.
+JUDGE_AFTER = 64 << 20
+FAST_LINK = 200e6  # bytes per second
+
+
+class ResumeSpool:
+    """The replica's copy of a stream so far, from which a cut-off transfer resumes."""
+
+    def __init__(self, path: Path, meta_path: Path, policy: str):
+        self.path = path
+        self.meta_path = meta_path
+        self.policy = policy
+        self.stream_id: str | None = None
+        self.fd: int | None = None
+        self._judged = policy != "auto"
+        self._started = time.monotonic()
+
+    def open(self) -> None:
+        """Keep an earlier attempt's spool if it names its stream, else start empty."""
+        meta = read_json(self.meta_path, {}) if self.path.exists() else {}
+        self.stream_id = meta.get("stream_id") if isinstance(meta, dict) else None
+        if not self.stream_id or self.policy == "never":
+            self.stream_id = None
+            self.discard()
+        if self.policy != "never":
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        if self.stream_id:
+            self._judged = True  # a resumed transfer keeps spooling
+
+    def replay(self, feed) -> int:
+        """Hand the spooled bytes to `feed`; return how many there were."""
+        offset = 0
+        if self.fd is None or not self.stream_id:
+            return 0
+        while data := os.pread(self.fd, CHUNK, offset):
+            feed(data)
+            offset += len(data)
+        return offset
+
+    def begin(self, stream_id: str, about: dict) -> None:
+        self.stream_id = stream_id
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            write_json(self.meta_path, {"stream_id": stream_id, **about})
+
+    def append(self, data: bytes, offset: int, received: int) -> None:
+        if self.fd is None:
+            return
+        view = memoryview(data)
+        while view:
+            view = view[os.pwrite(self.fd, view, offset + len(data) - len(view)):]
+        if not self._judged and received >= JUDGE_AFTER:
+            self._judged = True
+            rate = received / max(time.monotonic() - self._started, 1e-6)
+            if rate > FAST_LINK:
+                log.info("stream arrives at %.0f MB/s: not spooling it for resume", rate / 1e6)
+                self.discard()
+
+    def discard(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+        self.meta_path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class Receiver:
-    def __init__(self, layout: Layout, master_url: str, token: str, node_id: str):
+    def __init__(self, layout: Layout, master_url: str, token: str, node_id: str, spool_policy: str = "auto"):
+        if spool_policy not in SPOOL_POLICIES:
+            raise ValueError(f"resume spool policy must be one of {SPOOL_POLICIES}")
+        self.spool_policy = spool_policy
         self.layout = layout
         self.master_url = master_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}", NODE_HEADER: node_id}
@@ -166,18 +241,20 @@ class Receiver:
     # --- the stream (blocking; runs in a worker thread) -------------------------------
 
     def _stream_blocking(
-        self, name: str, version: int, parent: int | None, spool: Path, spool_meta: Path,
+        self, name: str, version: int, parent: int | None, spool_path: Path, spool_meta: Path,
         target: Path, transfer: Transfer, stop: threading.Event,
     ) -> str:
-        meta = read_json(spool_meta, {}) if spool.exists() else {}
-        stream_id = meta.get("stream_id") if isinstance(meta, dict) else None
-        if not stream_id:
-            spool.unlink(missing_ok=True)
+        spool = ResumeSpool(spool_path, spool_meta, self.spool_policy)
         process = btrfs.start_receive(target)
         hasher = stream_hasher()
-        fd = os.open(spool, os.O_RDWR | os.O_CREAT, 0o600)
+
+        def feed(data: bytes) -> None:
+            hasher.update(data)
+            _feed(process, data)
+
         try:
-            have = self._replay_spool(fd, process, hasher) if stream_id else 0
+            spool.open()
+            have = spool.replay(feed)
             transfer.bytes = transfer.resumed_from = have
             if have:
                 log.info("resuming %s v%d from byte %d of the spooled stream", name, version, have)
@@ -186,9 +263,9 @@ class Receiver:
             digest = None
             while True:
                 headers = dict(self.headers)
-                if have and stream_id:
+                if have:
                     headers["Range"] = f"bytes={have}-"
-                    headers["If-Range"] = f'"{stream_id}"'
+                    headers["If-Range"] = f'"{spool.stream_id}"'
                 response = self._open(url, headers)
                 try:
                     if response.status == 200 and have:
@@ -202,8 +279,8 @@ class Receiver:
                     if response.status not in (200, 206):
                         raise ReceiveFailed(_error_text(response), resumable=response.status >= 500)
                     if response.status == 200:
-                        stream_id = response.headers.get(STREAM_ID_HEADER)
-                        write_json(spool_meta, {"stream_id": stream_id, "imi": name, "version": version, "parent": parent})
+                        spool.begin(response.headers.get(STREAM_ID_HEADER, ""),
+                                    {"imi": name, "version": version, "parent": parent})
                         complete = True
                     else:
                         match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
@@ -211,7 +288,7 @@ class Receiver:
                             raise ReceiveFailed("master answered a range that does not continue the spool")
                         complete = match.group(3) != "*" and int(match.group(2)) + 1 == int(match.group(3))
                     digest = response.headers.get("X-Icbd-Stream-Digest") or digest
-                    have = self._copy_body(response, fd, have, process, hasher, transfer, stop)
+                    have = self._copy_body(response, spool, have, feed, transfer, stop)
                 finally:
                     response.release_conn()
                 if complete:
@@ -221,7 +298,7 @@ class Receiver:
             stderr = process.stderr.read().decode(errors="replace").strip()
             if code != 0:
                 raise ReceiveFailed(f"btrfs receive failed: {_last_line(stderr, code)}")
-            expected = digest or self._stream_digest(name, version, parent, stream_id)
+            expected = digest or self._stream_digest(name, version, parent, spool.stream_id)
             if hasher.hexdigest() != expected:
                 raise ReceiveFailed(f"stream digest mismatch: got {hasher.hexdigest()}, master says {expected}")
             return expected
@@ -229,7 +306,7 @@ class Receiver:
             # ENOSPC and friends: fail this transfer, keep the node.
             raise ReceiveFailed(f"{error.strerror or error}", resumable=False) from None
         finally:
-            os.close(fd)
+            spool.close()
             if process.poll() is None:
                 process.kill()
                 process.wait()
@@ -243,24 +320,13 @@ class Receiver:
         except urllib3.exceptions.HTTPError as error:
             raise ReceiveFailed(f"cannot reach the master: {error}", resumable=True) from None
 
-    def _replay_spool(self, fd: int, process, hasher) -> int:
-        offset = 0
-        while data := os.pread(fd, CHUNK, offset):
-            hasher.update(data)
-            _feed(process, data)
-            offset += len(data)
-        return offset
-
-    def _copy_body(self, response, fd: int, have: int, process, hasher, transfer: Transfer, stop) -> int:
+    def _copy_body(self, response, spool: ResumeSpool, have: int, feed, transfer: Transfer, stop) -> int:
         try:
             for data in response.stream(CHUNK, decode_content=False):
                 if stop.is_set():
                     raise ReceiveFailed("stopped", resumable=True)
-                hasher.update(data)
-                view = memoryview(data)
-                while view:
-                    view = view[os.pwrite(fd, view, have + len(data) - len(view)):]
-                _feed(process, data)
+                spool.append(data, have, transfer.network_bytes + len(data))
+                feed(data)
                 have += len(data)
                 transfer.bytes = have
                 transfer.network_bytes += len(data)

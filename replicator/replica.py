@@ -44,6 +44,7 @@ class Replica:
         keep: int = 5,
         image_size: int = 64 << 30,
         heartbeat: float = 2.0,
+        resume_spool: str = "auto",
     ):
         self.data = data
         self.listen = listen
@@ -55,6 +56,7 @@ class Replica:
         self.keep = max(1, keep)
         self.image_size = image_size
         self.heartbeat_interval = heartbeat
+        self.resume_spool = resume_spool
         self.layout = Layout(data)
         self.blocks = BlockIndex(self.layout)
         self.held: dict[str, dict[int, dict]] = {}  # name -> version -> record
@@ -72,7 +74,7 @@ class Replica:
         await btrfs.ensure_btrfs(self.data, self.image_size)
         self.layout.make_dirs()
         self.id = node_id(self.data, "replica", self.given_name)
-        self.receiver = Receiver(self.layout, self.master_url, self.token, self.id)
+        self.receiver = Receiver(self.layout, self.master_url, self.token, self.id, self.resume_spool)
         await self.receiver.clean_incoming()
         await self._load_held()
         catalog = read_json(self.data / "catalog.json", {})
@@ -138,7 +140,15 @@ class Replica:
         }
 
     def _save_transfers(self) -> None:
-        write_json(self.data / "transfers.json", [t.to_json() for t in self.transfers])
+        self._save(self.data / "transfers.json", [t.to_json() for t in self.transfers])
+
+    def _save(self, path: Path, doc: object) -> None:
+        """Keep a record across restarts; on a full disk, keep it in memory only
+        (a replica must outlive its disk filling up)."""
+        try:
+            write_json(path, doc)
+        except OSError as error:
+            log.warning("cannot save %s: %s", path.name, error.strerror or error)
 
     # --- what the master says -------------------------------------------------------------
 
@@ -148,7 +158,7 @@ class Replica:
             return
         if subscriptions != self.catalog:
             self.catalog = subscriptions
-            write_json(self.data / "catalog.json", subscriptions)
+            self._save(self.data / "catalog.json", subscriptions)
             self._wake.set()
 
     def wanted(self, name: str) -> list[int]:
@@ -195,7 +205,8 @@ class Replica:
         known = read_json(uuid_file, {})
         if known.get("uuid") not in (None, imi.get("uuid")):
             await self._drop_imi(name, "the master re-created it")
-        write_json(uuid_file, {"uuid": imi.get("uuid"), "latest": imi.get("latest")})
+        if known.get("uuid") != imi.get("uuid"):
+            self._save(uuid_file, {"uuid": imi.get("uuid")})
         if trio.current_time() < self._retry_at.get(name, 0):
             return
         records = {v["version"]: v for v in imi.get("versions", [])}
@@ -324,6 +335,6 @@ def run(args) -> int:
     replica = Replica(
         Path(args.data).resolve(), args.listen, args.master, token, args.site,
         name=args.name, url=args.advertise, keep=args.keep, image_size=args.image_size,
-        heartbeat=args.heartbeat,
+        heartbeat=args.heartbeat, resume_spool=args.resume_spool,
     )
     return run_until_signal(replica.run)

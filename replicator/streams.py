@@ -32,7 +32,10 @@ from .wire import check_name, parse_version, stream_hasher
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 1 << 20
+# Chunks of 4 MiB: per-chunk costs (a thread hop, an HTTP chunk, a wake-up of
+# readers) dominate at 1 MiB; a pipe read gives at most 1 MiB, so reads are joined.
+READ_SIZE = 4 << 20
+PIPE_READ = 1 << 20
 RECENT_CHUNKS = 16
 
 
@@ -248,7 +251,7 @@ async def _send_into(spool: Spool, snapshot: Path, parent_snapshot: Path | None)
                     stderr.extend(data[:4096])
 
             nursery.start_soon(drain_stderr)
-            while data := await process.stdout.receive_some(READ_SIZE):
+            while data := await _read_up_to(process.stdout, READ_SIZE):
                 hasher.update(data)
                 await trio.to_thread.run_sync(_write_all, out, data)
                 spool._advance(data)
@@ -265,6 +268,19 @@ async def _send_into(spool: Spool, snapshot: Path, parent_snapshot: Path | None)
         text = stderr.decode(errors="replace").strip()
         raise StreamFailed(text.splitlines()[-1] if text else f"exit status {code}")
     return hasher.hexdigest()
+
+
+async def _read_up_to(stream, size: int) -> bytes:
+    """Up to `size` bytes from a pipe: as many reads as fit, stopping at EOF."""
+    parts = []
+    have = 0
+    while have < size:
+        data = await stream.receive_some(min(PIPE_READ, size - have))
+        if not data:
+            break
+        parts.append(data)
+        have += len(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -291,49 +291,36 @@ def test_background_start_reports_ready_or_the_error(tmp_path):
     assert "the source said no" in log_file.read_text()
 
 
-# `icbd mount` itself, with cache.remote.RemoteCache standing in as a TreeSource
-# (the real one is another module's business).
-CLI_OVER_TREE = r"""
-import contextlib, sys, types
-from pathlib import Path
-sys.path.insert(0, sys.argv.pop(1))
-from tree_source import SAMPLE_CHUNK, TreeSource
+def test_icbd_mount_in_the_background(cluster, tmp_path):
+    """`icbd mount` returns once the mount answers and serves from a daemon;
+    `icbd umount` ends it. Through a real cache server."""
+    from bench.cluster import free_port
+    from trees import make_tree
 
-class RemoteCache:
-    @staticmethod
-    @contextlib.asynccontextmanager
-    async def open(url, token):
-        yield TreeSource(Path(url), SAMPLE_CHUNK)
-
-module = types.ModuleType("cache.remote")
-module.RemoteCache = RemoteCache
-sys.modules["cache.remote"] = module
-from icbdfs.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def test_icbd_mount_in_the_background(tmp_path):
-    root, mountpoint, log_file = tmp_path / "imis", tmp_path / "mnt", tmp_path / "log" / "mount.log"
-    build_sample_tree(root / "demo" / "1")
+    cluster.master()
+    replica = cluster.replica("r1")
+    cluster.icbd("imi", "create", "demo", "--from", str(make_tree(tmp_path / "tree", big=4096)))
+    cluster.icbd("imi", "publish", "demo")
+    cluster.icbd("subscribe", "demo", "--node", "r1")
+    cluster.wait_held(replica, "demo", [1])
+    cache = cluster.cache("cache")
+    mountpoint, log_file = tmp_path / "mnt", tmp_path / "log" / "mount.log"
     mountpoint.mkdir()
-    icbd = [sys.executable, "-c", CLI_OVER_TREE, str(REPO / "tests")]
     try:
-        result = subprocess.run([*icbd, "mount", str(mountpoint), "--cache", str(root), "--log", str(log_file)],
-                                capture_output=True, text=True, timeout=60)
+        result = cluster.icbd("mount", str(mountpoint), "--cache", cache.url, "--log", str(log_file), check=False)
         assert result.returncode == 0, result.stderr
         assert is_mounted(mountpoint), "returned before the mount was ready"
-        assert (mountpoint / "demo/latest/etc/motd").read_text() == "welcome to version 1\n"
+        assert (mountpoint / "demo/latest/etc/hostname").read_text() == "desktop-1\n"
         assert "answers" in log_file.read_text()
-        result = subprocess.run([*icbd, "umount", str(mountpoint)], capture_output=True, text=True)
+        result = cluster.icbd("umount", str(mountpoint), check=False)
         assert result.returncode == 0, result.stderr
         wait_until(lambda: "unmounted" in log_file.read_text())
     finally:
         if is_mounted(mountpoint):
             subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True)
 
-    result = subprocess.run([*icbd, "mount", str(mountpoint), "--cache", str(tmp_path / "nothing"),
-                             "--log", str(log_file)], capture_output=True, text=True, timeout=60)
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    result = cluster.icbd("mount", str(mountpoint), "--cache", nowhere, "--log", str(log_file), check=False)
     assert result.returncode == 1
-    assert "cannot read the catalogue" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert "cannot" in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
     assert not is_mounted(mountpoint)

@@ -86,7 +86,8 @@ def test_replica_catches_up_in_order_after_isolation(cluster, tmp_path):
 
 def test_kill9_replica_mid_transfer_resumes_and_shows_nothing_partial(cluster, tmp_path):
     cluster.master(image_size="8G")
-    r1 = cluster.replica("r1", image_size="8G")
+    # Loopback is a fast link, where "auto" would not spool: ask for the spool.
+    r1 = cluster.replica("r1", image_size="8G", extra=["--resume-spool", "always"])
     cluster.icbd("imi", "create", "big", "--from", str(_big_tree(tmp_path / "tree", 1536 << 20)))
     cluster.icbd("imi", "publish", "big")
     cluster.icbd("subscribe", "big", "--node", "r1")
