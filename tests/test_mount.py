@@ -294,8 +294,9 @@ def test_background_start_reports_ready_or_the_error(tmp_path):
 def test_icbd_mount_in_the_background(cluster, tmp_path):
     """`icbd mount` returns once the mount answers and serves from a daemon;
     `icbd umount` ends it. Through a real cache server."""
-    from bench.cluster import free_port
     from trees import make_tree
+
+    from bench.cluster import free_port
 
     cluster.master()
     replica = cluster.replica("r1")
