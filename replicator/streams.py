@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 READ_SIZE = 4 << 20
 PIPE_READ = 1 << 20
 RECENT_CHUNKS = 16
+WRITE_BEHIND = 8  # chunks between the sender and the file, at most
 
 
 class StreamFailed(Exception):
@@ -50,14 +51,16 @@ class Spool:
     parent: int | None
     path: Path
     stream_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    size: int = 0  # bytes in the file so far
+    size: int = 0  # bytes readers may have: on disk, or still in memory
+    written: int = 0  # bytes on disk
     complete: bool = False
     digest: str | None = None
     error: str | None = None
     last_used: float = field(default_factory=time.monotonic)
     readers: int = 0
-    # Readers right behind the writer (the usual case in a fan-out) take the
-    # newest chunks from memory instead of reading the file back.
+    # The newest chunks, by offset: every chunk not yet on disk, and a few
+    # more, so readers right behind the sender (the usual case in a fan-out)
+    # need not read the file back.
     _recent: dict[int, bytes] = field(default_factory=dict, repr=False)
     _grown: trio.Event = field(default_factory=trio.Event, repr=False)
 
@@ -75,9 +78,13 @@ class Spool:
 
     def _advance(self, data: bytes) -> None:
         self._recent[self.size] = data
-        if len(self._recent) > RECENT_CHUNKS:
-            del self._recent[min(self._recent)]
         self.size += len(data)
+        self._wake()
+
+    def _on_disk(self, count: int) -> None:
+        self.written += count
+        while len(self._recent) > RECENT_CHUNKS and min(self._recent) < self.written:
+            del self._recent[min(self._recent)]
         self._wake()
 
     def _finish(self, digest: str | None = None, error: str | None = None) -> None:
@@ -101,10 +108,13 @@ class Spool:
             while True:
                 self.last_used = time.monotonic()
                 limit = self.size if end is None else min(self.size, end)
-                if offset < limit:
-                    data = self._recent.get(offset)
-                    if data is None or offset + len(data) > limit:
-                        data = await trio.to_thread.run_sync(os.pread, fd, min(READ_SIZE, limit - offset), offset)
+                data = self._recent.get(offset) if offset < limit else None
+                if data is not None and offset + len(data) > limit:
+                    data = None  # a chunk that runs past `end`: take part of it from the file
+                if data is None and offset < min(limit, self.written):
+                    data = await trio.to_thread.run_sync(
+                        os.pread, fd, min(READ_SIZE, min(limit, self.written) - offset), offset)
+                if data is not None:
                     if not data:
                         raise StreamFailed(f"spool {self.path.name} shrank")
                     offset += len(data)
@@ -158,7 +168,8 @@ class SendSpools:
                     continue
                 spool = Spool(
                     name=doc["name"], version=doc["version"], parent=doc["parent"], path=path,
-                    stream_id=doc["stream_id"], size=doc["bytes"], complete=True, digest=doc["digest"],
+                    stream_id=doc["stream_id"], size=doc["bytes"], written=doc["bytes"], complete=True,
+                    digest=doc["digest"],
                 )
                 self._spools[(spool.name, spool.version, spool.parent)] = spool
 
@@ -243,6 +254,16 @@ async def _send_into(spool: Spool, snapshot: Path, parent_snapshot: Path | None)
     hasher = stream_hasher()
     out = await trio.to_thread.run_sync(os.open, spool.path, os.O_WRONLY)
     stderr = bytearray()
+    # The file is written by its own task, a few chunks behind, so btrfs send
+    # and the readers never wait for the disk (they read those chunks from memory).
+    to_disk, from_sender = trio.open_memory_channel(WRITE_BEHIND)
+
+    async def write_behind() -> None:
+        async with from_sender:
+            async for data in from_sender:
+                await trio.to_thread.run_sync(_write_all, out, data)
+                spool._on_disk(len(data))
+
     try:
         async with trio.open_nursery() as nursery:
 
@@ -251,12 +272,14 @@ async def _send_into(spool: Spool, snapshot: Path, parent_snapshot: Path | None)
                     stderr.extend(data[:4096])
 
             nursery.start_soon(drain_stderr)
-            while data := await _read_up_to(process.stdout, READ_SIZE):
-                hasher.update(data)
-                await trio.to_thread.run_sync(_write_all, out, data)
-                spool._advance(data)
-                if spool.error is not None:  # dropped while sending
-                    raise StreamFailed(spool.error)
+            nursery.start_soon(write_behind)
+            async with to_disk:
+                while data := await _read_up_to(process.stdout, READ_SIZE):
+                    hasher.update(data)
+                    spool._advance(data)
+                    await to_disk.send(data)
+                    if spool.error is not None:  # dropped while sending
+                        raise StreamFailed(spool.error)
         code = await process.wait()
     finally:
         os.close(out)
