@@ -4,6 +4,7 @@ pid and unmounted on teardown."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -272,15 +273,12 @@ class Cluster:
         return wait_for(held, timeout, what=f"{replica.id} to hold {name} {versions}")
 
     def stop_all(self) -> None:
+        # Teardown goes on whatever one mount or node does.
         for mount in reversed(self.mounts):
-            try:
+            with contextlib.suppress(Exception):
                 mount.stop()
-            except Exception:  # teardown goes on whatever one mount does
-                pass
         for node in reversed(self.nodes):
-            try:
+            with contextlib.suppress(Exception):
                 node.stop()
-            except Exception:  # teardown goes on whatever one node does
-                pass
         for node in reversed(self.nodes):
             unmount(node.data)

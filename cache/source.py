@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from replicator.wire import Manifest, check_digest
+from replicator.wire import Manifest, VersionRecord, check_digest
 
 
 class Unavailable(Exception):
@@ -16,38 +16,10 @@ class Unavailable(Exception):
 
 
 @dataclass(frozen=True)
-class VersionInfo:
-    version: int
-    digest: str  # manifest digest
-    bytes: int = 0
-    created: str = ""
-    message: str = ""
-
-    def to_json(self) -> dict:
-        return {
-            "version": self.version,
-            "digest": self.digest,
-            "bytes": self.bytes,
-            "created": self.created,
-            "message": self.message,
-        }
-
-    @classmethod
-    def from_json(cls, doc: dict) -> VersionInfo:
-        return cls(
-            version=int(doc["version"]),
-            digest=str(doc["digest"]),
-            bytes=int(doc.get("bytes", 0)),
-            created=str(doc.get("created", "")),
-            message=str(doc.get("message", "")),
-        )
-
-
-@dataclass(frozen=True)
 class ImiInfo:
     name: str
     latest: int | None
-    versions: dict[int, VersionInfo] = field(default_factory=dict)
+    versions: dict[int, VersionRecord] = field(default_factory=dict)
     uuid: str = ""
 
     def to_json(self) -> dict:
@@ -60,7 +32,7 @@ class ImiInfo:
 
     @classmethod
     def from_json(cls, doc: dict) -> ImiInfo:
-        versions = {int(v["version"]): VersionInfo.from_json(v) for v in doc.get("versions", [])}
+        versions = {int(v["version"]): VersionRecord.from_json(v) for v in doc.get("versions", [])}
         latest = doc.get("latest")
         return cls(
             name=str(doc["name"]),

@@ -48,8 +48,17 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from cache.source import Catalog, ImageSource, ImiInfo, Unavailable, VersionInfo
-from replicator.wire import DIR, FILE, Entry, InvalidInput, Manifest, check_name, parse_version
+from cache.source import Catalog, ImageSource, ImiInfo, Unavailable
+from replicator.wire import (
+    DIR,
+    FILE,
+    Entry,
+    InvalidInput,
+    Manifest,
+    VersionRecord,
+    check_name,
+    parse_version,
+)
 
 from .blockcache import BlockCache, Flights
 from .profiles import BootProfiles, ProfileOptions
@@ -347,7 +356,7 @@ class Operations(pyfuse3.Operations):
             except OSError as error:  # ENOENT: the kernel did not hold it
                 log.debug("invalidate %s %d %r: %s", kind, inode, name, error)
 
-    def _version(self, imi: str, vinfo: VersionInfo) -> _Version:
+    def _version(self, imi: str, vinfo: VersionRecord) -> _Version:
         key = (imi, vinfo.version, vinfo.digest)
         version = self._versions.get(key)
         if version is None:

@@ -147,9 +147,8 @@ def _file_chunks(
             start = index * chunk_size
             length = min(chunk_size, st.st_size - start)
             digest = _reused_digest(index, start, length, old, old_extents, new_extents, chunk_size)
-            if digest is None and new_extents is not None:
-                if fiemap.window(new_extents, start, start + length) == ():
-                    digest = zeros[length]  # a hole: no need to read it
+            if digest is None and new_extents is not None and fiemap.window(new_extents, start, start + length) == ():
+                digest = zeros[length]  # a hole: no need to read it
             if digest is None:
                 data = os.pread(fd, length, start)
                 if len(data) != length:

@@ -29,44 +29,13 @@ from . import btrfs
 from .layout import Layout
 from .manifest_builder import BuildStats, Parent, build_manifest
 from .records import now_iso, read_json, write_bytes, write_json
-from .wire import Manifest, Refused, check_name, parse_version
+from .wire import Manifest, Refused, VersionRecord, check_name, parse_version
 
 log = logging.getLogger(__name__)
 
 
 class RepositoryError(Refused):
     """A request the repository refuses, with the HTTP status to answer."""
-
-
-@dataclass(frozen=True)
-class VersionRecord:
-    version: int
-    digest: str
-    bytes: int
-    created: str
-    message: str
-    chunk_size: int
-
-    def to_json(self) -> dict:
-        return {
-            "version": self.version,
-            "digest": self.digest,
-            "bytes": self.bytes,
-            "created": self.created,
-            "message": self.message,
-            "chunk_size": self.chunk_size,
-        }
-
-    @classmethod
-    def from_json(cls, doc: dict) -> VersionRecord:
-        return cls(
-            version=parse_version(doc["version"]),
-            digest=str(doc["digest"]),
-            bytes=int(doc["bytes"]),
-            created=str(doc["created"]),
-            message=str(doc.get("message", "")),
-            chunk_size=int(doc["chunk_size"]),
-        )
 
 
 @dataclass

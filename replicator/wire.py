@@ -286,6 +286,39 @@ def sort_entries(entries: Iterable[Entry]) -> list[Entry]:
     return sorted(entries, key=lambda e: e.path)
 
 
+@dataclass(frozen=True)
+class VersionRecord:
+    """What the master records of a published version (DESIGN's JSON shape)."""
+
+    version: int
+    digest: str  # the manifest's digest: it names the version's content
+    bytes: int = 0
+    created: str = ""  # ISO 8601
+    message: str = ""
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    def to_json(self) -> dict:
+        return {
+            "version": self.version,
+            "digest": self.digest,
+            "bytes": self.bytes,
+            "created": self.created,
+            "message": self.message,
+            "chunk_size": self.chunk_size,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict) -> VersionRecord:
+        return cls(
+            version=parse_version(doc["version"]),
+            digest=check_digest(doc["digest"]),
+            bytes=int(doc.get("bytes", 0)),
+            created=str(doc.get("created", "")),
+            message=str(doc.get("message", "")),
+            chunk_size=int(doc.get("chunk_size", DEFAULT_CHUNK_SIZE)),
+        )
+
+
 def error_body(message: str) -> dict:
     """The JSON body of every error response."""
     return {"error": message}

@@ -43,7 +43,7 @@ def test_small_change_rehashes_only_changed_chunks(btrfs_dir):
     work = btrfs_dir / "work"
     subprocess.run(["btrfs", "subvolume", "create", str(work)], check=True, capture_output=True)
     with open(work / "disk.img", "wb") as f:
-        for i in range(64):
+        for _ in range(64):
             f.write(os.urandom(CHUNK))
     (work / "small").write_text("a")
     _snapshot(work, btrfs_dir / "v1")
@@ -61,7 +61,7 @@ def test_small_change_rehashes_only_changed_chunks(btrfs_dir):
     assert stats.bytes_hashed <= 2 * CHUNK + 10  # chunk 10, the new tail chunk, "small"
     old = {e.path: e for e in first.entries}["disk.img"].chunks
     new = {e.path: e for e in reused.entries}["disk.img"].chunks
-    assert [i for i, (a, b) in enumerate(zip(old, new)) if a != b] == [10]
+    assert [i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a != b] == [10]
 
 
 def _doc(**changes):

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import requests
 import xxhash
+from trees import describe, make_tree
 
 from bench.cluster import TOKEN, wait_for
 from bench.data import drop_caches
 from replicator import btrfs
 from replicator.wire import Manifest
-from trees import describe, make_tree
 
 MIB = 1 << 20
 
@@ -85,7 +85,7 @@ def test_mount_is_read_only(site):
     cluster, near, far, cache, tree = site
     root = cluster.mount("mnt", cache=cache).mountpoint
     attempts = [
-        lambda: open(root / "demo" / "1" / "etc" / "hostname", "w"),
+        lambda: (root / "demo" / "1" / "etc" / "hostname").open("w"),
         lambda: (root / "demo" / "1" / "newfile").write_text("x"),
         lambda: os.mkdir(root / "demo" / "1" / "newdir"),
         lambda: os.unlink(root / "demo" / "1" / "etc" / "hostname"),

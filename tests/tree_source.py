@@ -29,11 +29,11 @@ from pathlib import Path
 
 import trio
 
-from cache.source import Catalog, ImiInfo, Profile, Unavailable, VersionInfo
+from cache.source import Catalog, ImiInfo, Profile, Unavailable
 from icbdfs.fs import MountOptions
 from icbdfs.mount import serve
 from replicator.manifest_builder import build_manifest
-from replicator.wire import DEFAULT_CHUNK_SIZE, Manifest, block_digest, check_name
+from replicator.wire import DEFAULT_CHUNK_SIZE, Manifest, VersionRecord, block_digest, check_name
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class TreeSource:
                 if version_dir.name.isdigit():
                     version = int(version_dir.name)
                     manifest = await self._manifest(name, version)
-                    versions[version] = VersionInfo(version, manifest.digest, manifest.bytes)
+                    versions[version] = VersionRecord(version, manifest.digest, manifest.bytes)
             latest = self.latest.get(name, max(versions, default=None))
             if self.control is not None and (self.control / "latest" / name).exists():
                 latest = int((self.control / "latest" / name).read_text())
