@@ -61,7 +61,7 @@ def test_small_change_rehashes_only_changed_chunks(btrfs_dir):
     assert stats.bytes_hashed <= 2 * CHUNK + 10  # chunk 10, the new tail chunk, "small"
     old = {e.path: e for e in first.entries}["disk.img"].chunks
     new = {e.path: e for e in reused.entries}["disk.img"].chunks
-    assert [i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a != b] == [10]
+    assert [i for i, (a, b) in enumerate(zip(old, new[: len(old)], strict=True)) if a != b] == [10]
 
 
 def _doc(**changes):
