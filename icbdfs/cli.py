@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a read that cannot be served within S seconds fails with EIO (default 10)")
     p.add_argument("--refresh", type=float, default=2.0, metavar="S",
                    help="seconds between checks for new versions and rollbacks (default 2)")
-    p.add_argument("--memory-cache", type=_size, default=_size("64M"), metavar="BYTES",
-                   help="whole recent blocks kept in the mount's memory (default 64M)")
+    p.add_argument("--memory-cache", type=_size, default=_size("128M"), metavar="BYTES",
+                   help="whole recent blocks kept in the mount's memory (default 128M)")
     p.add_argument("--profile-quiet", type=float, default=10.0, metavar="S",
                    help="a boot profile recording ends after S seconds without a new block (default 10)")
     p.add_argument("--foreground", action="store_true", help="stay in the foreground")

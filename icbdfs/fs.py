@@ -83,7 +83,7 @@ CONTENT_TTL = 24 * 3600.0
 class MountOptions:
     timeout: float = 10.0  # a read not served within this fails with EIO
     refresh: float = 2.0  # seconds between catalogue checks (0: never)
-    lru_bytes: int = 64 << 20  # whole recent blocks kept in memory
+    lru_bytes: int = 128 << 20  # whole recent blocks kept in memory
     readahead: bool = True
     max_near: int = 8  # blocks warmed into memory ahead of a sequential reader
     max_far: int = 32  # blocks handed to source.prefetch ahead of it
@@ -649,9 +649,12 @@ class Operations(pyfuse3.Operations):
         start = off - first * chunk_size
         if len(blocks) == 1:
             data: bytes | memoryview = memoryview(blocks[0])[start:start + end - off]
+            self._blocks.served(digests[0], len(data))
         else:  # copy only the bytes asked for
             views = [memoryview(b) for b in blocks]
             views[0], views[-1] = views[0][start:], views[-1][:end - last * chunk_size]
+            for digest, view in zip(digests, views, strict=True):
+                self._blocks.served(digest, len(view))
             data = b"".join(views)
         if len(data) != end - off:
             log.error("%s@%d:%s: short block", version.imi, version.number, entry.path)

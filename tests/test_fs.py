@@ -220,6 +220,25 @@ async def test_lru_is_bounded(tmp_path):
         assert status["lru_bytes"] <= 256 << 10 and status["lru_blocks"] == 4
 
 
+async def test_fully_read_blocks_are_evicted_before_partly_read_ones(tmp_path):
+    root = tmp_path / "imis"
+    (root / "img" / "1").mkdir(parents=True)
+    data = os.urandom(1 << 20)
+    (root / "img" / "1" / "disk").write_bytes(data)
+    block = 64 << 10
+    source = TreeSource(root, block)
+    async with running(source, lru_bytes=3 * block, readahead=False) as ops:
+        attr = await resolve(ops, "img", "1", "disk")
+        info = await ops.open(attr.st_ino, os.O_RDONLY, None)
+        await ops.read(info.fh, 0, block // 2)  # block 0: half read, the kernel will be back
+        await ops.read(info.fh, block, block)  # block 1: all of it went to the kernel
+        await ops.read(info.fh, 2 * block, block)  # block 2, likewise
+        await ops.read(info.fh, 3 * block, block)  # block 3: room is needed now
+        calls = source.calls["block"]
+        assert bytes(await ops.read(info.fh, block // 2, block // 2)) == data[block // 2:block]
+        assert source.calls["block"] == calls, "the partly read block was evicted"
+
+
 # --- failures ----------------------------------------------------------------------
 
 async def test_hung_source_gives_eio_within_the_timeout(source):
