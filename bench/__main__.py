@@ -1,0 +1,7 @@
+"""`python -m bench [--quick] [--out DIR] [--only NAMES]`: the same as `icbd bench`."""
+
+import sys
+
+from icbdfs.cli import main
+
+sys.exit(main(["bench", *sys.argv[1:]]))
