@@ -11,11 +11,9 @@ that folder, with `latest` beside it, is also the "local disk" baseline that
 `boot_times` (rows boot_cold, boot_cold_profile, boot_warm):
 
 1. no profile: local boots and cold boots alternate. A cold boot has a fresh
-   site cache server (empty store) and a fresh mount, caches dropped. The
-   mount is stopped right after the guest powers off, well within the 10 s
-   of quiet after which a mount saves the boot profile it recorded, so none
-   is saved; except by the last cold boot, whose mount is left running
-   until the master holds its profile;
+   site cache server (empty store) and a fresh mount, caches dropped. Its
+   mount runs with --no-profiles, except the last cold boot's, which records
+   the profile and is left running until the master holds it;
 2. with that profile: local boots and cold boots that replay it alternate
    (again a fresh cache server and mount each);
 3. warm: fresh mounts over the last cache server, which holds every block.
@@ -89,13 +87,14 @@ class DesktopSite:
         _check(result, root)
         return watch.seconds
 
-    def cold_mount(self, name: str) -> tuple[Node, MountProcess]:
+    def cold_mount(self, name: str, profiles: bool = True) -> tuple[Node, MountProcess]:
         """A fresh cache server with an empty store, and a fresh mount over it."""
         cache = self.cluster.cache(f"cache-{name}", site="a", size="4G")
-        return cache, self.mount(name, cache)
+        return cache, self.mount(name, cache, profiles)
 
-    def mount(self, name: str, cache: Node) -> MountProcess:
-        return self.cluster.mount(f"mnt-{name}", cache=cache, timeout=MOUNT_TIMEOUT)
+    def mount(self, name: str, cache: Node, profiles: bool = True) -> MountProcess:
+        extra = [] if profiles else ["--no-profiles"]
+        return self.cluster.mount(f"mnt-{name}", cache=cache, timeout=MOUNT_TIMEOUT, extra=extra)
 
     # --- what the nodes say ---------------------------------------------------------
 
@@ -212,7 +211,8 @@ def boot_times(ctx: BenchContext) -> list[Result]:
         ctx.step(f"boot {rep + 1}/{reps}: local disk")
         local.append(site.boot(site.local))
         ctx.step(f"boot {rep + 1}/{reps}: cold site cache, no profile")
-        cache, mount = site.cold_mount(f"cold{rep}")
+        # Only the last cold boot records the profile the next rows replay.
+        cache, mount = site.cold_mount(f"cold{rep}", profiles=rep == reps - 1)
         before = site.served()["bytes"]
         cold.append(site.boot(mount.mountpoint))
         run = {"replica_egress_bytes": site.served()["bytes"] - before, "mount": _mount_stats(mount)}

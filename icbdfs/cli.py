@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="whole recent blocks kept in the mount's memory (default 128M)")
     p.add_argument("--profile-quiet", type=float, default=10.0, metavar="S",
                    help="a boot profile recording ends after S seconds without a new block (default 10)")
+    p.add_argument("--no-profiles", action="store_true",
+                   help="neither record nor replay boot profiles")
     p.add_argument("--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--log", metavar="FILE", help="log to FILE (rotated)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -254,7 +254,7 @@ def _options(args) -> MountOptions:
     if args.profile_quiet <= 0:
         raise CliError("--profile-quiet must be more than 0 seconds")
     return MountOptions(timeout=args.timeout, refresh=args.refresh, lru_bytes=args.memory_cache,
-                        profile_quiet=args.profile_quiet)
+                        profiles=not args.no_profiles, profile_quiet=args.profile_quiet)
 
 
 def _source_opener(args) -> SourceOpener:

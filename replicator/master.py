@@ -92,6 +92,7 @@ class Master:
             "id": MASTER_ID, "role": "master", "site": self.site, "url": self.url, "state": ALIVE,
             "versions": {n: sorted(i.versions) for n, i in sorted(self.repo.imis.items())},
             "transfers": transfers,
+            "served": {"blocks": self.blocks.served_blocks, "bytes": self.blocks.served_bytes},
         }
 
     async def status(self, request: Request) -> Response:
