@@ -20,6 +20,7 @@ import fcntl
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Iterable
@@ -209,13 +210,22 @@ class BlockStore:
             self._count("misses")
             return None
         size = entry[0]
+        path = self._file(digest)
         try:
-            fd = os.open(self._file(digest), os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             self._drop(key, digest, None, "missing")
             self._count("misses")
             return None
+        except OSError:  # a symlink (ELOOP), a directory in its place...: damage
+            self._drop(key, digest, os.lstat(path).st_ino, "damaged")
+            self._count("misses")
+            return None
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                self._drop(key, digest, os.fstat(fd).st_ino, "damaged")
+                self._count("misses")
+                return None
             data = os.read(fd, size)
             while 0 < len(data) < size:  # a short read from a regular file is rare, not an error
                 more = os.read(fd, size - len(data))
@@ -238,14 +248,16 @@ class BlockStore:
         path = self._file(digest)
         with self._env.begin(write=True) as txn:
             try:
-                now = os.stat(path).st_ino
+                now = os.lstat(path)
             except FileNotFoundError:
                 now = None
-            if why != "malformed" and now is not None and now != inode:
+            if why != "malformed" and now is not None and now.st_ino != inode:
                 return  # evicted and stored again since we looked: the new file is not ours to judge
             totals = self._policy.totals(txn)
             dropped = self._policy.delete(txn, totals, key)
-            if now is not None:
+            if now is not None and stat.S_ISDIR(now.st_mode):
+                shutil.rmtree(path, ignore_errors=True)
+            elif now is not None:
                 path.unlink(missing_ok=True)
             totals.save(self._tick)
         if not dropped:

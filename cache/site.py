@@ -103,7 +103,7 @@ class SiteCache:
             nodes = await self.http.get(f"{API}/nodes")
             nodes.raise_for_status()
             catalog = Catalog.from_json(imis.json())
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as error:
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, RecursionError) as error:
             if self.master_reachable:
                 log.warning("master unreachable (%s); serving the last catalogue", describe_error(error))
             self.master_reachable = False

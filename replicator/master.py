@@ -226,13 +226,13 @@ class Master:
             raise HttpError(503, f"stream failed on the master: {spool.error}; retry later")
         end = spool.size
         total = str(spool.size) if spool.complete else "*"
+        if spool.complete:
+            headers["X-Icbd-Stream-Digest"] = spool.digest or ""
         if offset >= end:
             return json_response({"error": "range beyond the end of the stream"}, status=416,
                                  headers={"Content-Range": f"bytes */{total}", **headers})
         headers["Content-Range"] = f"bytes {offset}-{end - 1}/{total}"
         headers["Content-Length"] = str(end - offset)
-        if spool.complete:
-            headers["X-Icbd-Stream-Digest"] = spool.digest or ""
         return StreamingResponse(spool.chunks(offset, end), status_code=206,
                                  media_type="application/octet-stream", headers=headers)
 

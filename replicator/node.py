@@ -181,7 +181,7 @@ class Membership:
                     self._registered = False
                     continue
                 self._lost(f"master answered {error.response.status_code}")
-            except (httpx.HTTPError, OSError, ValueError) as error:
+            except (httpx.HTTPError, OSError, ValueError, RecursionError) as error:
                 self._lost(describe_error(error))
             with trio.move_on_after(self.interval):
                 await self._poke.wait()

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -230,10 +231,13 @@ class Receiver:
         log.info("received %s version %d (stream digest %s)", name, version, digest)
 
     def _get_blocking(self, path: str) -> bytes:
-        response = self.pool.request(
-            "GET", f"{self.master_url}{API}{path}", headers=self.headers,
-            timeout=urllib3.Timeout(connect=5, read=60),
-        )
+        try:
+            response = self.pool.request(
+                "GET", f"{self.master_url}{API}{path}", headers=self.headers,
+                timeout=urllib3.Timeout(connect=5, read=60),
+            )
+        except urllib3.exceptions.HTTPError as error:
+            raise ReceiveFailed(f"cannot reach the master: {error}", resumable=True) from None
         if response.status != 200:
             raise ReceiveFailed(f"master answered {response.status} for {path}", resumable=True)
         return response.data
@@ -289,7 +293,12 @@ class Receiver:
                         complete = match.group(3) != "*" and int(match.group(2)) + 1 == int(match.group(3))
                     digest = response.headers.get("X-Icbd-Stream-Digest") or digest
                     have = self._copy_body(response, spool, have, feed, transfer, stop)
+                except BaseException:
+                    response.close()  # its body may be half read: never reuse the connection
+                    raise
                 finally:
+                    with contextlib.suppress(urllib3.exceptions.HTTPError, OSError):
+                        response.drain_conn()  # e.g. a 416's body, before the next request on it
                     response.release_conn()
                 if complete:
                     break

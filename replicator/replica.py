@@ -92,6 +92,7 @@ class Replica:
             async with trio.open_nursery() as nursery:
                 log.info("replica %s (site %s) on %s", self.id, self.site, self.listen)
                 nursery.start_soon(self.membership.run)
+                self._wake.set()  # resume what an earlier run left unfinished, now
                 nursery.start_soon(self._sync_loop)
                 await http.serve(http.build_app(self.routes(), self.token), self.listen, shutdown,
                                  task_status=task_status)
@@ -224,8 +225,10 @@ class Replica:
         log.info("fetching %s version %d (%s)", name, version, f"delta from {parent}" if parent else "full")
         try:
             await self.receiver.receive(name, version, parent, record, transfer)
-        except (ReceiveFailed, OSError, btrfs.BtrfsError, ValueError) as error:
-            transfer.finish(str(error))
+        except Exception as error:  # one failed transfer must never take the replica down
+            if not isinstance(error, ReceiveFailed | OSError | btrfs.BtrfsError | ValueError):
+                log.exception("%s version %d: unexpected failure", name, version)
+            transfer.finish(str(error) or type(error).__name__)
             delay = min(self._retry_delay.get(name, RETRY_MIN / 2) * 2, RETRY_MAX)
             self._retry_delay[name] = delay
             self._retry_at[name] = trio.current_time() + delay

@@ -8,6 +8,10 @@ replica makes before it accepts what `btrfs receive` built. A complete spool
 is kept (and named by a stream id) so a replica that was cut off can resume
 with an HTTP Range request instead of starting from zero; an incomplete one is
 deleted when the master starts, since `btrfs send` cannot resume.
+
+Every 4 MiB piece of a spool has its own digest (kept in the spool's record),
+and a piece read back from disk is checked before it is sent: a spool damaged
+on the master's disk is cut off and sent afresh, never served.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import trio
 from . import btrfs
 from .layout import Layout
 from .records import read_json, write_json
-from .wire import check_name, parse_version, stream_hasher
+from .wire import block_digest, check_name, parse_version, stream_hasher
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,7 @@ class Spool:
     stream_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     size: int = 0  # bytes readers may have: on disk, or still in memory
     written: int = 0  # bytes on disk
+    pieces: list[str] = field(default_factory=list)  # digest of each READ_SIZE piece
     complete: bool = False
     digest: str | None = None
     error: str | None = None
@@ -77,7 +82,9 @@ class Spool:
         }
 
     def _advance(self, data: bytes) -> None:
+        assert self.size % READ_SIZE == 0, "only the last piece may be short"
         self._recent[self.size] = data
+        self.pieces.append(block_digest(data))
         self.size += len(data)
         self._wake()
 
@@ -101,39 +108,42 @@ class Spool:
         """The spool's bytes from `offset` (to `end`, exclusive), following it as it grows."""
         self.readers += 1
         fd = await trio.to_thread.run_sync(os.open, self.path, os.O_RDONLY)
-        # A reader of the whole stream re-checks the digest, so a spool damaged
-        # on the master's disk is noticed, cut off, and sent afresh next time.
-        hasher = stream_hasher() if offset == 0 and end is None else None
         try:
             while True:
                 self.last_used = time.monotonic()
                 limit = self.size if end is None else min(self.size, end)
-                data = self._recent.get(offset) if offset < limit else None
-                if data is not None and offset + len(data) > limit:
-                    data = None  # a chunk that runs past `end`: take part of it from the file
-                if data is None and offset < min(limit, self.written):
-                    data = await trio.to_thread.run_sync(
-                        os.pread, fd, min(READ_SIZE, min(limit, self.written) - offset), offset)
-                if data is not None:
-                    if not data:
-                        raise StreamFailed(f"spool {self.path.name} shrank")
-                    offset += len(data)
-                    if hasher is not None:
-                        hasher.update(data)
-                    if self.complete and offset == self.size and hasher and hasher.hexdigest() != self.digest:
-                        self.error = "spool damaged on the master's disk"
-                        log.error("%s: %s; it will be sent afresh", self.path, self.error)
-                        raise StreamFailed(self.error)
-                    yield data
-                elif self.error is not None:
+                if offset < limit:
+                    piece = await self._piece(fd, offset - offset % READ_SIZE)
+                    if piece is not None:
+                        start = offset % READ_SIZE
+                        data = piece[start:start + limit - offset]
+                        offset += len(data)
+                        yield data
+                        continue
+                if self.error is not None:
                     raise StreamFailed(self.error)
-                elif self.complete or (end is not None and offset >= end):
+                if offset >= limit and (self.complete or (end is not None and offset >= end)):
                     return
-                else:
-                    await self._grown.wait()
+                await self._grown.wait()
         finally:
             self.readers -= 1
             os.close(fd)
+
+    async def _piece(self, fd: int, start: int) -> bytes | None:
+        """The piece at `start`: from memory, else from disk, checked against
+        its digest; None if it is neither in memory nor wholly on disk yet."""
+        data = self._recent.get(start)
+        if data is not None:
+            return data
+        length = min(READ_SIZE, self.size - start)
+        if start + length > self.written:
+            return None
+        data = await trio.to_thread.run_sync(os.pread, fd, length, start)
+        if len(data) != length or block_digest(data) != self.pieces[start // READ_SIZE]:
+            self.error = "spool damaged on the master's disk"
+            log.error("%s at byte %d: %s; it will be sent afresh", self.path, start, self.error)
+            raise StreamFailed(self.error)
+        return data
 
     async def wait_beyond(self, offset: int) -> None:
         """Until the spool holds more than `offset` bytes, or is finished."""
@@ -161,7 +171,7 @@ class SendSpools:
         for imi_dir in self.layout.streams.glob("*"):
             for path in imi_dir.glob("*.stream"):
                 doc = read_json(path.with_suffix(".json"))
-                if not isinstance(doc, dict) or not doc.get("complete"):
+                if not isinstance(doc, dict) or not doc.get("complete") or "pieces" not in doc:
                     log.info("dropping incomplete stream spool %s", path)
                     path.unlink(missing_ok=True)
                     path.with_suffix(".json").unlink(missing_ok=True)
@@ -169,7 +179,7 @@ class SendSpools:
                 spool = Spool(
                     name=doc["name"], version=doc["version"], parent=doc["parent"], path=path,
                     stream_id=doc["stream_id"], size=doc["bytes"], written=doc["bytes"], complete=True,
-                    digest=doc["digest"],
+                    digest=doc["digest"], pieces=doc["pieces"],
                 )
                 self._spools[(spool.name, spool.version, spool.parent)] = spool
 
@@ -236,6 +246,7 @@ class SendSpools:
         write_json(spool.meta_path, {
             "name": spool.name, "version": spool.version, "parent": spool.parent,
             "stream_id": spool.stream_id, "bytes": spool.size, "digest": digest, "complete": True,
+            "pieces": spool.pieces,
         })
         spool._finish(digest)
         log.info("spooled %s v%s from %s: %d bytes in %.2fs", spool.name, spool.version, spool.parent,
