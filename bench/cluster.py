@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -282,3 +283,6 @@ class Cluster:
                 node.stop()
         for node in reversed(self.nodes):
             unmount(node.data)
+            # Data folders hold btrfs images of up to GiBs: never leave them behind.
+            if not is_mountpoint(node.data):
+                shutil.rmtree(node.data, ignore_errors=True)

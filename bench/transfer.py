@@ -39,7 +39,10 @@ def _bare_pipe(snapshot: Path, target: Path) -> float:
     target.mkdir(parents=True, exist_ok=True)
     drop_caches()
     start = time.perf_counter()
-    subprocess.run(f"btrfs send -q '{snapshot}' | btrfs receive -q '{target}'", shell=True, check=True)
+    done = subprocess.run(f"set -o pipefail; btrfs send -q '{snapshot}' | btrfs receive -q '{target}'",
+                          shell=True, executable="/bin/bash", capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"bare send | receive failed: {done.stderr.strip()}")
     seconds = time.perf_counter() - start
     received = target / snapshot.name
     subprocess.run(["btrfs", "subvolume", "delete", str(received)], check=True, capture_output=True)
