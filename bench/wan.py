@@ -102,6 +102,43 @@ def _measure(ctx: BenchContext, net: SiteNetwork, cluster, size: int, links, roo
     return results
 
 
+def fanout_over_links(ctx: BenchContext) -> list[Result]:
+    """One version to 3 replicas at 3 sites against 1, each site behind its own
+    shaped link, as remote sites are: what the master does for N replicas
+    shows when the links, not this machine's 2 cores, are the bottleneck."""
+    size = _pick(ctx, quick=48 * MIB, full=256 * MIB, tiny=4 * MIB)
+    rate = _pick(ctx, quick=100_000_000, full=200_000_000, tiny=100_000_000)
+    room = f"{4 * size // (1 << 30) + 3}G"
+    with sites("central", "a", "b", "c") as net:
+        cluster = ctx.cluster("fanout-links")
+        try:
+            central = net["central"]
+            central.adopt(cluster.master(image_size=room, host=central.ip, start=False)).start()
+            replicas = [net[s].adopt(cluster.replica(f"r{s}", site=s, image_size=room, host=net[s].ip,
+                                                     start=False)).start() for s in "abc"]
+            source = ctx.scratch / "fanout-src"
+            source.mkdir()
+            write_image(source / "disk.img", size)
+            for s in "abc":
+                net.shape(s, rate)
+            seconds = {}
+            for count in (1, 3):
+                name = f"fan{count}"
+                cluster.icbd("imi", "create", name, "--from", str(source))
+                cluster.icbd("imi", "publish", name)
+                drop_caches()
+                ctx.step(f"fan-out over {rate // 1_000_000} Mbit/s links to {count} replica(s)")
+                seconds[count] = _subscribe_and_wait(cluster, name, replicas[:count])
+        finally:
+            cluster.stop_all()  # before the namespaces go
+    return [Result("fanout_over_links", seconds[3], seconds[1], "s", detail={
+        "what": f"a new {size // MIB} MiB iMI to 3 replicas at 3 sites, each behind its own "
+                f"{rate // 1_000_000} Mbit/s tbf link, against the same to 1 replica",
+        "seconds_3": round(seconds[3], 3), "seconds_1": round(seconds[1], 3),
+        "link_time_seconds": round(size * 8 / rate, 3),
+    }, target=1.3)]
+
+
 def _wait_held(replica, version: int, timeout: float = 900) -> None:
     wait_for(lambda: version in replica.status()["versions"].get(NAME, []), timeout=timeout,
              interval=0.02, what=f"{replica.id} to hold {NAME} v{version}")
