@@ -67,7 +67,7 @@ BENCHMARKS = (
     Benchmark("publish_small_change", "bench.transfer:publish_small_change", ("publish_small_change",), 0.7),
     # Network namespaces and tbf qdiscs: reported as not available where
     # this machine cannot make them.
-    Benchmark("delta_over_link", "bench.wan:delta_over_link", ("delta_over_link", "delta_over_link_20mbit"), 0.5,
+    Benchmark("delta_over_link", "bench.wan:delta_over_link", ("delta_over_link",), 0.5,
               unavailable_on="bench.netns:NetworkError"),
     Benchmark("fanout_over_links", "bench.wan:fanout_over_links", ("fanout_over_links",), 0.7,
               unavailable_on="bench.netns:NetworkError"),
