@@ -50,14 +50,15 @@ def is_mountpoint(path: Path) -> bool:
         return any(line.split()[4] == target for line in f)
 
 
-def unmount(path: Path) -> None:
-    for _ in range(20):
+def unmount(path: Path, command: tuple[str, ...] = ("umount",), lazy: str = "-l") -> None:
+    """Unmount `path`, retrying while it is busy, lazily as the last resort."""
+    for _ in range(25):
         if not is_mountpoint(path):
             return
-        subprocess.run(["umount", str(path)], capture_output=True)
+        subprocess.run([*command, str(path)], capture_output=True)
         if is_mountpoint(path):
             time.sleep(0.2)
-    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+    subprocess.run([*command, lazy, str(path)], capture_output=True)
 
 
 @dataclass
@@ -126,14 +127,7 @@ class Node:
 
 
 def fuse_unmount(path: Path) -> None:
-    """Unmount a FUSE mount, lazily as the last resort."""
-    for _ in range(25):
-        if not is_mountpoint(path):
-            return
-        subprocess.run(["fusermount3", "-u", str(path)], capture_output=True)
-        if is_mountpoint(path):
-            time.sleep(0.2)
-    subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True)
+    unmount(path, ("fusermount3", "-u"), lazy="-z")
 
 
 @dataclass

@@ -29,7 +29,7 @@ from replicator.wire import API, check_digest, check_name, check_site, parse_ver
 
 from .fetcher import PrefetchProgress
 from .site import SiteCache
-from .source import Unavailable
+from .source import Profile, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +163,19 @@ class CacheServer:
             raise HttpError(504, str(error)) from None
         if not profile_only:
             return version, [d for e in manifest.files() for d in e.chunks]
+        profile = await self._profile(imi, version)
+        blocks = manifest.digests()
+        return version, [d for d in profile.digests if d in blocks]
+
+    async def _profile(self, imi: str, version: int) -> Profile:
+        assert self.cache is not None
         try:
             profile = await self.cache.profile(imi, version)
         except httpx.HTTPError as error:
             raise HttpError(504, f"cannot reach the master for the boot profile: {error}") from None
         if profile is None:
             raise HttpError(404, f"no boot profile recorded for {imi} version {version} or older")
-        blocks = manifest.digests()
-        return version, [d for d in profile.digests if d in blocks]
+        return profile
 
     async def get_job(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
@@ -183,12 +188,7 @@ class CacheServer:
         assert self.cache is not None
         name = check_name(request.path_params["name"])
         version = parse_version(request.path_params["version"])
-        try:
-            profile = await self.cache.profile(name, version)
-        except httpx.HTTPError as error:
-            raise HttpError(504, f"cannot reach the master for the boot profile: {error}") from None
-        if profile is None:
-            raise HttpError(404, f"no boot profile for {name} version {version} or older")
+        profile = await self._profile(name, version)
         return json_response({"imi": name, "version": version, **profile.to_json()})
 
     async def put_profile(self, request: Request) -> Response:
