@@ -15,14 +15,7 @@ readahead.py decides what to fetch ahead and profiles.py records and replays
 boot profiles. Whatever waits on the source is bounded by `timeout` and ends
 in EIO, never in a reader stuck in the kernel.
 
-Inodes are `slot << 32 | index`. Slot 0 is the catalogue level: the root,
-/.icbd, and for the k-th iMI seen its folder (16 + 2k) and `latest` (17 + 2k).
-Every (iMI, version, manifest digest) seen gets a slot of its own, and entry
-i of its manifest is `slot << 32 | i`; entry 0, the manifest's root, is the
-version folder. So the version folder has its inode before the manifest is
-fetched, an inode needs no table to be resolved, and a version whose content
-changed under the same number (an iMI deleted and created again) gets fresh
-inodes rather than the kernel's stale caches.
+Inodes: see namespace.py.
 
 Timeouts: version content never changes, so its entries and attributes are
 cached by the kernel for a day (and negative lookups too: a boot probes many
@@ -43,7 +36,7 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyfuse3
 import trio
@@ -54,13 +47,13 @@ from replicator.wire import (
     FILE,
     Entry,
     InvalidInput,
-    Manifest,
     VersionRecord,
     check_name,
     parse_version,
 )
 
 from .blockcache import BlockCache, Flights
+from .namespace import Imi, Version, VersionTree
 from .profiles import BootProfiles, ProfileOptions
 from .readahead import Readahead
 
@@ -96,59 +89,9 @@ class MountOptions:
     max_tasks: int = 256  # requests served concurrently (each may wait up to `timeout`)
 
 
-class VersionTree:
-    """A version's manifest indexed for the kernel: parents, children, link counts.
-
-    Building it is O(entries) of Python: run it in a worker thread.
-    """
-
-    def __init__(self, manifest: Manifest):
-        self.manifest = manifest
-        self.chunk_size = manifest.chunk_size
-        self.entries = manifest.entries
-        self.parents = [0] * len(self.entries)
-        self.children: dict[int, dict[str, int]] = {}
-        index = {}
-        for i, entry in enumerate(self.entries):
-            index[entry.path] = i
-            if entry.type == DIR:
-                self.children[i] = {}
-            if i == 0:
-                continue
-            parent = index.get(entry.parent)
-            if parent is None or parent not in self.children:
-                log.warning("manifest entry %r has no parent folder; hidden", entry.path)
-                continue
-            self.parents[i] = parent
-            self.children[parent][entry.name] = i
-        self.subdirs = {
-            i: sum(1 for c in kids.values() if self.entries[c].type == DIR)
-            for i, kids in self.children.items()
-        }
-        self.digests = frozenset(manifest.digests())
-        self._listings: dict[int, list[tuple[bytes, int]]] = {}
-
-    def listing(self, index: int) -> list[tuple[bytes, int]]:
-        """The (name, entry index) pairs of a folder, in a stable order."""
-        listing = self._listings.get(index)
-        if listing is None:
-            kids = self.children.get(index, {})
-            listing = self._listings[index] = [(os.fsencode(n), i) for n, i in kids.items()]
-        return listing
-
-
-@dataclass(eq=False)
-class _Version:
-    imi: str
-    number: int
-    digest: str
-    slot: int
-    tree: VersionTree | None = None
-
-
 @dataclass(eq=False)
 class _OpenFile:
-    version: _Version
+    version: Version
     entry: Entry
     readahead: Readahead | None
 
@@ -156,22 +99,6 @@ class _OpenFile:
 @dataclass(eq=False)
 class _OpenSnapshot:
     data: bytes
-
-
-@dataclass
-class _Imi:
-    name: str
-    slot: int
-    info: ImiInfo
-    mtime_ns: int = field(default_factory=time.time_ns)
-
-    @property
-    def dir_inode(self) -> int:
-        return 16 + 2 * self.slot
-
-    @property
-    def latest_inode(self) -> int:
-        return 17 + 2 * self.slot
 
 
 def _erofs() -> pyfuse3.FUSEError:
@@ -208,11 +135,11 @@ class Operations(pyfuse3.Operations):
         self.stats: Counter[str] = Counter()
         self.invalidations: deque[tuple[str, int, str]] = deque(maxlen=1024)
         self._kernel = False  # True while mounted: send invalidations to the kernel
-        self._imis: dict[str, _Imi] = {}  # current catalogue
+        self._imis: dict[str, Imi] = {}  # current catalogue
         self._imi_slots: dict[str, int] = {}  # every iMI ever seen, for stable inodes
-        self._imi_by_inode: dict[int, _Imi] = {}
-        self._versions: dict[tuple[str, int, str], _Version] = {}
-        self._by_slot: dict[int, _Version] = {}
+        self._imi_by_inode: dict[int, Imi] = {}
+        self._versions: dict[tuple[str, int, str], Version] = {}
+        self._by_slot: dict[int, Version] = {}
         self._files: dict[int, _OpenFile | _OpenSnapshot] = {}
         self._next_fh = 1
         self._mounted_ns = time.time_ns()
@@ -323,7 +250,7 @@ class Operations(pyfuse3.Operations):
                 continue
             if old is None:
                 slot = self._imi_slots.setdefault(name, len(self._imi_slots))
-                imi = self._imis[name] = _Imi(name, slot, new)
+                imi = self._imis[name] = Imi(name, slot, new)
                 self._imi_by_inode[imi.dir_inode] = self._imi_by_inode[imi.latest_inode] = imi
                 continue  # nothing to invalidate: a failed lookup is not cached (ENOENT)
             if old.info == new:
@@ -356,16 +283,16 @@ class Operations(pyfuse3.Operations):
             except OSError as error:  # ENOENT: the kernel did not hold it
                 log.debug("invalidate %s %d %r: %s", kind, inode, name, error)
 
-    def _version(self, imi: str, vinfo: VersionRecord) -> _Version:
+    def _version(self, imi: str, vinfo: VersionRecord) -> Version:
         key = (imi, vinfo.version, vinfo.digest)
         version = self._versions.get(key)
         if version is None:
             slot = len(self._versions) + 1
-            version = self._versions[key] = _Version(imi, vinfo.version, vinfo.digest, slot)
+            version = self._versions[key] = Version(imi, vinfo.version, vinfo.digest, slot)
             self._by_slot[slot] = version
         return version
 
-    async def _tree(self, version: _Version) -> VersionTree:
+    async def _tree(self, version: Version) -> VersionTree:
         """The version's indexed manifest, fetched on first use; EIO after `timeout`."""
         if version.tree is not None:
             return version.tree
@@ -382,7 +309,7 @@ class Operations(pyfuse3.Operations):
         self.stats["eio"] += 1
         raise pyfuse3.FUSEError(errno.EIO)
 
-    async def _load(self, version: _Version) -> VersionTree:
+    async def _load(self, version: Version) -> VersionTree:
         manifest = await self._source.manifest(version.imi, version.number)
         tree = await trio.to_thread.run_sync(VersionTree, manifest)
         version.tree = tree
@@ -393,13 +320,13 @@ class Operations(pyfuse3.Operations):
 
     # --- inodes and attributes -----------------------------------------------
 
-    def _resolve(self, inode: int) -> tuple[_Version, int]:
+    def _resolve(self, inode: int) -> tuple[Version, int]:
         version = self._by_slot.get(inode >> SLOT_SHIFT)
         if version is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return version, inode & INDEX_MASK
 
-    def _imi_of(self, inode: int) -> _Imi:
+    def _imi_of(self, inode: int) -> Imi:
         imi = self._imi_by_inode.get(inode)
         if imi is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -420,7 +347,7 @@ class Operations(pyfuse3.Operations):
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime_ns
         return attr
 
-    def _entry_attr(self, version: _Version, index: int, ttl: float = CONTENT_TTL) -> pyfuse3.EntryAttributes:
+    def _entry_attr(self, version: Version, index: int, ttl: float = CONTENT_TTL) -> pyfuse3.EntryAttributes:
         tree = version.tree
         assert tree is not None
         entry = tree.entries[index]
@@ -439,7 +366,7 @@ class Operations(pyfuse3.Operations):
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = entry.mtime_ns
         return attr
 
-    def _version_attr(self, version: _Version) -> pyfuse3.EntryAttributes:
+    def _version_attr(self, version: Version) -> pyfuse3.EntryAttributes:
         if version.tree is not None:
             return self._entry_attr(version, 0, ttl=CATALOG_TTL)
         # Listed but not fetched yet: a placeholder the kernel must not keep,
@@ -663,7 +590,7 @@ class Operations(pyfuse3.Operations):
         self.stats["read_bytes"] += len(data)
         return data
 
-    async def _fetch(self, version: _Version, digests: tuple[str, ...]) -> list[bytes]:
+    async def _fetch(self, version: Version, digests: tuple[str, ...]) -> list[bytes]:
         """The blocks of a read that missed memory; EIO after `timeout`."""
         imi, number = version.imi, version.number
         with trio.move_on_after(self._options.timeout):
