@@ -56,7 +56,7 @@ class SiteCache:
         self.fetcher: Fetcher | None = None
         self._catalog = Catalog()
         self._catalog_at = 0.0  # time.monotonic() of the last answer from the master
-        self._manifests: OrderedDict[tuple[str, int], Manifest] = OrderedDict()
+        self._manifests: OrderedDict[tuple[str, int], tuple[str, Manifest]] = OrderedDict()  # (digest, manifest)
         self._manifest_locks: dict[tuple[str, int], trio.Lock] = {}
         self.master_reachable = False
         self._polling = trio.Lock()
@@ -159,12 +159,12 @@ class SiteCache:
     async def manifest(self, imi: str, version: int) -> Manifest:
         key = (imi, version)
         cached = self._manifests.get(key)
-        if cached is not None and cached.digest == self._record(imi, version).digest:
+        if cached is not None and cached[0] == self._record(imi, version).digest:
             self._manifests.move_to_end(key)
-            return cached
+            return cached[1]
         raw, digest = await self.manifest_bytes(imi, version)
         manifest = await trio.to_thread.run_sync(Manifest.from_bytes, raw, digest)
-        self._manifests[key] = manifest
+        self._manifests[key] = (digest, manifest)
         while len(self._manifests) > MANIFESTS_IN_MEMORY:
             self._manifests.popitem(last=False)
         return manifest

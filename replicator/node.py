@@ -9,7 +9,6 @@ import logging.handlers
 import secrets
 import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -149,7 +148,6 @@ class Membership:
         self.on_reply = on_reply
         self.interval = interval
         self.reachable = False
-        self.last_contact: float | None = None
         self._registered = False
         self._warned = False
         self._poke = trio.Event()
@@ -173,7 +171,6 @@ class Membership:
                 if not self.reachable:
                     log.info("master reachable")
                 self.reachable = True
-                self.last_contact = time.monotonic()
                 if self.on_reply is not None:
                     await self.on_reply(reply)
             except httpx.HTTPStatusError as error:

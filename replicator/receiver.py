@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -187,7 +186,9 @@ class Receiver:
         stem = f"{version}-from-{parent}" if parent else f"{version}-full"
         return base / f"{stem}.stream", base / f"{stem}.json", base / f"{version}.recv"
 
-    async def receive(self, name: str, version: int, parent: int | None, record: dict, transfer: Transfer) -> None:
+    async def receive(self, name: str, version: int, parent: int | None, record: dict,
+                      transfer: Transfer) -> Manifest:
+        """Receive one version; return its verified manifest."""
         spool, spool_meta, target = self._paths(name, version, parent)
         spool.parent.mkdir(parents=True, exist_ok=True)
         await btrfs.remove_tree(target)
@@ -201,7 +202,7 @@ class Receiver:
                 )
             finally:
                 stop.set()
-            await self._accept(name, version, record, target, digest)
+            manifest = await self._accept(name, version, record, target, digest)
         except BaseException as error:
             with trio.CancelScope(shield=True):
                 await btrfs.remove_tree(target)
@@ -211,8 +212,9 @@ class Receiver:
             raise
         spool.unlink(missing_ok=True)
         spool_meta.unlink(missing_ok=True)
+        return manifest
 
-    async def _accept(self, name: str, version: int, record: dict, target: Path, digest: str) -> None:
+    async def _accept(self, name: str, version: int, record: dict, target: Path, digest: str) -> Manifest:
         received = target / str(version)
         if not btrfs.is_subvolume(received):
             raise ReceiveFailed(f"the stream did not create subvolume {version}")
@@ -220,8 +222,8 @@ class Receiver:
         if not info.readonly or not info.received_uuid:
             raise ReceiveFailed("received subvolume is not read-only with a received UUID (incomplete stream)")
         raw = await trio.to_thread.run_sync(self._get_blocking, f"/imis/{name}/versions/{version}/manifest")
-        manifest = Manifest.from_bytes(raw, record["digest"])  # raises if it does not match the record
-        del manifest
+        # Raises if it does not match the record; parsing a large manifest is CPU work.
+        manifest = await trio.to_thread.run_sync(Manifest.from_bytes, raw, record["digest"])
         write_bytes(self.layout.manifest_file(name, version), raw)
         write_json(self.layout.version_record(name, version), record)
         final = self.layout.version_dir(name, version)
@@ -229,6 +231,7 @@ class Receiver:
         btrfs.move_readonly_subvolume(received, final)
         target.rmdir()
         log.info("received %s version %d (stream digest %s)", name, version, digest)
+        return manifest
 
     def _get_blocking(self, path: str) -> bytes:
         try:
@@ -370,8 +373,3 @@ def _error_text(response) -> str:
         return f"master answered {response.status}: {json.loads(response.data)['error']}"
     except Exception:
         return f"master answered {response.status}"
-
-
-def disk_usage(path: Path) -> dict:
-    usage = shutil.disk_usage(path)
-    return {"total": usage.total, "free": usage.free}

@@ -5,6 +5,7 @@ on what it holds while the master is unreachable."""
 from __future__ import annotations
 
 import logging
+import shutil
 from collections import deque
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from .http import json_body, json_response
 from .layout import Layout
 from .node import Membership, NodeClient, node_id, require_token, run_until_signal, setup_logging
 from .readroutes import read_routes
-from .receiver import ReceiveFailed, Receiver, Transfer, disk_usage
+from .receiver import ReceiveFailed, Receiver, Transfer
 from .records import read_json, write_json
 from .wire import API, Manifest, check_name, check_site
 
@@ -135,7 +136,7 @@ class Replica:
             "versions": self.versions_held(),
             "transfers": [t.to_json() for t in self.transfers],
             "master_reachable": bool(self.membership and self.membership.reachable),
-            "disk": disk_usage(self.data),
+            "disk": dict(zip(("total", "used", "free"), shutil.disk_usage(self.data), strict=True)),
             "blocks": len(self.blocks),
             "served": {"blocks": self.blocks.served_blocks, "bytes": self.blocks.served_bytes},
         }
@@ -224,7 +225,7 @@ class Replica:
         self.transfers.append(transfer)
         log.info("fetching %s version %d (%s)", name, version, f"delta from {parent}" if parent else "full")
         try:
-            await self.receiver.receive(name, version, parent, record, transfer)
+            manifest = await self.receiver.receive(name, version, parent, record, transfer)
         except Exception as error:  # one failed transfer must never take the replica down
             if not isinstance(error, ReceiveFailed | OSError | btrfs.BtrfsError | ValueError):
                 log.exception("%s version %d: unexpected failure", name, version)
@@ -240,7 +241,6 @@ class Replica:
         transfer.finish()
         self._retry_delay.pop(name, None)
         self._retry_at.pop(name, None)
-        manifest = Manifest.from_bytes(self.layout.manifest_file(name, version).read_bytes(), record["digest"])
         self.blocks.add(name, version, manifest)
         self.held.setdefault(name, {})[version] = record
         self._save_transfers()
