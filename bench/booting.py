@@ -16,7 +16,11 @@ that folder, with `latest` beside it, is also the "local disk" baseline that
    the profile and is left running until the master holds it;
 2. with that profile: local boots and cold boots that replay it alternate
    (again a fresh cache server and mount each);
-3. warm: fresh mounts over the last cache server, which holds every block.
+3. warm: local boots and boots through fresh mounts over the last cache
+   server, which holds every block, alternate.
+
+Each row's baseline is the median of the local boots that alternate with it,
+so a host that grows busier over the run weighs on both sides of a ratio.
 
 `boot_storm` (rows boot_storm, boot_storm_readers): a first desktop records
 the profile, then N desktops, each with its own mount (as N machines would
@@ -37,6 +41,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,7 +185,7 @@ def _mount_stats(mount: MountProcess) -> dict:
     except (OSError, ValueError):
         return {}
     keep = ("reads", "read_bytes", "eio", "source_blocks", "source_bytes", "readahead_blocks",
-            "prefetch_calls", "prefetch_blocks", "profile_replays", "profile_blocks",
+            "prefetch_calls", "prefetch_blocks", "profile_replays", "profile_blocks", "follow_blocks",
             "profiles_recorded", "profiles_saved")
     return {k: status[k] for k in keep if k in status}
 
@@ -198,88 +203,108 @@ def _rounded(values: list[float]) -> list[float]:
 
 # --- boot times -------------------------------------------------------------------------
 
+def _alternating(ctx: BenchContext, site: DesktopSite, reps: int, what: str,
+                 icbd_boot: Callable[[int], tuple[float, dict]]) -> tuple[list[float], list[float], list[dict]]:
+    """`reps` pairs of a local boot then an icbd boot (`icbd_boot(rep)`: seconds
+    and what the nodes said); (local seconds, icbd seconds, runs)."""
+    local: list[float] = []
+    icbd: list[float] = []
+    runs: list[dict] = []
+    for rep in range(reps):
+        ctx.step(f"boot {rep + 1}/{reps}: local disk")
+        local.append(site.boot(site.local))
+        ctx.step(f"boot {rep + 1}/{reps}: {what}")
+        seconds, run = icbd_boot(rep)
+        icbd.append(seconds)
+        runs.append(run)
+    return local, icbd, runs
+
+
 def boot_times(ctx: BenchContext) -> list[Result]:
     site = desktop_site(ctx, "boot")
     reps = ctx.pick(quick=5, full=7, tiny=1)
-    local: list[float] = []
-    cold: list[float] = []
-    cold_runs: list[dict] = []
     if site.profile() is not None:
         raise RuntimeError("the master holds a boot profile before any boot")
 
-    for rep in range(reps):
-        ctx.step(f"boot {rep + 1}/{reps}: local disk")
-        local.append(site.boot(site.local))
-        ctx.step(f"boot {rep + 1}/{reps}: cold site cache, no profile")
+    def cold_boot(rep: int) -> tuple[float, dict]:
         # Only the last cold boot records the profile the next rows replay.
         cache, mount = site.cold_mount(f"cold{rep}", profiles=rep == reps - 1)
         before = site.served()["bytes"]
-        cold.append(site.boot(mount.mountpoint))
+        seconds = site.boot(mount.mountpoint)
         run = {"replica_egress_bytes": site.served()["bytes"] - before, "mount": _mount_stats(mount)}
         if rep == reps - 1:
             ctx.step("waiting for the boot profile (10 s of quiet)")
-            profile = site.wait_profile()
+            site.wait_profile()
         mount.stop()
-        cold_runs.append({**run, "cache_fetcher": _fetcher(cache)})
+        run["cache_fetcher"] = _fetcher(cache)
         cache.stop()
+        return seconds, run
+
+    local_cold, cold, cold_runs = _alternating(ctx, site, reps, "cold site cache, no profile", cold_boot)
+    profile = site.wait_profile()
     working = site.working_set(profile)
     replayed_in_cold = [r["mount"].get("profile_replays", 0) for r in cold_runs]
 
-    profiled: list[float] = []
-    profiled_runs: list[dict] = []
-    cache = None
-    for rep in range(reps):
-        ctx.step(f"boot {rep + 1}/{reps}: local disk")
-        local.append(site.boot(site.local))
-        ctx.step(f"boot {rep + 1}/{reps}: cold site cache with the boot profile")
-        if cache is not None:
-            cache.stop()
-        cache, mount = site.cold_mount(f"profile{rep}")
-        before = site.served()["bytes"]
-        profiled.append(site.boot(mount.mountpoint))
-        profiled_runs.append({"replica_egress_bytes": site.served()["bytes"] - before,
-                              "mount": _mount_stats(mount), "cache_fetcher": _fetcher(cache)})
-        mount.stop()
+    caches: list[Node] = []
 
-    warm: list[float] = []
-    warm_runs: list[dict] = []
-    for rep in range(reps):
-        ctx.step(f"boot {rep + 1}/{reps}: warm site cache")
+    def profiled_boot(rep: int) -> tuple[float, dict]:
+        if caches:
+            caches.pop().stop()
+        cache, mount = site.cold_mount(f"profile{rep}")
+        caches.append(cache)
+        before = site.served()["bytes"]
+        seconds = site.boot(mount.mountpoint)
+        run = {"replica_egress_bytes": site.served()["bytes"] - before,
+               "mount": _mount_stats(mount), "cache_fetcher": _fetcher(cache)}
+        mount.stop()
+        return seconds, run
+
+    local_profiled, profiled, profiled_runs = _alternating(
+        ctx, site, reps, "cold site cache with the boot profile", profiled_boot)
+    cache = caches[0]  # the last one, which now holds every block of the boot
+
+    def warm_boot(rep: int) -> tuple[float, dict]:
         mount = site.mount(f"warm{rep}", cache)
         before = site.served()["bytes"]
-        warm.append(site.boot(mount.mountpoint))
-        warm_runs.append({"replica_egress_bytes": site.served()["bytes"] - before, "mount": _mount_stats(mount)})
+        seconds = site.boot(mount.mountpoint)
+        run = {"replica_egress_bytes": site.served()["bytes"] - before, "mount": _mount_stats(mount)}
         mount.stop()
+        return seconds, run
+
+    local_warm, warm, warm_runs = _alternating(ctx, site, reps, "warm site cache", warm_boot)
     warm_fetcher = _fetcher(cache)
     cache.stop()
 
-    baseline = median(local)
     common = {
-        "runs": reps, "local_seconds": _rounded(local), "accel": site.accel, "filler_bytes": site.filler,
+        "runs": reps, "accel": site.accel, "filler_bytes": site.filler,
         "working_set_bytes": working["bytes"], "working_set_blocks": working["blocks"],
         "image_distinct_bytes": working["image_distinct_bytes"],
         "baseline": "the same files booted from local disk (icbd boot --mount on a plain folder), caches "
-                    "dropped; local and icbd boots alternate so that load on the host hits both",
+                    "dropped; each row's icbd boots alternate with its own local boots, so that load "
+                    "on the host hits both",
     }
     return [
-        Result("boot_cold", median(cold), baseline, "s", detail={
+        Result("boot_cold", median(cold), median(local_cold), "s", detail={
             "what": "boot through a fresh mount over a fresh, empty site cache server, every block "
                     "fetched from the replica on demand, no boot profile, caches dropped.",
-            **common, "seconds": _rounded(cold), "per_run": cold_runs,
+            **common, "seconds": _rounded(cold), "local_seconds": _rounded(local_cold), "per_run": cold_runs,
             "mount_fetched_over_working_set": _fetched_by_mounts(cold_runs, working["bytes"]),
             "profile_replays_seen": replayed_in_cold,
         }, target=1.3),
-        Result("boot_cold_profile", median(profiled), baseline, "s", detail={
-            "what": "the same, but the mount replays the boot profile recorded by an earlier boot "
-                    "(the cache prefetches its blocks as soon as the version is opened).",
-            **common, "seconds": _rounded(profiled), "per_run": profiled_runs,
+        Result("boot_cold_profile", median(profiled), median(local_profiled), "s", detail={
+            "what": "the same, but the mount replays the boot profile recorded by an earlier boot: "
+                    "the cache server prefetches it from the replica and the mount pulls it into "
+                    "memory ahead of the reads, as soon as the version is opened.",
+            **common, "seconds": _rounded(profiled), "local_seconds": _rounded(local_profiled),
+            "per_run": profiled_runs,
             "mount_fetched_over_working_set": _fetched_by_mounts(profiled_runs, working["bytes"]),
             "profile_blocks": len(profile["digests"]),
         }, target=1.1),
-        Result("boot_warm", median(warm), baseline, "s", detail={
+        Result("boot_warm", median(warm), median(local_warm), "s", detail={
             "what": "boot through a fresh mount over a site cache server that holds every block, "
                     "caches dropped.",
-            **common, "seconds": _rounded(warm), "per_run": warm_runs, "cache_fetcher": warm_fetcher,
+            **common, "seconds": _rounded(warm), "local_seconds": _rounded(local_warm), "per_run": warm_runs,
+            "cache_fetcher": warm_fetcher,
             "mount_fetched_over_working_set": _fetched_by_mounts(warm_runs, working["bytes"]),
         }, target=1.05),
     ]

@@ -21,6 +21,10 @@ Protocol (the invariants the code keeps):
   times its blocks: partly read blocks and blocks warmed ahead were evicted
   before the reads that needed them; with it, the fetches match the reads.
   The store only grows from a finished fetch, so a block is never half there.
+- `follow` pulls a list of blocks (a boot profile) into memory in order,
+  keeping at most `window` blocks fetched ahead and not yet read. It waits
+  for readers to take blocks before it fetches more, so it never evicts what
+  it fetched itself, and it stops when readers stop taking blocks.
 - A block a reader gave up on (`give_up`) is refused at once for
   `GAVE_UP_MEMO` seconds unless it arrives meanwhile: the kernel answers an
   EIO on a readahead page by asking for that page again, and without the memo
@@ -30,7 +34,7 @@ Protocol (the invariants the code keeps):
 from __future__ import annotations
 
 import logging
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Generic, TypeVar
 
@@ -128,6 +132,7 @@ class BlockCache:
         # For the counters: blocks warmed ahead and not read yet, and recently
         # evicted ones (a fetch of one of those is a refetch).
         self._unread: set[str] = set()
+        self._taken = trio.Event()  # set (and replaced) when a warmed block is read or evicted
         self._evicted: OrderedDict[str, None] = OrderedDict()
         self._served: dict[str, int] = {}  # bytes of a stored block handed to the kernel so far
 
@@ -149,7 +154,7 @@ class BlockCache:
             return None
         self._blocks.move_to_end(digest)
         self._stats["lru_hits"] += 1
-        self._unread.discard(digest)
+        self._read(digest)
         return data
 
     async def get(self, digests: Iterable[str], imi: str, version: int) -> list[bytes]:
@@ -164,7 +169,7 @@ class BlockCache:
             data = self._blocks.get(digest)
             if data is not None:
                 self._blocks.move_to_end(digest)
-                self._unread.discard(digest)
+                self._read(digest)
                 flights.append(data)
                 continue
             if self._gave_up and self._gave_up.get(digest, 0.0) > trio.current_time():
@@ -214,18 +219,59 @@ class BlockCache:
             started += 1
         return started
 
+    async def follow(self, digests: Iterable[str], imi: str, version: int, *,
+                     window: int, concurrency: int, idle: float) -> int:
+        """Fetch these blocks into memory in order, at most `concurrency` at a
+        time and at most `window` blocks ahead of the readers; returns how many
+        it fetched. Gives up once readers have taken none of its blocks for
+        `idle` seconds (the boot it was for has moved on)."""
+        window = max(1, window)
+        fetching: deque[_Flight[bytes]] = deque()
+        started = 0
+        for digest in digests:
+            if digest in self._blocks or digest in self._flights:
+                continue
+            while len(fetching) >= concurrency:
+                await fetching.popleft().done.wait()
+            with trio.move_on_after(idle) as waited:
+                while len(self._unread) >= window:
+                    await self._taken.wait()
+            if waited.cancelled_caught:
+                self._stats["follow_idle_stops"] += 1
+                break
+            if digest in self._blocks or digest in self._flights:
+                continue
+            flight, _ = self._flights.start(digest, lambda d=digest: self._fetch(d, imi, version))
+            self._unread.add(digest)
+            fetching.append(flight)
+            started += 1
+        self._stats["follow_blocks"] += started
+        return started
+
+    def _read(self, digest: str) -> None:
+        if digest in self._unread:
+            self._unread.discard(digest)
+            self._wake_followers()
+
+    def _wake_followers(self) -> None:
+        self._taken.set()
+        self._taken = trio.Event()
+
     async def _fetch(self, digest: str, imi: str, version: int) -> bytes:
         self._stats["source_blocks"] += 1
         if self._evicted.pop(digest, False) is None:
             self._stats["refetched_blocks"] += 1
         try:
             data = await self._source.block(digest, imi, version)
+            self._stats["source_bytes"] += len(data)
+            self._store(digest, data)
+            return data
         except Unavailable:
             self._stats["source_errors"] += 1
             raise
-        self._stats["source_bytes"] += len(data)
-        self._store(digest, data)
-        return data
+        finally:
+            if digest not in self._blocks:  # failed, cancelled or too large: nobody will read it here
+                self._read(digest)
 
     def _store(self, digest: str, data: bytes) -> None:
         if len(data) > self._capacity or digest in self._blocks:
@@ -239,6 +285,7 @@ class BlockCache:
             if evicted in self._unread:
                 self._unread.discard(evicted)
                 self._stats["readahead_unread"] += 1
+                self._wake_followers()
             self._evicted[evicted] = None
             if len(self._evicted) > 8192:
                 self._evicted.popitem(last=False)

@@ -84,6 +84,7 @@ class MountOptions:
     profile_quiet: float = 10.0
     profile_max_seconds: float = 600.0
     profile_max_blocks: int = 1 << 16
+    profile_follow_idle: float = 10.0  # stop pulling profile blocks into memory when none are read
     kernel_readahead_kb: int = 1024  # the mount's read_ahead_kb (0: the kernel's 128)
     min_tasks: int = 8  # pyfuse3 request tasks kept waiting
     max_tasks: int = 256  # requests served concurrently (each may wait up to `timeout`)
@@ -176,8 +177,10 @@ class Operations(pyfuse3.Operations):
                     max_seconds=options.profile_max_seconds,
                     max_blocks=options.profile_max_blocks,
                     timeout=max(30.0, options.timeout),
+                    follow_idle=options.profile_follow_idle,
                 ),
                 self.stats,
+                follow=self._blocks.follow,
             )
             if options.refresh > 0:
                 nursery.start_soon(self._refresh_loop)
@@ -315,7 +318,9 @@ class Operations(pyfuse3.Operations):
         version.tree = tree
         self.stats["manifests"] += 1
         if self._options.profiles:
-            self.profiles.first_access(version.imi, version.number, tree.digests)
+            # Half the memory cache may hold profile blocks fetched ahead of the readers.
+            window = max(1, self._options.lru_bytes // 2 // tree.chunk_size)
+            self.profiles.first_access(version.imi, version.number, tree.digests, window)
         return tree
 
     # --- inodes and attributes -----------------------------------------------

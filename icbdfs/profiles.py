@@ -18,7 +18,13 @@ Recording rules:
   version's own).
 
 Replay filters the profile to blocks of this version's manifest (an older
-version's profile mostly still applies) and prefetches it at once.
+version's profile mostly still applies) and does two things at once: it asks
+the source to prefetch the whole list (a site cache fills its store from the
+replicas at high concurrency), and it pulls the list, in order, into the
+mount's own memory, a window ahead of the readers (`follow`). The first turns
+a cold site into a warm one; the second spares a warm boot its round trip to
+the site cache on each block, and fetches while the guest kernel is still
+busy with the CPU.
 
 Everything here runs in background tasks of the filesystem's nursery, off
 the request path: a read only appends a digest to a dict.
@@ -28,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import trio
@@ -39,6 +45,9 @@ log = logging.getLogger(__name__)
 
 _UNKNOWN = object()  # the source's profile could not be fetched
 
+# BlockCache.follow: pull blocks into memory in order, a window ahead of the readers.
+Follow = Callable[..., Awaitable[int]]
+
 
 @dataclass
 class ProfileOptions:
@@ -46,6 +55,8 @@ class ProfileOptions:
     max_seconds: float = 600.0
     max_blocks: int = 1 << 16
     timeout: float = 30.0  # bound on each profile/prefetch/save call to the source
+    follow_concurrency: int = 4  # blocks pulled into memory at once
+    follow_idle: float = 10.0  # stop pulling when readers take none of them for this long
 
 
 @dataclass
@@ -53,6 +64,7 @@ class _Version:
     imi: str
     version: int
     digests: frozenset[str]  # every block of the version's manifest
+    window: int  # profile blocks the mount's memory may hold ahead of the readers
     known: object = None  # what source.profile said (Profile, None or _UNKNOWN)
     known_ready: trio.Event = field(default_factory=trio.Event)
     recording: dict[str, None] | None = None  # ordered set; None: not started
@@ -67,19 +79,21 @@ class BootProfiles:
         nursery: trio.Nursery,
         options: ProfileOptions,
         stats: Counter[str],
+        follow: Follow | None = None,
     ):
         self._source = source
+        self._follow = follow
         self._nursery = nursery
         self._options = options
         self._stats = stats
         self._versions: dict[tuple[str, int], _Version] = {}
 
-    def first_access(self, imi: str, version: int, digests: frozenset[str]) -> None:
+    def first_access(self, imi: str, version: int, digests: frozenset[str], window: int = 0) -> None:
         """A version's manifest was just loaded: replay its profile in the background."""
         key = (imi, version)
         if key in self._versions:
             return
-        state = self._versions[key] = _Version(imi, version, digests)
+        state = self._versions[key] = _Version(imi, version, digests, window)
         self._nursery.start_soon(self._replay, state)
 
     def touched(self, imi: str, version: int, digests: Iterable[str]) -> None:
@@ -121,11 +135,19 @@ class BootProfiles:
         self._stats["profile_replays"] += 1
         self._stats["profile_blocks"] += len(wanted)
         log.info("replaying boot profile of %s@%d: %d blocks", state.imi, state.version, len(wanted))
+        if self._follow is not None and state.window > 0:
+            self._nursery.start_soon(self._follow_in_memory, state, wanted)
         try:
             with trio.fail_after(self._options.timeout):
                 await self._source.prefetch(wanted, state.imi, state.version)
         except Exception as error:
             log.warning("prefetch of the boot profile of %s@%d failed: %s", state.imi, state.version, error)
+
+    async def _follow_in_memory(self, state: _Version, wanted: list[str]) -> None:
+        options = self._options
+        fetched = await self._follow(wanted, state.imi, state.version, window=state.window,
+                                     concurrency=options.follow_concurrency, idle=options.follow_idle)
+        log.debug("boot profile of %s@%d: %d blocks pulled into memory", state.imi, state.version, fetched)
 
     async def _record(self, state: _Version) -> None:
         options = self._options

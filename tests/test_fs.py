@@ -471,6 +471,49 @@ async def test_older_profile_replayed_filtered_then_replaced(source):
         assert source.profiles["demo", 2] == list(dict.fromkeys(two.find("bin/tool").chunks))
 
 
+async def test_replay_pulls_the_profile_into_memory_a_window_ahead_of_readers(source):
+    manifest = await source.manifest("demo", 1)
+    chunks = list(manifest.find("big.bin").chunks)  # 4 distinct blocks
+    assert len(set(chunks)) == 4
+    source.profiles["demo", 1] = chunks
+
+    async def settled(fetched: int) -> None:
+        with trio.fail_after(3):
+            while sum(source.block_calls[d] for d in chunks) < fetched:
+                await trio.sleep(0.01)
+        await trio.sleep(0.2)  # time enough to fetch further if the window allowed it
+
+    # Memory for 4 blocks: the profile may run 2 ahead of the readers.
+    async with running(source, lru_bytes=4 * SAMPLE_CHUNK, readahead=False) as ops:
+        attr = await resolve(ops, "demo", "1", "big.bin")  # first access: the replay starts
+        await settled(2)
+        assert [source.block_calls[d] for d in chunks] == [1, 1, 0, 0]
+        info = await ops.open(attr.st_ino, os.O_RDONLY, None)
+        expected = (source.root / "demo" / "1" / "big.bin").read_bytes()
+        got = []
+        for index in range(4):
+            hits = ops.stats["lru_hits"]
+            got.append(bytes(await ops.read(info.fh, index * SAMPLE_CHUNK, SAMPLE_CHUNK)))
+            assert ops.stats["lru_hits"] == hits + 1, f"block {index} was not in memory when read"
+            await settled(min(4, index + 3))
+            assert sum(source.block_calls[d] for d in chunks) == min(4, index + 3)
+        assert b"".join(got) == expected
+        assert [source.block_calls[d] for d in chunks] == [1, 1, 1, 1]
+        assert ops.stats["follow_blocks"] == 4
+
+
+async def test_replay_into_memory_stops_when_readers_take_nothing(source):
+    manifest = await source.manifest("demo", 1)
+    chunks = list(manifest.find("big.bin").chunks)
+    source.profiles["demo", 1] = chunks
+    async with running(source, lru_bytes=2 * SAMPLE_CHUNK, readahead=False, profile_follow_idle=0.3) as ops:
+        await resolve(ops, "demo", "1")
+        with trio.fail_after(3):
+            while not ops.stats["follow_idle_stops"]:
+                await trio.sleep(0.02)
+        assert [source.block_calls[d] for d in chunks] == [1, 0, 0, 0]
+
+
 # --- status ------------------------------------------------------------------------
 
 async def test_status_file(source):
