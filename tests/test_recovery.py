@@ -163,3 +163,31 @@ def test_full_disk_fails_cleanly_and_keeps_older_versions(cluster, tmp_path):
     wait_for(lambda: any(t["state"] == "failed" and "space" in t["error"].lower()
                          for t in cluster.nodes_status()["r1"]["transfers"]),
              timeout=10, what="icbd status to show the failure")
+
+
+def _spool_after(folder: Path, *, start_delay: float, chunk_pause: float) -> bool:
+    """Feed an `auto` resume spool 80 MiB in 4 MiB chunks; whether it kept its file."""
+    from replicator.receiver import JUDGE_AFTER, ResumeSpool
+
+    folder.mkdir()
+    spool = ResumeSpool(folder / "s.stream", folder / "s.json", "auto")
+    spool.open()
+    spool.begin("stream-id", {"imi": "demo", "version": 1, "parent": None})
+    time.sleep(start_delay)  # the master starting btrfs send: not the link's fault
+    chunk = os.urandom(4 << 20)
+    received = 0
+    while received < JUDGE_AFTER + (16 << 20):
+        received += len(chunk)
+        spool.append(chunk, received - len(chunk), received)
+        time.sleep(chunk_pause)
+    kept = spool.fd is not None and spool.path.exists()
+    spool.close()
+    return kept
+
+
+def test_auto_resume_spool_kept_on_a_slow_link_only(tmp_path):
+    # 4 MiB every 0.1 s is about 40 MB/s, a WAN: the spool is kept.
+    assert _spool_after(tmp_path / "slow", start_delay=0, chunk_pause=0.1)
+    # As fast as the page cache takes it, after a 1.5 s wait for the first byte
+    # (which a rate timed from the request would count): dropped.
+    assert not _spool_after(tmp_path / "fast", start_delay=1.5, chunk_pause=0)
