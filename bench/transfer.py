@@ -34,18 +34,23 @@ def _transfer(replica, name: str, version: int) -> dict:
             and t["state"] == "done"][-1]
 
 
-def _bare_pipe(snapshot: Path, target: Path) -> float:
-    """A bare `btrfs send | btrfs receive` of the same snapshot, caches dropped."""
+def _bare_pipe(snapshot: Path, target: Path, spool: Path | None = None) -> float:
+    """A bare `btrfs send | btrfs receive` of the same snapshot, caches dropped;
+    with `spool`, the stream is also written there on the way (`tee`), as the
+    master's spool is."""
     target.mkdir(parents=True, exist_ok=True)
     drop_caches()
+    tee = f" | tee '{spool}'" if spool else ""
     start = time.perf_counter()
-    done = subprocess.run(f"set -o pipefail; btrfs send -q '{snapshot}' | btrfs receive -q '{target}'",
+    done = subprocess.run(f"set -o pipefail; btrfs send -q '{snapshot}'{tee} | btrfs receive -q '{target}'",
                           shell=True, executable="/bin/bash", capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"bare send | receive failed: {done.stderr.strip()}")
     seconds = time.perf_counter() - start
     received = target / snapshot.name
     subprocess.run(["btrfs", "subvolume", "delete", str(received)], check=True, capture_output=True)
+    if spool:
+        spool.unlink()
     return seconds
 
 
@@ -66,13 +71,16 @@ def full_transfer(ctx: BenchContext) -> list[Result]:
         source = ctx.scratch / f"full-src-{size}"
         source.mkdir()
         write_image(source / "disk.img", size)
-        ours, bare, wire = [], [], []
+        ours, bare, teed, wire = [], [], [], []
         for rep in range(count):
             name = f"full{size // MIB}m{rep}"
             cluster.icbd("imi", "create", name, "--from", str(source))
             cluster.icbd("imi", "publish", name)
+            snapshot = master.data / "imis" / name / "1"
             ctx.step(f"full transfer of {size // MIB} MiB, {rep + 1}/{count}: bare pipe")
-            bare.append(_bare_pipe(master.data / "imis" / name / "1", replica.data / "bench-baseline"))
+            bare.append(_bare_pipe(snapshot, replica.data / "bench-baseline"))
+            ctx.step(f"full transfer of {size // MIB} MiB, {rep + 1}/{count}: bare pipe, teed to a spool")
+            teed.append(_bare_pipe(snapshot, replica.data / "bench-baseline", master.data / "bench-spool"))
             ctx.step(f"full transfer of {size // MIB} MiB, {rep + 1}/{count}: icbd")
             drop_caches()
             ours.append(_subscribe_and_wait(cluster, name, [replica]))
@@ -81,7 +89,9 @@ def full_transfer(ctx: BenchContext) -> list[Result]:
         by_size.append({
             "image_bytes": size, "stream_bytes": wire[0], "runs": count,
             "icbd_seconds": [round(s, 3) for s in ours], "bare_pipe_seconds": [round(s, 3) for s in bare],
+            "teed_pipe_seconds": [round(s, 3) for s in teed],
             "icbd_mb_s": round(wire[0] / median(ours) / 1e6, 1), "bare_pipe_mb_s": round(wire[0] / median(bare) / 1e6, 1),
+            "teed_pipe_mb_s": round(wire[0] / median(teed) / 1e6, 1),
         })
     last = by_size[-1]
     stream = last["stream_bytes"]
@@ -91,6 +101,11 @@ def full_transfer(ctx: BenchContext) -> list[Result]:
         detail={
             "image_bytes": last["image_bytes"], "stream_bytes": stream, "runs": last["runs"],
             "icbd_seconds": last["icbd_seconds"], "bare_pipe_seconds": last["bare_pipe_seconds"],
+            "teed_pipe_seconds": last["teed_pipe_seconds"],
+            "teed_pipe_over_bare": round(median(last["bare_pipe_seconds"]) / median(last["teed_pipe_seconds"]), 3),
+            "icbd_over_teed_pipe": round(median(last["teed_pipe_seconds"]) / median(last["icbd_seconds"]), 3),
+            "teed_pipe": "btrfs send | tee SPOOL | btrfs receive: the bare pipe plus the one write the master's "
+                         "spool adds (for fan-out and resume); on one host the two writes share a disk",
             "by_size": by_size,
             "what": f"a new {last['image_bytes'] // MIB} MiB iMI from the master to one replica: "
                     "subscription to a verified, visible version, caches dropped; "
