@@ -138,8 +138,9 @@ class Spool:
         length = min(READ_SIZE, self.size - start)
         if start + length > self.written:
             return None
-        data = await trio.to_thread.run_sync(os.pread, fd, length, start)
-        if len(data) != length or block_digest(data) != self.pieces[start // READ_SIZE]:
+        expected = self.pieces[start // READ_SIZE]
+        data = await trio.to_thread.run_sync(_read_piece, fd, length, start, expected)
+        if data is None:
             self.error = "spool damaged on the master's disk"
             log.error("%s at byte %d: %s; it will be sent afresh", self.path, start, self.error)
             raise StreamFailed(self.error)
@@ -315,6 +316,12 @@ async def _read_up_to(stream, size: int) -> bytes:
         parts.append(data)
         have += len(data)
     return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _read_piece(fd: int, length: int, start: int, digest: str) -> bytes | None:
+    """A piece of the spool file if it matches its digest, else None (in a worker thread)."""
+    data = os.pread(fd, length, start)
+    return data if len(data) == length and block_digest(data) == digest else None
 
 
 def _write_all(fd: int, data: bytes) -> None:
