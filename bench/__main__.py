@@ -2,6 +2,6 @@
 
 import sys
 
-from icbdfs.cli import main
+from icbd.cli import main
 
 sys.exit(main(["bench", *sys.argv[1:]]))

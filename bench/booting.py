@@ -45,15 +45,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
 import trio
 
-from icbdfs.boot import BootResult, boot, boot_async, choose_accel
-from replicator.wire import Manifest
+from harness.cluster import TOKEN, Cluster, MountProcess, Node, wait_for
+from harness.data import MIB, drop_caches, write_image
+from icbd.boot import BootResult, boot, boot_async, choose_accel
+from icbdcore.clients import Credentials, session
+from icbdcore.manifest import Manifest
+from icbdcore.wire import block_path, manifest_path, profile_path
 
-from .cluster import TOKEN, Cluster, MountProcess, Node, wait_for
 from .context import BenchContext
-from .data import MIB, drop_caches, write_image
 from .images.desktop import ImageBuildError, build_desktop_tree
 from .results import Result, Stopwatch, median
 
@@ -107,7 +108,7 @@ class DesktopSite:
         return self.replica.status()["served"]
 
     def profile(self) -> dict | None:
-        response = self.cluster.api("GET", f"/v1/imis/{IMI}/versions/1/profile")
+        response = self.cluster.api("GET", profile_path(IMI, 1))
         if response.status_code == 404:
             return None
         response.raise_for_status()
@@ -119,7 +120,7 @@ class DesktopSite:
 
     def block_sizes(self) -> dict[str, int]:
         """Every block of the version and its size, from the manifest."""
-        response = self.cluster.api("GET", f"/v1/imis/{IMI}/versions/1/manifest")
+        response = self.cluster.api("GET", manifest_path(IMI, 1))
         response.raise_for_status()
         manifest = Manifest.from_bytes(response.content)
         sizes: dict[str, int] = {}
@@ -395,7 +396,7 @@ def boot_storm(ctx: BenchContext) -> list[Result]:
             "what": f"the median boot time of the {desktops} desktops of boot_storm, against {desktops} "
                     "desktops booting at once from local disk (caches dropped). They share the host's "
                     "cores, so both are far slower than one boot; the ratio is what icbd adds. "
-                    "No budget in DESIGN.md.",
+                    "No budget is set for it.",
             "desktops": desktops, "seconds": _rounded(storm_seconds), "local_seconds": _rounded(local_seconds),
         }),
     ]
@@ -424,13 +425,11 @@ def _replay(cache: Node, digests: list[str], readers: int) -> dict:
     start = threading.Barrier(readers)
 
     def read(index: int) -> None:
-        with requests.Session() as session:
-            session.headers["Authorization"] = f"Bearer {TOKEN}"
+        with session(Credentials(TOKEN)) as http:
             start.wait()
             for digest in digests:
                 began = time.perf_counter()
-                response = session.get(f"{cache.url}/v1/blocks/{digest}", params={"imi": IMI, "version": 1},
-                                       timeout=120)
+                response = http.get(cache.url + block_path(digest, IMI, 1), timeout=120)
                 if response.status_code != 200:
                     errors.append(f"{digest}: HTTP {response.status_code}")
                     return

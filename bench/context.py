@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from .cluster import Cluster
+from harness.cluster import Cluster
 
 log = logging.getLogger(__name__)
 

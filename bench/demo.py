@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.cluster import Cluster
 from bench.images.desktop import build_desktop_tree
-from icbdfs.boot import boot
+from harness.cluster import Cluster
+from icbd.boot import boot
 
 
 def say(text: str = "") -> None:

@@ -13,7 +13,7 @@ One image file, one replica holding it, then for each run:
   (blocks from the cache server's store over loopback HTTP).
 - local cache: a mount with an embedded cache (`--cache-dir`) reads once to
   fill it, is restarted, and reads again with caches dropped: the blocks are
-  on local disk, the DESIGN.md budget is 300 MB/s.
+  on local disk, the budget is 300 MB/s.
 
 Reads are 1 MiB `readinto` calls into one buffer, as `dd bs=1M` would do.
 """
@@ -25,9 +25,10 @@ import os
 import time
 from pathlib import Path
 
-from .cluster import Cluster, MountProcess, Node
+from harness.cluster import Cluster, MountProcess, Node
+from harness.data import MIB, drop_caches, write_image
+
 from .context import BenchContext
-from .data import MIB, drop_caches, write_image
 from .results import Result, median
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def fuse_read(ctx: BenchContext) -> list[Result]:
         Result("fuse_read_site_cache", median(runs["site_cache"]), disk_cold, "MB/s", detail={
             "what": "a new mount over a site cache server whose store holds every block, caches dropped "
                     "(blocks over loopback HTTP from the cache's store); baseline: the replica's file "
-                    "read from disk, caches dropped. No budget in DESIGN.md.",
+                    "read from disk, caches dropped. No budget is set for it.",
             **common,
         }),
     ]

@@ -29,7 +29,7 @@ from .results import Result  # noqa: E402
 
 MIB = 1 << 20
 
-# Where each budget comes from, as DESIGN.md states it.
+# Where each budget comes from: icbd's performance budget (bench/README.md).
 BUDGETS = {
     "full_transfer": "≥ 0.9 × a bare `btrfs send | btrfs receive` pipe",
     "delta_transfer": "bytes on the wire ≤ 1.05 × changed bytes + 1 MiB",
@@ -51,7 +51,7 @@ NOTES = [
     "Caches are dropped (sync; echo 3 > /proc/sys/vm/drop_caches) where a row says so; that affects the "
     "whole host, including anything else running on it.",
     "Ratios are value / baseline, the baseline measured in the same run; a verdict compares the ratio "
-    "with the budget of DESIGN.md. Nothing here is asserted: a row short of budget is reported, not raised.",
+    "with icbd's performance budget. Nothing here is asserted: a row short of budget is reported, not raised.",
 ]
 
 
@@ -210,7 +210,7 @@ def markdown(results: list[Result], machine: dict, run: dict, plots: list[Path])
         lines.append(f"| `{r.name}` | {_number(r.value, r.unit)} | {_number(r.baseline, r.unit)} | "
                      f"{_number(r.ratio)} | {r.unit if r.unit != 'bytes' else ''} | {target} | "
                      f"{_cell(verdict(r))} |")
-    lines += ["", "## Against the budget of DESIGN.md", ""]
+    lines += ["", "## Against the performance budget", ""]
     short = [r for r in results if r.meets_target is False]
     met = [r for r in results if r.meets_target is True]
     failed = [r for r in results if r.detail.get("status", "ok") != "ok"]
@@ -220,7 +220,7 @@ def markdown(results: list[Result], machine: dict, run: dict, plots: list[Path])
         for r in short:
             lines.append(f"- **`{r.name}`**: ratio {r.ratio:.3g} where the budget is "
                          f"{'at least' if r.higher_is_better else 'at most'} {r.target:.3g} "
-                         f"({BUDGETS.get(r.name, r.detail.get('budget', 'see DESIGN.md'))}).")
+                         f"({BUDGETS.get(r.name, r.detail.get('budget', 'see bench/README.md'))}).")
     else:
         lines.append("No measured row falls short of its budget.")
     if met:

@@ -14,7 +14,7 @@ class Result:
     baseline: float
     unit: str
     detail: dict = field(default_factory=dict)
-    # The budget from DESIGN.md as a bound on the ratio, and which way is good.
+    # The performance budget (bench/README.md) as a bound on the ratio, and which way is good.
     target: float | None = None
     higher_is_better: bool = False
 

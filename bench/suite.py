@@ -38,7 +38,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from icbdfs.errors import CliError
+from icbdcore.errors import CliError
+from icbdcore.mounts import mounts_under
 
 from .context import BenchContext
 from .results import Result
@@ -68,9 +69,9 @@ BENCHMARKS = (
     # Network namespaces and tbf qdiscs: reported as not available where
     # this machine cannot make them.
     Benchmark("delta_over_link", "bench.wan:delta_over_link", ("delta_over_link",), 0.5,
-              unavailable_on="bench.netns:NetworkError"),
+              unavailable_on="harness.netns:NetworkError"),
     Benchmark("fanout_over_links", "bench.wan:fanout_over_links", ("fanout_over_links",), 0.7,
-              unavailable_on="bench.netns:NetworkError"),
+              unavailable_on="harness.netns:NetworkError"),
     Benchmark("fuse_read", "bench.readpath:fuse_read",
               ("fuse_read_cold", "fuse_read_warm", "fuse_read_local_cache", "fuse_read_site_cache"), 1.5),
     Benchmark("boot", "bench.booting:boot_times", ("boot_cold", "boot_cold_profile", "boot_warm"), 3.0),
@@ -377,19 +378,12 @@ def _load_average() -> list[float]:
 def _remove_scratch(scratch: Path) -> None:
     """Remove the scratch area, unmounting first whatever a failed teardown
     left mounted under it (so rmtree never walks into a mount)."""
-    for mountpoint in sorted(_mounts_under(scratch), key=len, reverse=True):
+    for mountpoint in sorted(mounts_under(scratch), key=len, reverse=True):
         log.warning("still mounted after teardown: %s; unmounting it lazily", mountpoint)
         if shutil.which("fusermount3"):
             subprocess.run(["fusermount3", "-uz", mountpoint], capture_output=True)
         subprocess.run(["umount", "-l", mountpoint], capture_output=True)
-    if _mounts_under(scratch):
+    if mounts_under(scratch):
         log.error("cannot unmount everything under %s: leaving it in place", scratch)
         return
     shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _mounts_under(folder: Path) -> list[str]:
-    prefix = os.path.realpath(folder) + "/"
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    return [p for p in points if p.startswith(prefix)]

@@ -10,9 +10,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from .cluster import Cluster, wait_for
+from harness.cluster import Cluster, wait_for
+from harness.data import MIB, change_image, drop_caches, write_image
+from icbdcore.wire import SUBSCRIPTIONS_ROUTE
+
 from .context import BenchContext
-from .data import MIB, change_image, drop_caches, write_image
 from .results import Result, median
 
 log = logging.getLogger(__name__)
@@ -22,7 +24,7 @@ def _subscribe_and_wait(cluster: Cluster, name: str, replicas, version: int = 1,
     """Seconds from the subscription until every replica holds `version`."""
     start = time.perf_counter()
     for replica in replicas:
-        cluster.api("POST", "/v1/subscriptions", json={"imi": name, "node": replica.id}).raise_for_status()
+        cluster.api("POST", SUBSCRIPTIONS_ROUTE, json={"imi": name, "node": replica.id}).raise_for_status()
     for replica in replicas:
         wait_for(lambda r=replica: version in r.status()["versions"].get(name, []),
                  timeout=timeout, interval=0.02, what=f"{replica.id} to hold {name} v{version}")
@@ -228,7 +230,7 @@ def publish_small_change(ctx: BenchContext) -> list[Result]:
     write_image(source / "disk.img", size)
     cluster.icbd("imi", "create", "pub", "--from", str(source))
     shutil.rmtree(source)
-    cluster.api("POST", "/v1/subscriptions", json={"imi": "pub", "node": replica.id}).raise_for_status()
+    cluster.api("POST", SUBSCRIPTIONS_ROUTE, json={"imi": "pub", "node": replica.id}).raise_for_status()
     ctx.step("publish: the whole image")
     full = _publish_and_wait(cluster, "pub", replica, 1)
     changed = change_image(master.data / "work" / "pub" / "disk.img", int(size * fraction))
@@ -237,7 +239,7 @@ def publish_small_change(ctx: BenchContext) -> list[Result]:
     return [Result("publish_small_change", small["seconds"], full["seconds"], "s", detail={
         "what": f"from `icbd imi publish` until the replica holds the version: {changed / size:.1%} of a "
                 f"{size // MIB} MiB image changed, against the first, full publish of the same image "
-                "(caches dropped before each). No budget in DESIGN.md; a publish that costs what "
+                "(caches dropped before each). No budget is set for it; a publish that costs what "
                 f"changed would come near the changed fraction ({fraction}) plus fixed costs.",
         "image_bytes": size, "changed_bytes": changed,
         "small": small, "full": full,

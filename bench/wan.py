@@ -29,10 +29,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .cluster import free_port, wait_for
+from harness.cluster import free_port, wait_for
+from harness.data import MIB, change_image, drop_caches, write_image
+from harness.netns import Site, SiteNetwork, sites
+
 from .context import BenchContext
-from .data import MIB, change_image, drop_caches, write_image
-from .netns import Site, SiteNetwork, sites
 from .results import Result
 from .transfer import _rsync, _subscribe_and_wait, _transfer
 

@@ -17,19 +17,12 @@ from __future__ import annotations
 
 import logging
 import time
-from urllib.parse import urlencode
 
 import trio
 import urllib3
 
-from replicator.wire import (
-    API,
-    DEFAULT_CHUNK_SIZE,
-    block_digest,
-    check_digest,
-    check_name,
-    parse_version,
-)
+from icbdcore.clients import Credentials, pool
+from icbdcore.wire import DEFAULT_CHUNK_SIZE, block_path, content_digest
 
 log = logging.getLogger(__name__)
 
@@ -76,26 +69,11 @@ class BlockClient:
         self.read_timeout = read_timeout
         # One pool per upstream host, `connections` kept alive to each; more may
         # open under load (block=False) but are not kept.
-        self._pool = urllib3.PoolManager(
-            num_pools=64,
-            maxsize=connections,
-            block=False,
-            retries=False,
-            headers={"Authorization": f"Bearer {token}", "User-Agent": "icbd-cache"},
-        )
+        self._pool = pool(Credentials(token), maxsize=connections)
         self._limiter = trio.CapacityLimiter(connections)
 
     def close(self) -> None:
         self._pool.clear()
-
-    def block_url(self, base_url: str, digest: str, imi: str | None = None, version: int | None = None) -> str:
-        url = f"{base_url.rstrip('/')}{API}/blocks/{check_digest(digest)}"
-        hints = {}
-        if imi is not None:
-            hints["imi"] = check_name(imi)
-        if version is not None:
-            hints["version"] = parse_version(version)
-        return f"{url}?{urlencode(hints)}" if hints else url
 
     async def fetch(
         self,
@@ -108,19 +86,24 @@ class BlockClient:
     ) -> bytes:
         """The verified bytes of block `digest` from the upstream at `base_url`;
         raises NotHeld, HostFailure (UpstreamTimeout) or CorruptBlock."""
-        url = self.block_url(base_url, digest, imi, version)
+        url = base_url.rstrip("/") + block_path(digest, imi, version)
+        return await self.get(url, digest, limit=MAX_BLOCK, timeout=timeout)
+
+    async def get(self, url: str, digest: str, *, limit: int, timeout: float | None = None) -> bytes:
+        """The bytes of the immutable object at `url`, verified against
+        `digest`, at most `limit` of them; raises as fetch() does."""
         timeout = self.read_timeout if timeout is None else timeout
         with trio.move_on_after(timeout) as scope:
             return await trio.to_thread.run_sync(
-                self._fetch, url, digest, timeout, limiter=self._limiter, abandon_on_cancel=True
+                self._verified, url, digest, timeout, limit, limiter=self._limiter, abandon_on_cancel=True
             )
         assert scope.cancelled_caught
         raise UpstreamTimeout(url, f"no complete answer within {timeout:g} s")
 
-    def _fetch(self, url: str, digest: str, timeout: float) -> bytes:
-        data = self._get(url, timeout, MAX_BLOCK)
+    def _verified(self, url: str, digest: str, timeout: float, limit: int) -> bytes:
+        data = self._get(url, timeout, limit)
         # Verified in this thread, off the trio thread: ~35 us per MiB.
-        if block_digest(data) != digest:
+        if content_digest(data) != digest:
             raise CorruptBlock(url, f"sent {len(data)} bytes that do not match the digest")
         return data
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import lmdb
 
-from replicator.wire import block_digest, check_digest
+from icbdcore.wire import check_digest, content_digest
 
 from .eviction import ALLOCATION, PROTECTED, SegmentedLRU, footprint, order_key, parse_entry
 
@@ -233,7 +233,7 @@ class BlockStore:
                     break
                 data += more
             # 1 MiB: read from the page cache ~100 us, xxh3-128 ~35 us (measured).
-            if len(data) != size or block_digest(data) != digest:
+            if len(data) != size or content_digest(data) != digest:
                 self._drop(key, digest, os.fstat(fd).st_ino, "damaged")
                 self._count("misses")
                 return None
@@ -273,7 +273,7 @@ class BlockStore:
         """Store a block; return False if it was already there. Raises BadBlock
         if `data` does not match `digest`."""
         key = bytes.fromhex(check_digest(digest))
-        if block_digest(data) != digest:
+        if content_digest(data) != digest:
             raise BadBlock(f"block {digest}: the bytes do not match the digest; not stored")
         with self._env.begin(db=self._entries) as txn:
             if txn.get(key) is not None:
@@ -445,7 +445,7 @@ class BlockStore:
             check_digest(name)
             with open(path, "rb") as f:
                 data = f.read()
-            good = block_digest(data) == name
+            good = content_digest(data) == name
         except (ValueError, OSError):
             good, data = False, b""
         with self._env.begin(write=True) as txn:
@@ -525,7 +525,7 @@ class BlockStore:
                 except FileNotFoundError:
                     found["missing"].append(digest)
                     continue
-                if data is not None and (len(data) != size or block_digest(data) != digest):
+                if data is not None and (len(data) != size or content_digest(data) != digest):
                     found["damaged"].append(digest)
             found["order_mismatch"] += len(orders) - found["entries"]
         for prefix in range(256):

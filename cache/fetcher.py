@@ -21,11 +21,12 @@ from dataclasses import asdict, dataclass, field
 
 import trio
 
-from replicator.wire import check_digest, check_name, parse_version
+from icbdcore.flights import Flight, Flights
+from icbdcore.source import Unavailable
+from icbdcore.wire import block_path, check_digest, check_name, parse_version
 
-from .blockclient import BlockClient, FetchFailure
+from .blockclient import MAX_BLOCK, BlockClient, FetchFailure
 from .blockstore import STORE_ERRORS, BlockStore
-from .source import Unavailable
 from .upstreams import Upstreams
 
 log = logging.getLogger(__name__)
@@ -58,20 +59,6 @@ class PrefetchProgress:
         return {**asdict(self), "done": self.done}
 
 
-class _Flight:
-    """One lookup of one digest. Readers wait for `answered` (data or error);
-    prefetches wait for `finished` (stored, or failed). `data` None with no
-    `error` means a prefetch found the block already stored."""
-
-    __slots__ = ("answered", "finished", "data", "error")
-
-    def __init__(self) -> None:
-        self.answered = trio.Event()
-        self.finished = trio.Event()
-        self.data: bytes | None = None
-        self.error: Unavailable | None = None
-
-
 class Fetcher:
     """Use as `async with Fetcher(store, upstreams, client) as fetcher:`."""
 
@@ -93,7 +80,11 @@ class Fetcher:
         self.deadline = deadline  # everything one flight may try before Unavailable
         self.retry_pause = retry_pause
         self._store_limiter = trio.CapacityLimiter(store_threads)
-        self._inflight: dict[str, _Flight] = {}
+        # One flight per digest. A flight is answered once the block is known
+        # (readers go on) and finished once it is stored: until then the
+        # digest stays taken, so no second fetch starts. A prefetch's flight
+        # that finds the block stored answers None (no data, no error).
+        self._inflight: Flights[str, bytes] = Flights()
         self._nursery: trio.Nursery | None = None
         self._stack = AsyncExitStack()
         self._latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
@@ -105,6 +96,7 @@ class Fetcher:
 
     async def __aenter__(self) -> Fetcher:
         self._nursery = await self._stack.enter_async_context(trio.open_nursery())
+        self._inflight.attach(self._nursery)
         return self
 
     async def __aexit__(self, *exc) -> bool | None:
@@ -131,57 +123,55 @@ class Fetcher:
             if flight.error is not None:
                 self.counts["unavailable"] += 1
                 raise Unavailable(str(flight.error))
-            if flight.data is not None:
+            if flight.value is not None:
                 self._latencies.append(time.perf_counter() - started)
-                return flight.data
+                return flight.value
             # We joined a prefetch that found the block stored: read it ourselves.
 
-    def _launch(self, digest: str, imi: str | None, version: int | None, *, prefetch: bool) -> _Flight:
+    def _launch(self, digest: str, imi: str | None, version: int | None, *, prefetch: bool) -> Flight[bytes]:
         if self._nursery is None:
             raise RuntimeError("Fetcher used outside `async with`")
-        flight = self._inflight[digest] = _Flight()
-        self._nursery.start_soon(self._fly, digest, flight, imi, version, prefetch)
-        return flight
 
-    async def _fly(self, digest: str, flight: _Flight, imi: str | None, version: int | None, prefetch: bool) -> None:
-        try:
+        async def fly(flight: Flight[bytes]) -> None:
             if prefetch:
                 # Only ask whether it is there: a prefetch is no hit and must not promote.
                 if await self._in_store(digest):
-                    flight.answered.set()
+                    flight.answer(None)
                     return
             else:
-                flight.data = await self._store_get(digest)
-                if flight.data is not None:
+                data = await self._store_get(digest)
+                if data is not None:
                     self.counts["hits"] += 1
-                    flight.answered.set()
+                    flight.answer(data)
                     return
-            data = await self._from_upstreams(digest, imi, version)
+            data = await self._from_upstreams(block_path(digest, imi, version), digest, imi, version, MAX_BLOCK)
             self.counts["prefetched" if prefetch else "demand_fetches"] += 1
             self.counts["upstream_bytes"] += len(data)
-            flight.data = data
-            flight.answered.set()  # readers go on; the flight stays registered until stored
+            flight.answer(data)  # readers go on; the flight stays registered until stored
             await self._store_put(digest, data)
-        except Unavailable as error:
-            flight.error = error
-        except Exception as error:  # a bug must not strand the readers
-            log.exception("block %s: lookup failed", digest)
-            flight.error = Unavailable(f"block {digest}: {type(error).__name__}: {error}")
-        finally:
-            if not flight.answered.is_set():  # cancelled: the Fetcher is closing
-                flight.error = flight.error or Unavailable(f"block {digest}: the cache is shutting down")
-                flight.answered.set()
-            if self._inflight.get(digest) is flight:
-                del self._inflight[digest]
-            flight.finished.set()
 
-    async def _from_upstreams(self, digest: str, imi: str | None, version: int | None) -> bytes:
-        """Try the candidates in order, round after round, until one delivers,
-        none holds the block, or the deadline passes."""
+        flight, _ = self._inflight.start(digest, fly)
+        return flight
+
+    async def fetch_object(self, path: str, digest: str, *, imi: str | None, version: int | None,
+                           limit: int, attempt_timeout: float, deadline: float) -> bytes:
+        """An immutable object other than a block (a manifest) at `path` on the
+        upstreams, verified against `digest`, with the same backoff and
+        failover as blocks but bounds of its own (a manifest may be tens of
+        MiB); not kept in the block store. Raises Unavailable."""
+        return await self._from_upstreams(path, digest, imi, version, limit, attempt_timeout, deadline)
+
+    async def _from_upstreams(self, path: str, digest: str, imi: str | None, version: int | None,
+                              limit: int, attempt_timeout: float | None = None,
+                              deadline: float | None = None) -> bytes:
+        """GET `path` from the candidates in order, round after round, until
+        one delivers bytes that match `digest`, none holds them, or the
+        deadline passes."""
+        attempt_timeout = attempt_timeout or self.attempt_timeout
         tried: list[str] = []
         pause = self.retry_pause
         attempts = 0
-        with trio.move_on_after(self.deadline):
+        with trio.move_on_after(deadline or self.deadline):
             while True:
                 candidates = self.upstreams.candidates(imi, version)
                 if not candidates:
@@ -194,9 +184,8 @@ class Fetcher:
                         self.counts["failovers"] += 1
                     started = time.perf_counter()
                     try:
-                        data = await self.client.fetch(
-                            up.url, digest, imi=imi, version=version, timeout=self.attempt_timeout
-                        )
+                        data = await self.client.get(up.url + path, digest, limit=limit,
+                                                    timeout=attempt_timeout)
                     except FetchFailure as error:
                         self.upstreams.failed(up, error)
                         self.counts[_COUNTER[error.kind]] += 1
@@ -211,7 +200,7 @@ class Fetcher:
                 pause = min(2 * pause, 2.0)
         if len(tried) > 6:
             tried = [*tried[:3], f"... {len(tried) - 6} more ...", *tried[-3:]]
-        raise Unavailable(f"block {digest} unavailable after {attempts} requests: " + "; ".join(tried))
+        raise Unavailable(f"{path} unavailable after {attempts} requests: " + "; ".join(tried))
 
     # --- the store, in worker threads ---------------------------------------------
 
@@ -274,11 +263,11 @@ class Fetcher:
                 await flight.finished.wait()
                 if flight.error is not None:
                     progress.failed += 1
-                elif flight.data is None:
+                elif flight.value is None:
                     progress.already += 1
                 else:
                     progress.fetched += 1
-                    progress.bytes += len(flight.data)
+                    progress.bytes += len(flight.value)
 
         try:
             async with trio.open_nursery() as nursery:

@@ -1,4 +1,4 @@
-"""A site cache server seen from a mount: cache.source.ImageSource over HTTP.
+"""A site cache server seen from a mount: icbdcore.source.ImageSource over HTTP.
 
 Control calls (catalogue, manifests, profiles) go through httpx; blocks go
 through the BlockClient (urllib3 in worker threads, verified on arrival), the
@@ -14,10 +14,20 @@ from contextlib import asynccontextmanager
 import httpx
 import trio
 
-from replicator.wire import API, Manifest, check_name, parse_version
+from icbdcore.catalog import Catalog, Profile
+from icbdcore.clients import Credentials, async_client
+from icbdcore.manifest import Manifest
+from icbdcore.source import Unavailable
+from icbdcore.wire import (
+    IMIS_ROUTE,
+    PREFETCH_ROUTE,
+    check_name,
+    manifest_path,
+    parse_version,
+    profile_path,
+)
 
 from .blockclient import BlockClient, FetchFailure
-from .source import Catalog, Profile, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +38,7 @@ class RemoteCache:
     def __init__(self, url: str, token: str, timeout: float = 10.0):
         self.url = url.rstrip("/")
         self.timeout = timeout
-        self.http = httpx.AsyncClient(
-            base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=CONTROL_TIMEOUT
-        )
+        self.http = async_client(Credentials(token), self.url, timeout=CONTROL_TIMEOUT)
         # A fetch gives up at `timeout`, the mount's own bound, so the worker
         # thread (which trio cannot interrupt) frees its connection slot then too;
         # enough slots that reads stuck on an unreachable block do not starve
@@ -50,7 +58,7 @@ class RemoteCache:
 
     async def catalog(self) -> Catalog:
         try:
-            response = await self.http.get(f"{API}/imis")
+            response = await self.http.get(IMIS_ROUTE)
             response.raise_for_status()
             self._catalog = Catalog.from_json(response.json())
         except (httpx.HTTPError, ValueError, KeyError) as error:
@@ -66,7 +74,7 @@ class RemoteCache:
         if record is None:
             raise Unavailable(f"{imi} has no version {version}")
         try:
-            response = await self.http.get(f"{API}/imis/{imi}/versions/{version}/manifest", timeout=60)
+            response = await self.http.get(manifest_path(imi, version), timeout=60)
             response.raise_for_status()
         except httpx.HTTPError as error:
             raise Unavailable(f"manifest of {imi} v{version}: {error}") from None
@@ -80,19 +88,19 @@ class RemoteCache:
 
     async def prefetch(self, digests: list[str], imi: str, version: int) -> None:
         try:
-            response = await self.http.post(f"{API}/prefetch", json={"blocks": digests, "imi": imi, "version": version})
+            response = await self.http.post(PREFETCH_ROUTE, json={"blocks": digests, "imi": imi, "version": version})
             response.raise_for_status()
         except httpx.HTTPError as error:
             log.info("prefetch request to the cache server failed: %s", error)
 
     async def profile(self, imi: str, version: int) -> Profile | None:
-        response = await self.http.get(f"{API}/imis/{imi}/versions/{version}/profile")
+        response = await self.http.get(profile_path(imi, version))
         if response.status_code == 404:
             return None
         response.raise_for_status()
         return Profile.from_json(response.json())
 
-    async def save_profile(self, imi: str, version: int, digests: list[str]) -> None:
-        response = await self.http.put(f"{API}/imis/{imi}/versions/{version}/profile",
-                                       json={"digests": digests}, timeout=30)
+    async def save_profile(self, imi: str, version: int, digests: list[str]) -> bool:
+        response = await self.http.put(profile_path(imi, version), json={"digests": digests}, timeout=30)
         response.raise_for_status()
+        return bool(response.json().get("stored"))

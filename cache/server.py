@@ -13,23 +13,31 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from icbdfs.errors import CliError
-from replicator import http
-from replicator.http import HttpError, json_body, json_response
-from replicator.node import (
-    Membership,
-    NodeClient,
-    node_id,
-    require_token,
-    run_until_signal,
-    setup_logging,
+from icbdcore import http
+from icbdcore.catalog import Profile
+from icbdcore.clients import Credentials, async_client
+from icbdcore.errors import CliError
+from icbdcore.http import immutable_response, json_body, json_response
+from icbdcore.layout import Layout
+from icbdcore.logs import setup_logging
+from icbdcore.node import Membership, node_id, require_token, run_until_signal
+from icbdcore.source import Unavailable
+from icbdcore.wire import (
+    BLOCK_ROUTE,
+    IMIS_ROUTE,
+    MANIFEST_ROUTE,
+    PREFETCH_JOB_ROUTE,
+    PREFETCH_ROUTE,
+    PROFILE_ROUTE,
+    Refused,
+    check_digest,
+    check_name,
+    check_site,
+    parse_version,
 )
-from replicator.readroutes import BLOCK_ROUTE, MANIFEST_ROUTE, block_response, manifest_response
-from replicator.wire import API, check_digest, check_name, check_site, parse_version
 
 from .fetcher import PrefetchProgress
 from .site import SiteCache
-from .source import Profile, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +81,10 @@ class CacheServer:
 
     async def run(self, shutdown: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.data.mkdir(parents=True, exist_ok=True)
-        self.id = node_id(self.data, "cache", self.given_name)
+        self.id = node_id(Layout(self.data), "cache", self.given_name)
         async with SiteCache.open(self.data, self.master_url, self.token, self.site, self.size) as cache:
             self.cache = cache
-            master = NodeClient(self.master_url, self.token, self.id)
+            master = async_client(Credentials(self.token, self.id), self.master_url)
             membership = Membership(master, self.id, "cache", self.site, self.url, self.status_doc,
                                     interval=self.heartbeat)
             try:
@@ -109,11 +117,14 @@ class CacheServer:
         assert self.cache is not None
         name = check_name(request.path_params["name"])
         version = parse_version(request.path_params["version"])
+        if (await self.cache.catalog()).record(name, version) is None:
+            raise Refused(404, f"{name} has no version {version} in this site's catalogue")
         try:
             raw, digest = await self.cache.manifest_bytes(name, version)
         except Unavailable as error:
-            raise HttpError(404, str(error)) from None
-        return manifest_response(raw, digest)
+            # In the catalogue, but no upstream delivers it now: a gateway failing.
+            raise Refused(504, str(error)) from None
+        return immutable_response(raw, digest, "application/json")
 
     async def get_block(self, request: Request) -> Response:
         assert self.cache is not None
@@ -123,8 +134,8 @@ class CacheServer:
             data = await self.cache.block(digest, imi, version)
         except Unavailable as error:
             # The site cannot get it now: a gateway failing, not a bad request.
-            raise HttpError(504, f"block {digest} unavailable: {error}") from None
-        return block_response(data, digest)
+            raise Refused(504, f"block {digest} unavailable: {error}") from None
+        return immutable_response(data, digest, "application/octet-stream")
 
     async def prefetch(self, request: Request) -> Response:
         """{"imi", "version"?, "profile"?: bool} stages a version (or just its boot
@@ -136,11 +147,11 @@ class CacheServer:
         if "blocks" in body:
             blocks = body["blocks"]
             if not isinstance(blocks, list):
-                raise HttpError(400, "'blocks' must be a list of digests")
+                raise Refused(400, "'blocks' must be a list of digests")
             digests = [check_digest(d) for d in blocks]
         else:
             if imi is None:
-                raise HttpError(400, "give 'imi' (and optionally 'version') or 'blocks'")
+                raise Refused(400, "give 'imi' (and optionally 'version') or 'blocks'")
             version, digests = await self._version_blocks(imi, version, bool(body.get("profile")))
         progress = self.cache.start_prefetch(digests, imi, version, concurrency=32)
         job = PrefetchJob(next(self._job_ids), imi or "", version or 0, progress)
@@ -153,14 +164,14 @@ class CacheServer:
         assert self.cache is not None
         info = (await self.cache.catalog()).imis.get(imi)
         if info is None or not info.versions:
-            raise HttpError(404, f"no iMI named {imi!r} with versions at this site")
+            raise Refused(404, f"no iMI named {imi!r} with versions at this site")
         version = version or info.latest
         if version not in info.versions:
-            raise HttpError(404, f"{imi} has no version {version}")
+            raise Refused(404, f"{imi} has no version {version}")
         try:
             manifest = await self.cache.manifest(imi, version)
         except Unavailable as error:
-            raise HttpError(504, str(error)) from None
+            raise Refused(504, str(error)) from None
         if not profile_only:
             return version, [d for e in manifest.files() for d in e.chunks]
         profile = await self._profile(imi, version)
@@ -172,16 +183,16 @@ class CacheServer:
         try:
             profile = await self.cache.profile(imi, version)
         except httpx.HTTPError as error:
-            raise HttpError(504, f"cannot reach the master for the boot profile: {error}") from None
+            raise Refused(504, f"cannot reach the master for the boot profile: {error}") from None
         if profile is None:
-            raise HttpError(404, f"no boot profile recorded for {imi} version {version} or older")
+            raise Refused(404, f"no boot profile recorded for {imi} version {version} or older")
         return profile
 
     async def get_job(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
         job = self.jobs.get(int(job_id)) if job_id.isdigit() and len(job_id) < 10 else None
         if job is None:
-            raise HttpError(404, f"no prefetch job {job_id}")
+            raise Refused(404, f"no prefetch job {job_id}")
         return json_response(job.to_json())
 
     async def get_profile(self, request: Request) -> Response:
@@ -198,26 +209,25 @@ class CacheServer:
         body = await json_body(request, limit=MAX_PREFETCH_BODY)
         digests = body.get("digests")
         if not isinstance(digests, list) or not digests:
-            raise HttpError(400, "'digests' must be a non-empty list of block digests")
+            raise Refused(400, "'digests' must be a non-empty list of block digests")
         try:
-            await self.cache.save_profile(name, version, [check_digest(d) for d in digests])
+            stored = await self.cache.save_profile(name, version, [check_digest(d) for d in digests])
         except httpx.HTTPStatusError as error:
-            raise HttpError(error.response.status_code, "the master refused the profile") from None
+            raise Refused(error.response.status_code, "the master refused the profile") from None
         except httpx.HTTPError as error:
-            raise HttpError(504, f"cannot reach the master to store the profile: {error}") from None
-        return json_response({"stored": True}, status=201)
+            raise Refused(504, f"cannot reach the master to store the profile: {error}") from None
+        return json_response({"stored": stored}, status=201 if stored else 200)
 
     def routes(self) -> list[Route]:
-        profile = API + "/imis/{name}/versions/{version}/profile"
         return [
             Route("/", self.status, methods=["GET"]),
-            Route(API + "/imis", self.list_imis, methods=["GET"]),
+            Route(IMIS_ROUTE, self.list_imis, methods=["GET"]),
             Route(MANIFEST_ROUTE, self.get_manifest, methods=["GET"]),
             Route(BLOCK_ROUTE, self.get_block, methods=["GET"]),
-            Route(API + "/prefetch", self.prefetch, methods=["POST"]),
-            Route(API + "/prefetch/{job_id}", self.get_job, methods=["GET"]),
-            Route(profile, self.get_profile, methods=["GET"]),
-            Route(profile, self.put_profile, methods=["PUT", "POST"]),
+            Route(PREFETCH_ROUTE, self.prefetch, methods=["POST"]),
+            Route(PREFETCH_JOB_ROUTE, self.get_job, methods=["GET"]),
+            Route(PROFILE_ROUTE, self.get_profile, methods=["GET"]),
+            Route(PROFILE_ROUTE, self.put_profile, methods=["PUT", "POST"]),
         ]
 
 

@@ -6,11 +6,12 @@ single host's FUSE mount. It puts together
 - the catalogue of iMIs and versions, polled from the master and kept on
   disk, so a site cut off from the master keeps the last one it saw;
 - manifests, fetched once from a replica holding the version (or the
-  master), checked against the catalogue's digest and kept on disk;
+  master), with the same failover as blocks, checked against the
+  catalogue's digest and kept on disk;
 - blocks: the BlockStore, filled by the Fetcher from the Upstreams;
 - boot profiles, read from and recorded to the master, kept on disk too.
 
-It implements cache.source.ImageSource.
+It implements icbdcore.source.ImageSource.
 """
 
 from __future__ import annotations
@@ -24,19 +25,36 @@ from pathlib import Path
 import httpx
 import trio
 
-from replicator.node import describe_error
-from replicator.records import read_json, write_bytes, write_json
-from replicator.wire import API, InvalidInput, Manifest, block_digest, check_name, parse_version
+from icbdcore.catalog import Catalog, Profile
+from icbdcore.clients import Credentials, async_client
+from icbdcore.flights import Flights
+from icbdcore.layout import Layout
+from icbdcore.manifest import MAX_MANIFEST, Manifest
+from icbdcore.node import describe_error
+from icbdcore.records import read_json, write_bytes, write_json
+from icbdcore.source import Unavailable
+from icbdcore.wire import (
+    IMIS_ROUTE,
+    NODES_ROUTE,
+    InvalidInput,
+    check_name,
+    content_digest,
+    manifest_path,
+    parse_version,
+    profile_path,
+)
 
 from .blockclient import BlockClient
 from .blockstore import BlockStore
 from .fetcher import Fetcher, PrefetchProgress
-from .source import Catalog, Profile, Unavailable
 from .upstreams import Upstreams
 
 log = logging.getLogger(__name__)
 
 MANIFESTS_IN_MEMORY = 32
+# A manifest may be tens of MiB: 60 s per attempt is 1 MB/s for the largest.
+MANIFEST_ATTEMPT = 60.0
+MANIFEST_DEADLINE = 180.0
 CONTROL_TIMEOUT = 5.0
 
 
@@ -47,17 +65,17 @@ class SiteCache:
         self.master_url = master_url.rstrip("/")
         self.site = site or ""
         self.refresh = refresh
-        self.store = BlockStore(data / "blocks", size_bound)
-        self.upstreams = Upstreams(self.site, data / "upstreams.json", master_url=self.master_url)
+        self.layout = Layout(data)
+        self.store = BlockStore(self.layout.blocks, size_bound)
+        self.upstreams = Upstreams(self.site, self.layout.upstreams_file, master_url=self.master_url)
         self.client = BlockClient(token)
-        self.http = httpx.AsyncClient(
-            base_url=self.master_url, headers={"Authorization": f"Bearer {token}"}, timeout=CONTROL_TIMEOUT
-        )
+        self.http = async_client(Credentials(token), self.master_url, timeout=CONTROL_TIMEOUT)
         self.fetcher: Fetcher | None = None
         self._catalog = Catalog()
         self._catalog_at = 0.0  # time.monotonic() of the last answer from the master
         self._manifests: OrderedDict[tuple[str, int], tuple[str, Manifest]] = OrderedDict()  # (digest, manifest)
-        self._manifest_locks: dict[tuple[str, int], trio.Lock] = {}
+        # One load per manifest digest, however many mounts ask at once.
+        self._manifest_loads: Flights[str, bytes] = Flights()
         self.master_reachable = False
         self._polling = trio.Lock()
 
@@ -72,6 +90,7 @@ class SiteCache:
             cache._load()
             async with Fetcher(cache.store, cache.upstreams, cache.client) as fetcher, trio.open_nursery() as nursery:
                 cache.fetcher = fetcher
+                cache._manifest_loads.attach(nursery)
                 await cache.poll_master()
                 nursery.start_soon(cache._keep_polling)
                 nursery.start_soon(cache.upstreams.keep_probing, cache.client)
@@ -85,9 +104,12 @@ class SiteCache:
     # --- the catalogue and the upstream list ---------------------------------------
 
     def _load(self) -> None:
-        doc = read_json(self.data / "catalog.json")
-        if isinstance(doc, dict):
-            self._catalog = Catalog.from_json(doc)
+        doc = read_json(self.layout.catalog_file)
+        if doc is not None:
+            try:
+                self._catalog = Catalog.from_json(doc)
+            except InvalidInput as error:
+                log.warning("ignoring %s (%s); waiting for the master's catalogue", self.layout.catalog_file, error)
         self.upstreams.load()
 
     async def poll_master(self) -> bool:
@@ -98,9 +120,9 @@ class SiteCache:
 
     async def _poll_master(self) -> bool:
         try:
-            imis = await self.http.get(f"{API}/imis")
+            imis = await self.http.get(IMIS_ROUTE)
             imis.raise_for_status()
-            nodes = await self.http.get(f"{API}/nodes")
+            nodes = await self.http.get(NODES_ROUTE)
             nodes.raise_for_status()
             catalog = Catalog.from_json(imis.json())
         except (httpx.HTTPError, ValueError, KeyError, TypeError, RecursionError) as error:
@@ -115,7 +137,7 @@ class SiteCache:
         self.upstreams.update(nodes.json()["nodes"])
         if catalog != self._catalog:
             self._catalog = catalog
-            await trio.to_thread.run_sync(write_json, self.data / "catalog.json", catalog.to_json())
+            await trio.to_thread.run_sync(write_json, self.layout.catalog_file, catalog.to_json())
         return True
 
     async def _keep_polling(self) -> None:
@@ -141,20 +163,23 @@ class SiteCache:
 
     # --- manifests ---------------------------------------------------------------------
 
-    def _manifest_path(self, imi: str, version: int) -> Path:
-        return self.data / "manifests" / check_name(imi) / f"{parse_version(version)}.json"
-
     async def manifest_bytes(self, imi: str, version: int) -> tuple[bytes, str]:
         """The canonical bytes of a version's manifest and its digest."""
         record = self._record(imi, version)
-        path = self._manifest_path(imi, version)
-        lock = self._manifest_locks.setdefault((imi, version), trio.Lock())
-        async with lock:
-            raw = await trio.to_thread.run_sync(_read_if_matches, path, record.digest)
-            if raw is None:
-                raw = await self._fetch_manifest(imi, version, record.digest)
-                await trio.to_thread.run_sync(write_bytes, path, raw)
-        return raw, record.digest
+        flight, _ = self._manifest_loads.fetch(record.digest, lambda: self._load_manifest(imi, version, record.digest))
+        await flight.answered.wait()
+        return flight.result(), record.digest
+
+    async def _load_manifest(self, imi: str, version: int, digest: str) -> bytes:
+        path = self.layout.cached_manifest(imi, version)
+        raw = await trio.to_thread.run_sync(_read_if_matches, path, digest)
+        if raw is None:
+            assert self.fetcher is not None
+            raw = await self.fetcher.fetch_object(manifest_path(imi, version), digest, imi=imi, version=version,
+                                                  limit=MAX_MANIFEST, attempt_timeout=MANIFEST_ATTEMPT,
+                                                  deadline=MANIFEST_DEADLINE)
+            await trio.to_thread.run_sync(write_bytes, path, raw)
+        return raw
 
     async def manifest(self, imi: str, version: int) -> Manifest:
         key = (imi, version)
@@ -168,20 +193,6 @@ class SiteCache:
         while len(self._manifests) > MANIFESTS_IN_MEMORY:
             self._manifests.popitem(last=False)
         return manifest
-
-    async def _fetch_manifest(self, imi: str, version: int, digest: str) -> bytes:
-        errors = []
-        for upstream in self.upstreams.candidates(imi, version):
-            url = f"{upstream.url}{API}/imis/{imi}/versions/{version}/manifest"
-            try:
-                response = await self.http.get(url, timeout=30)
-                response.raise_for_status()
-                if block_digest(response.content) != digest:
-                    raise InvalidInput("manifest does not match the catalogue's digest")
-                return response.content
-            except (httpx.HTTPError, InvalidInput) as error:
-                errors.append(f"{upstream.id}: {error}")
-        raise Unavailable(f"no upstream delivered the manifest of {imi} v{version}: {'; '.join(errors) or 'none known'}")
 
     # --- blocks ------------------------------------------------------------------------
 
@@ -200,15 +211,12 @@ class SiteCache:
 
     # --- boot profiles -----------------------------------------------------------------
 
-    def _profile_path(self, imi: str, version: int) -> Path:
-        return self.data / "profiles" / check_name(imi) / f"{parse_version(version)}.json"
-
     async def profile(self, imi: str, version: int) -> Profile | None:
         """The master's profile for this version (or the nearest older one);
         the last one seen when the master is unreachable."""
-        path = self._profile_path(imi, version)
+        path = self.layout.cached_profile(imi, version)
         try:
-            response = await self.http.get(f"{API}/imis/{imi}/versions/{version}/profile")
+            response = await self.http.get(profile_path(imi, version))
             if response.status_code == 404:
                 return None
             response.raise_for_status()
@@ -221,10 +229,10 @@ class SiteCache:
         await trio.to_thread.run_sync(write_json, path, profile.to_json())
         return profile
 
-    async def save_profile(self, imi: str, version: int, digests: list[str]) -> None:
-        response = await self.http.put(f"{API}/imis/{imi}/versions/{version}/profile",
-                                       json={"digests": digests}, timeout=30)
+    async def save_profile(self, imi: str, version: int, digests: list[str]) -> bool:
+        response = await self.http.put(profile_path(imi, version), json={"digests": digests}, timeout=30)
         response.raise_for_status()
+        return bool(response.json().get("stored"))
 
     # --- status ------------------------------------------------------------------------
 
@@ -242,7 +250,7 @@ def _read_if_matches(path: Path, digest: str) -> bytes | None:
         raw = path.read_bytes()
     except FileNotFoundError:
         return None
-    if block_digest(raw) != digest:
+    if content_digest(raw) != digest:
         log.warning("cached manifest %s is damaged; fetching it again", path)
         return None
     return raw

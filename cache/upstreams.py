@@ -30,7 +30,7 @@ from pathlib import Path
 
 import trio
 
-from replicator.records import read_json, write_json
+from icbdcore.records import read_json, write_json
 
 from .blockclient import BlockClient, FetchFailure
 

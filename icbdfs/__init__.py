@@ -1,1 +1,1 @@
-"""The icbd FUSE filesystem and command line."""
+"""The icbd FUSE filesystem: the names a mount shows, its memory cache, readahead and boot profiles."""

@@ -7,8 +7,9 @@ one source call per block and no re-hash: the source verified it on arrival.
 
 Protocol (the invariants the code keeps):
 
-- A digest is absent, in flight (`Flights`), stored (`_blocks`), or briefly
-  both in flight and stored while a flight finishes.
+- A digest is absent, in flight (`Flights`, icbdcore/flights.py), stored
+  (`_blocks`), or briefly both in flight and stored while a flight finishes:
+  a fetch stores the block, then answers its readers, then leaves the table.
 - A flight runs in a task of the owner's nursery, not in the task of the
   reader that started it: a reader that gives up (its own timeout) cancels
   neither the fetch nor the other readers waiting on it, nor readahead.
@@ -35,79 +36,16 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict, deque
-from collections.abc import Awaitable, Callable, Hashable, Iterable
-from typing import Generic, TypeVar
+from collections.abc import Iterable
 
 import trio
 
-from cache.source import ImageSource, Unavailable
+from icbdcore.flights import Flight, Flights
+from icbdcore.source import ImageSource, Unavailable
 
 log = logging.getLogger(__name__)
 
 GAVE_UP_MEMO = 2.0
-
-K = TypeVar("K", bound=Hashable)
-T = TypeVar("T")
-
-
-class _Flight(Generic[T]):
-    __slots__ = ("done", "value", "error")
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.value: T | None = None
-        self.error: Exception | None = None
-
-    def result(self) -> T:
-        if self.error is not None:
-            raise self.error
-        if self.value is None:
-            raise Unavailable("fetch cancelled")
-        return self.value
-
-
-class Flights(Generic[K, T]):
-    """Single-flight fetches by key, each in a task of `nursery`, bounded by `limit`."""
-
-    def __init__(self, nursery: trio.Nursery, limit: float):
-        self._nursery = nursery
-        self._limit = limit
-        self._flights: dict[K, _Flight[T]] = {}
-
-    def __contains__(self, key: K) -> bool:
-        return key in self._flights
-
-    def __len__(self) -> int:
-        return len(self._flights)
-
-    def start(self, key: K, fetch: Callable[[], Awaitable[T]]) -> tuple[_Flight[T], bool]:
-        """The flight for `key`, and whether this call started it."""
-        flight = self._flights.get(key)
-        if flight is not None:
-            return flight, False
-        flight = self._flights[key] = _Flight()
-        self._nursery.start_soon(self._run, key, flight, fetch)
-        return flight, True
-
-    async def get(self, key: K, fetch: Callable[[], Awaitable[T]]) -> T:
-        flight, _ = self.start(key, fetch)
-        await flight.done.wait()
-        return flight.result()
-
-    async def _run(self, key: K, flight: _Flight[T], fetch: Callable[[], Awaitable[T]]) -> None:
-        try:
-            with trio.fail_after(self._limit):
-                flight.value = await fetch()
-        except trio.TooSlowError:
-            flight.error = Unavailable(f"no answer within {self._limit:g} s")
-        except Unavailable as error:
-            flight.error = error
-        except Exception as error:  # a bug in a source must not take the mount down
-            log.exception("fetch of %s failed", key)
-            flight.error = Unavailable(f"{type(error).__name__}: {error}")
-        finally:
-            del self._flights[key]
-            flight.done.set()
 
 
 class BlockCache:
@@ -164,7 +102,7 @@ class BlockCache:
         Unbounded in time by itself (each flight is bounded): callers wrap it
         in their own timeout.
         """
-        flights: list[bytes | _Flight[bytes]] = []
+        flights: list[bytes | Flight[bytes]] = []
         for digest in digests:
             data = self._blocks.get(digest)
             if data is not None:
@@ -174,14 +112,14 @@ class BlockCache:
                 continue
             if self._gave_up and self._gave_up.get(digest, 0.0) > trio.current_time():
                 raise Unavailable("a reader gave up on this block moments ago")
-            flight, started = self._flights.start(digest, lambda d=digest: self._fetch(d, imi, version))
+            flight, started = self._flights.fetch(digest, lambda d=digest: self._fetch(d, imi, version))
             if not started:
                 self._stats["coalesced"] += 1
             flights.append(flight)
         out = []
         for item in flights:
-            if isinstance(item, _Flight):
-                await item.done.wait()
+            if isinstance(item, Flight):
+                await item.answered.wait()
                 item = item.result()
             out.append(item)
         return out
@@ -214,7 +152,7 @@ class BlockCache:
         for digest in digests:
             if digest in self._blocks or digest in self._flights:
                 continue
-            self._flights.start(digest, lambda d=digest: self._fetch(d, imi, version))
+            self._flights.fetch(digest, lambda d=digest: self._fetch(d, imi, version))
             self._unread.add(digest)
             started += 1
         return started
@@ -226,13 +164,13 @@ class BlockCache:
         it fetched. Gives up once readers have taken none of its blocks for
         `idle` seconds (the boot it was for has moved on)."""
         window = max(1, window)
-        fetching: deque[_Flight[bytes]] = deque()
+        fetching: deque[Flight[bytes]] = deque()
         started = 0
         for digest in digests:
             if digest in self._blocks or digest in self._flights:
                 continue
             while len(fetching) >= concurrency:
-                await fetching.popleft().done.wait()
+                await fetching.popleft().finished.wait()
             with trio.move_on_after(idle) as waited:
                 while len(self._unread) >= window:
                     await self._taken.wait()
@@ -241,7 +179,7 @@ class BlockCache:
                 break
             if digest in self._blocks or digest in self._flights:
                 continue
-            flight, _ = self._flights.start(digest, lambda d=digest: self._fetch(d, imi, version))
+            flight, _ = self._flights.fetch(digest, lambda d=digest: self._fetch(d, imi, version))
             self._unread.add(digest)
             fetching.append(flight)
             started += 1

@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from cache.source import ImageSource, Profile
+from icbdcore.catalog import Profile
+from icbdcore.source import ImageSource
 
 log = logging.getLogger(__name__)
 

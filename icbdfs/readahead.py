@@ -16,7 +16,7 @@ asked for, in two tiers:
 
 A jump (not the same block nor the next one) resets everything: random
 readers (mmap of libraries, databases) would otherwise waste fetches.
-This class only decides; fs.py carries out the fetches.
+This class only decides; reader.py carries out the fetches.
 """
 
 from __future__ import annotations

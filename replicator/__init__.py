@@ -1,1 +1,1 @@
-"""Replication of iMIs: the master and replica nodes, and what every node shares."""
+"""Replication of iMIs: the master and replica nodes."""

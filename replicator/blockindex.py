@@ -14,8 +14,9 @@ from pathlib import Path
 
 import trio
 
-from .layout import Layout
-from .wire import FILE, Manifest, block_digest
+from icbdcore.layout import Layout
+from icbdcore.manifest import FILE, Manifest
+from icbdcore.wire import content_digest
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class BlockIndex:
         except OSError as error:
             log.error("block %s: cannot read %s: %s", digest, full, error)
             return None
-        if block_digest(data) != digest:
+        if content_digest(data) != digest:
             log.error("block %s at %s offset %d is damaged on this node; not serving it", digest, full, offset)
             return None
         self.served_blocks += 1

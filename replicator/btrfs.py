@@ -21,6 +21,9 @@ from pathlib import Path
 
 import trio
 
+from icbdcore.layout import Layout
+from icbdcore.mounts import is_mountpoint
+
 log = logging.getLogger(__name__)
 
 BTRFS_SUPER_MAGIC = 0x9123683E
@@ -221,19 +224,6 @@ def start_receive(target_dir: Path) -> subprocess.Popen:
 # --- a node's data folder on btrfs ------------------------------------------
 
 
-def _mounted_at(path: Path) -> str | None:
-    """The filesystem type mounted exactly at `path`, if any."""
-    target = os.path.realpath(path)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            mount_point = parts[4].encode().decode("unicode_escape")
-            if mount_point == target:
-                found = parts[parts.index("-") + 1]
-    return found
-
-
 async def ensure_btrfs(data: Path, image_size: int) -> None:
     """Make sure `data` is on btrfs.
 
@@ -245,9 +235,9 @@ async def ensure_btrfs(data: Path, image_size: int) -> None:
     data.mkdir(parents=True, exist_ok=True)
     if is_btrfs(data):
         return
-    if _mounted_at(data) is not None:
+    if is_mountpoint(data):
         raise BtrfsError(f"{data} is a mount point but not btrfs; give a btrfs folder or an empty one")
-    image = data / "btrfs.img"
+    image = Layout(data).btrfs_image
     if not image.exists():
         others = [p.name for p in data.iterdir()]
         if others:

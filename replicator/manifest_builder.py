@@ -16,8 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from icbdcore.manifest import DIR, FILE, SYMLINK, Entry, Manifest, type_of_mode
+from icbdcore.wire import content_digest
+
 from . import fiemap
-from .wire import DIR, FILE, SYMLINK, Entry, Manifest, block_digest, type_of_mode
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ class _ZeroDigests(dict):
     """Digests of all-zero chunks by length (holes of sparse images)."""
 
     def __missing__(self, length: int) -> str:
-        self[length] = digest = block_digest(bytes(length))
+        self[length] = digest = content_digest(bytes(length))
         return digest
 
 
@@ -153,7 +155,7 @@ def _file_chunks(
                 data = os.pread(fd, length, start)
                 if len(data) != length:
                     raise OSError(f"{path} changed size while it was read")
-                digest = block_digest(data)
+                digest = content_digest(data)
                 hashed += length
             digests.append(digest)
         return tuple(digests), hashed

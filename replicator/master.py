@@ -4,7 +4,6 @@ fan-out to subscribed replicas, and the admin API."""
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import httpx
@@ -13,17 +12,42 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from . import btrfs, http
+from icbdcore import http
+from icbdcore.clients import Credentials, async_client
+from icbdcore.http import json_body, json_response
+from icbdcore.layout import Layout
+from icbdcore.logs import setup_logging
+from icbdcore.node import require_token, run_until_signal
+from icbdcore.records import read_json, write_json
+from icbdcore.wire import (
+    HEARTBEAT_ROUTE,
+    IMI_ROUTE,
+    IMIS_ROUTE,
+    NODE_HEADER,
+    NODE_ROUTE,
+    NODES_ROUTE,
+    NOTIFY_ROUTE,
+    PROFILE_ROUTE,
+    PUBLISH_ROUTE,
+    ROLLBACK_ROUTE,
+    STREAM_DIGEST_HEADER,
+    STREAM_DIGEST_ROUTE,
+    STREAM_ID_HEADER,
+    STREAM_ROUTE,
+    SUBSCRIPTIONS_ROUTE,
+    VERSION_ROUTE,
+    Refused,
+    check_digest,
+    check_name,
+    parse_version,
+)
+
+from . import btrfs
 from .blockindex import BlockIndex
-from .http import HttpError, json_body, json_response
-from .layout import Layout
 from .nameserver import ALIVE, NameServer, UnknownNode
-from .node import require_token, run_until_signal, setup_logging
 from .readroutes import read_routes
-from .records import read_json, write_json
 from .repository import Repository, RepositoryError
-from .streams import SendSpools, Spool
-from .wire import API, NODE_HEADER, STREAM_ID_HEADER, check_digest, check_name, parse_version
+from .streams import SendSpools, Spool, range_start
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +78,7 @@ class Master:
         self.image_size = image_size
         self.layout = Layout(data)
         self.repo = Repository(self.layout, chunk_size)
-        self.names = NameServer(data / "nodes.json", suspect_after, down_after)
+        self.names = NameServer(self.layout.nodes_file, suspect_after, down_after)
         self.spools = SendSpools(self.layout)
         self.blocks = BlockIndex(self.layout)
         self._nursery: trio.Nursery | None = None
@@ -68,8 +92,8 @@ class Master:
         for imi in self.repo.imis.values():
             for version in imi.versions:
                 self.blocks.add(imi.name, version, self.repo.manifest(imi.name, version))
-        headers = {"Authorization": f"Bearer {self.token}"}
-        async with httpx.AsyncClient(headers=headers, timeout=NOTIFY_TIMEOUT) as client, trio.open_nursery() as nursery:
+        client = async_client(Credentials(self.token, MASTER_ID), timeout=NOTIFY_TIMEOUT)
+        async with client, trio.open_nursery() as nursery:
             self._http = client
             self._nursery = nursery
             await nursery.start(self.spools.run)
@@ -105,7 +129,7 @@ class Master:
 
     def _imi_doc(self, name: str) -> dict:
         imi = self.repo.get(name)
-        doc = imi.to_json()
+        doc = imi.info().to_json()
         doc["path"] = str(self.repo.work_path(name))
         doc["subscribers"] = [n.id for n in self.names.subscribers(name)]
         progress = self.repo.publishing.get(name)
@@ -113,14 +137,14 @@ class Master:
         return doc
 
     async def list_imis(self, request: Request) -> Response:
-        return json_response({"imis": [i.to_json() for _, i in sorted(self.repo.imis.items())]})
+        return json_response(self.repo.catalog().to_json())
 
     async def create_imi(self, request: Request) -> Response:
         body = await json_body(request)
         name = check_name(body.get("name"))
         source = body.get("from")
         if not isinstance(source, str) or not source or "\0" in source:
-            raise HttpError(400, "'from' must be a path on the master host")
+            raise Refused(400, "'from' must be a path on the master host")
         await self.repo.create(name, Path(source))
         return json_response(self._imi_doc(name), status=201)
 
@@ -142,7 +166,7 @@ class Master:
         body = await json_body(request)
         message = body.get("message", "")
         if not isinstance(message, str) or len(message) > 4096:
-            raise HttpError(400, "'message' must be a string of at most 4096 characters")
+            raise Refused(400, "'message' must be a string of at most 4096 characters")
         record = await self.repo.publish(name, message)
         self.blocks.add(name, record.version, self.repo.manifest(name, record.version))
         self._notify(self.names.subscribers(name), name)
@@ -179,7 +203,7 @@ class Master:
     async def _notify_one(self, url: str, node_id: str, name: str) -> None:
         assert self._http is not None
         try:
-            response = await self._http.post(f"{url}{API}/notify", json={"imi": name})
+            response = await self._http.post(url + NOTIFY_ROUTE, json={"imi": name})
             response.raise_for_status()
         except httpx.HTTPError as error:
             log.info("could not notify %s of %s: %s", node_id, name, error)
@@ -189,7 +213,7 @@ class Master:
     def _stream_args(self, request: Request) -> tuple[str, int, int | None]:
         node = request.headers.get(NODE_HEADER, "")
         if not self.names.is_registered(node):
-            raise HttpError(403, "streams are for registered nodes: register with POST /v1/nodes first")
+            raise Refused(403, "streams are for registered nodes: register with POST /v1/nodes first")
         name = check_name(request.path_params["name"])
         version = parse_version(request.path_params["version"])
         self.repo.version(name, version)
@@ -198,7 +222,7 @@ class Master:
         if parent is not None:
             self.repo.version(name, parent)
             if parent == version:
-                raise HttpError(400, "a version cannot be its own parent")
+                raise Refused(400, "a version cannot be its own parent")
         return name, version, parent
 
     def _spool(self, name: str, version: int, parent: int | None) -> Spool:
@@ -212,22 +236,22 @@ class Master:
         name, version, parent = self._stream_args(request)
         spool = self._spool(name, version, parent)
         headers = {STREAM_ID_HEADER: spool.stream_id, "ETag": f'"{spool.stream_id}"', "Accept-Ranges": "bytes"}
-        offset = _range_start(request.headers.get("range"))
+        offset = range_start(request.headers.get("range"))
         if_range = request.headers.get("if-range", "").strip('"')
         if offset is None or (if_range and if_range != spool.stream_id):
             if spool.complete:
                 headers["Content-Length"] = str(spool.size)
-                headers["X-Icbd-Stream-Digest"] = spool.digest or ""
+                headers[STREAM_DIGEST_HEADER] = spool.digest or ""
             return StreamingResponse(spool.chunks(0), media_type="application/octet-stream", headers=headers)
         # A resumed transfer: serve from `offset` what exists (all of it if the
         # spool is complete), so every answer has a known range.
         await spool.wait_beyond(offset)
         if spool.error is not None:
-            raise HttpError(503, f"stream failed on the master: {spool.error}; retry later")
+            raise Refused(503, f"stream failed on the master: {spool.error}; retry later")
         end = spool.size
         total = str(spool.size) if spool.complete else "*"
         if spool.complete:
-            headers["X-Icbd-Stream-Digest"] = spool.digest or ""
+            headers[STREAM_DIGEST_HEADER] = spool.digest or ""
         if offset >= end:
             return json_response({"error": "range beyond the end of the stream"}, status=416,
                                  headers={"Content-Range": f"bytes */{total}", **headers})
@@ -240,9 +264,9 @@ class Master:
         name, version, parent = self._stream_args(request)
         spool = self.spools.find(name, version, parent)
         if spool is None:
-            raise HttpError(404, "no such stream on the master (start it with GET .../stream)")
+            raise Refused(404, "no such stream on the master (start it with GET .../stream)")
         if not spool.complete:
-            raise HttpError(409, "the stream is not complete yet")
+            raise Refused(409, "the stream is not complete yet")
         return json_response(spool.describe())
 
     # --- boot profiles -----------------------------------------------------------
@@ -255,7 +279,7 @@ class Master:
             doc = read_json(self.layout.profile_file(name, candidate))
             if isinstance(doc, dict):
                 return json_response({**doc, "imi": name, "version": version, "recorded_on": candidate})
-        raise HttpError(404, f"no boot profile for {name} version {version} or older")
+        raise Refused(404, f"no boot profile for {name} version {version} or older")
 
     async def put_profile(self, request: Request) -> Response:
         name = check_name(request.path_params["name"])
@@ -264,7 +288,7 @@ class Master:
         body = await json_body(request, limit=MAX_PROFILE_BODY)
         digests = body.get("digests")
         if not isinstance(digests, list) or not digests:
-            raise HttpError(400, "'digests' must be a non-empty list of block digests")
+            raise Refused(400, "'digests' must be a non-empty list of block digests")
         for digest in digests:
             check_digest(digest)
         path = self.layout.profile_file(name, version)
@@ -284,11 +308,11 @@ class Master:
     async def register_node(self, request: Request) -> Response:
         body = await json_body(request)
         if body.get("id") == MASTER_ID:
-            raise HttpError(400, f"node id {MASTER_ID!r} is the master's")
+            raise Refused(400, f"node id {MASTER_ID!r} is the master's")
         try:
             node = self.names.register(body.get("id"), body.get("role"), body.get("site"), body.get("url"))
         except (ValueError, TypeError) as error:
-            raise HttpError(400, str(error)) from None
+            raise Refused(400, str(error)) from None
         return json_response(self.names.describe(node), status=201)
 
     async def heartbeat(self, request: Request) -> Response:
@@ -297,17 +321,17 @@ class Master:
         try:
             node = self.names.heartbeat(node_id, body)
         except UnknownNode:
-            raise HttpError(404, f"unknown node {node_id!r}: register first") from None
+            raise Refused(404, f"unknown node {node_id!r}: register first") from None
         subscriptions = {}
         for name in self.names.subscriptions_of(node.id):
             if name in self.repo.imis:
-                subscriptions[name] = self.repo.imis[name].to_json()
+                subscriptions[name] = self.repo.imis[name].info().to_json()
         return json_response({"state": self.names.state(node), "subscriptions": subscriptions})
 
     async def forget_node(self, request: Request) -> Response:
         node_id = request.path_params["node_id"]
         if node_id not in self.names.nodes:
-            raise HttpError(404, f"unknown node {node_id!r}")
+            raise Refused(404, f"unknown node {node_id!r}")
         self.names.forget(node_id)
         return json_response({"forgotten": node_id})
 
@@ -321,7 +345,7 @@ class Master:
         name = check_name(body.get("imi"))
         node = body.get("node")
         if not isinstance(node, str) or node not in self.names.nodes:
-            raise HttpError(404, f"unknown node {node!r} (see icbd status)")
+            raise Refused(404, f"unknown node {node!r} (see icbd status)")
         return name, node
 
     async def subscribe(self, request: Request) -> Response:
@@ -334,48 +358,35 @@ class Master:
     async def unsubscribe(self, request: Request) -> Response:
         name, node = await self._subscription_args(request)
         if not self.names.unsubscribe(name, node):
-            raise HttpError(404, f"{node} is not subscribed to {name}")
+            raise Refused(404, f"{node} is not subscribed to {name}")
         self._notify([self.names.nodes[node]], name)
         return json_response({"imi": name, "node": node, "subscribed": False})
 
     # --- routes ------------------------------------------------------------------
 
     def routes(self) -> list[Route]:
-        v = API + "/imis/{name}/versions/{version}"
         return [
             Route("/", self.status, methods=["GET"]),
-            Route(API + "/imis", self.list_imis, methods=["GET"]),
-            Route(API + "/imis", self.create_imi, methods=["POST"]),
-            Route(API + "/imis/{name}", self.get_imi, methods=["GET"]),
-            Route(API + "/imis/{name}", self.delete_imi, methods=["DELETE"]),
-            Route(API + "/imis/{name}/versions", self.publish, methods=["POST"]),
-            Route(API + "/imis/{name}/rollback", self.rollback, methods=["POST"]),
-            Route(v, self.get_version, methods=["GET"]),
-            Route(v + "/stream", self.get_stream, methods=["GET"]),
-            Route(v + "/stream/digest", self.get_stream_digest, methods=["GET"]),
-            Route(v + "/profile", self.get_profile, methods=["GET"]),
-            Route(v + "/profile", self.put_profile, methods=["PUT", "POST"]),
-            Route(API + "/nodes", self.list_nodes, methods=["GET"]),
-            Route(API + "/nodes", self.register_node, methods=["POST"]),
-            Route(API + "/nodes/{node_id}/heartbeat", self.heartbeat, methods=["POST"]),
-            Route(API + "/nodes/{node_id}", self.forget_node, methods=["DELETE"]),
-            Route(API + "/subscriptions", self.list_subscriptions, methods=["GET"]),
-            Route(API + "/subscriptions", self.subscribe, methods=["POST"]),
-            Route(API + "/subscriptions", self.unsubscribe, methods=["DELETE"]),
+            Route(IMIS_ROUTE, self.list_imis, methods=["GET"]),
+            Route(IMIS_ROUTE, self.create_imi, methods=["POST"]),
+            Route(IMI_ROUTE, self.get_imi, methods=["GET"]),
+            Route(IMI_ROUTE, self.delete_imi, methods=["DELETE"]),
+            Route(PUBLISH_ROUTE, self.publish, methods=["POST"]),
+            Route(ROLLBACK_ROUTE, self.rollback, methods=["POST"]),
+            Route(VERSION_ROUTE, self.get_version, methods=["GET"]),
+            Route(STREAM_ROUTE, self.get_stream, methods=["GET"]),
+            Route(STREAM_DIGEST_ROUTE, self.get_stream_digest, methods=["GET"]),
+            Route(PROFILE_ROUTE, self.get_profile, methods=["GET"]),
+            Route(PROFILE_ROUTE, self.put_profile, methods=["PUT", "POST"]),
+            Route(NODES_ROUTE, self.list_nodes, methods=["GET"]),
+            Route(NODES_ROUTE, self.register_node, methods=["POST"]),
+            Route(HEARTBEAT_ROUTE, self.heartbeat, methods=["POST"]),
+            Route(NODE_ROUTE, self.forget_node, methods=["DELETE"]),
+            Route(SUBSCRIPTIONS_ROUTE, self.list_subscriptions, methods=["GET"]),
+            Route(SUBSCRIPTIONS_ROUTE, self.subscribe, methods=["POST"]),
+            Route(SUBSCRIPTIONS_ROUTE, self.unsubscribe, methods=["DELETE"]),
             *read_routes(self._manifest, self.blocks),
         ]
-
-
-_RANGE = re.compile(r"bytes=(\d{1,18})-\Z")
-
-
-def _range_start(header: str | None) -> int | None:
-    """The start of an open-ended `Range: bytes=N-`; other forms are ignored
-    (the whole stream is sent), as RFC 9110 allows."""
-    if not header:
-        return None
-    match = _RANGE.match(header.strip())
-    return int(match.group(1)) if match else None
 
 
 def run(args) -> int:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import trio
 
-from .records import read_json, write_json
-from .wire import check_name, check_node_id, check_role, check_site
+from icbdcore.records import read_json, write_json
+from icbdcore.wire import check_name, check_node_id, check_role, check_site
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""A replica's receive of one version: the promise of DESIGN.md.
+"""A replica's receive of one version, verified and atomic.
 
 1. The stream from the master goes through `btrfs receive` under
    DATA/incoming/NAME/V.recv/, hashed as it goes, and is spooled beside it
@@ -23,22 +23,75 @@ import os
 import re
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 import urllib3
 
+from icbdcore.clients import Credentials, pool
+from icbdcore.layout import Layout
+from icbdcore.manifest import Manifest, VersionRecord
+from icbdcore.records import now_iso, read_json, write_bytes, write_json
+from icbdcore.wire import (
+    STREAM_DIGEST_HEADER,
+    STREAM_ID_HEADER,
+    content_hasher,
+    manifest_path,
+    stream_digest_path,
+    stream_path,
+)
+
 from . import btrfs
-from .layout import Layout
-from .records import now_iso, read_json, write_bytes, write_json
-from .wire import API, NODE_HEADER, STREAM_ID_HEADER, Manifest, check_name, stream_hasher
 
 log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20  # see streams.READ_SIZE
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)\Z")
 _UNSATISFIED = re.compile(r"bytes \*/(\d+)\Z")
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one answer to a stream request means for the transfer.
+
+    kind: "begin" (a whole new stream follows: spool it from byte 0),
+    "continue" (the rest from the byte asked for follows), "done" (nothing
+    is left: the spool already holds the whole stream) or "failed".
+    """
+
+    kind: str
+    complete: bool = False  # the body ends the stream (no further request needed)
+    why: str | None = None  # for "failed"; None: take the server's own error text
+    resumable: bool = False  # for "failed": the spool may still be continued
+
+
+def next_step(status: int, headers: Mapping[str, str], have: int) -> Step:
+    """The Range exchange of a resumable transfer, as a pure function.
+
+    The replica asks `Range: bytes=HAVE-` with `If-Range: "<stream id>"` once
+    it holds HAVE bytes. The master answers 206 with the part that exists
+    (`bytes HAVE-END/TOTAL`, TOTAL `*` while its spool still grows), 200 with
+    a whole new stream when the stream id changed (it restarted), or 416 when
+    HAVE is already the whole stream.
+    """
+    if status == 200:
+        if have:
+            return Step("failed", why="the master's stream changed; starting over")
+        return Step("begin", complete=True)
+    if status == 416:
+        total = _UNSATISFIED.match(headers.get("Content-Range", ""))
+        if total and int(total.group(1)) == have:
+            return Step("done")
+        return Step("failed", why="master refused the resume range")
+    if status == 206:
+        match = _CONTENT_RANGE.match(headers.get("Content-Range", ""))
+        if not match or int(match.group(1)) != have:
+            return Step("failed", why="master answered a range that does not continue the spool")
+        complete = match.group(3) != "*" and int(match.group(2)) + 1 == int(match.group(3))
+        return Step("continue", complete=complete)
+    return Step("failed", resumable=status >= 500)
 
 
 class ReceiveFailed(Exception):
@@ -171,8 +224,7 @@ class Receiver:
         self.spool_policy = spool_policy
         self.layout = layout
         self.master_url = master_url.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {token}", NODE_HEADER: node_id}
-        self.pool = urllib3.PoolManager(maxsize=4, retries=False)
+        self.pool = pool(Credentials(token, node_id), maxsize=4, num_pools=4)
         self._limiter = trio.CapacityLimiter(2)
 
     # --- start-up ---------------------------------------------------------------
@@ -192,11 +244,10 @@ class Receiver:
     # --- one version ---------------------------------------------------------------
 
     def _paths(self, name: str, version: int, parent: int | None) -> tuple[Path, Path, Path]:
-        base = self.layout.incoming / check_name(name)
-        stem = f"{version}-from-{parent}" if parent else f"{version}-full"
-        return base / f"{stem}.stream", base / f"{stem}.json", base / f"{version}.recv"
+        spool = self.layout.resume_spool(name, version, parent)
+        return spool, spool.with_suffix(".json"), self.layout.receive_dir(name, version)
 
-    async def receive(self, name: str, version: int, parent: int | None, record: dict,
+    async def receive(self, name: str, version: int, parent: int | None, record: VersionRecord,
                       transfer: Transfer) -> Manifest:
         """Receive one version; return its verified manifest."""
         spool, spool_meta, target = self._paths(name, version, parent)
@@ -224,18 +275,18 @@ class Receiver:
         spool_meta.unlink(missing_ok=True)
         return manifest
 
-    async def _accept(self, name: str, version: int, record: dict, target: Path, digest: str) -> Manifest:
+    async def _accept(self, name: str, version: int, record: VersionRecord, target: Path, digest: str) -> Manifest:
         received = target / str(version)
         if not btrfs.is_subvolume(received):
             raise ReceiveFailed(f"the stream did not create subvolume {version}")
         info = await btrfs.subvolume_info(received)
         if not info.readonly or not info.received_uuid:
             raise ReceiveFailed("received subvolume is not read-only with a received UUID (incomplete stream)")
-        raw = await trio.to_thread.run_sync(self._get_blocking, f"/imis/{name}/versions/{version}/manifest")
+        raw = await trio.to_thread.run_sync(self._get_blocking, manifest_path(name, version))
         # Raises if it does not match the record; parsing a large manifest is CPU work.
-        manifest = await trio.to_thread.run_sync(Manifest.from_bytes, raw, record["digest"])
+        manifest = await trio.to_thread.run_sync(Manifest.from_bytes, raw, record.digest)
         write_bytes(self.layout.manifest_file(name, version), raw)
-        write_json(self.layout.version_record(name, version), record)
+        write_json(self.layout.version_record(name, version), record.to_json())
         final = self.layout.version_dir(name, version)
         final.parent.mkdir(parents=True, exist_ok=True)
         btrfs.move_readonly_subvolume(received, final)
@@ -246,7 +297,7 @@ class Receiver:
     def _get_blocking(self, path: str) -> bytes:
         try:
             response = self.pool.request(
-                "GET", f"{self.master_url}{API}{path}", headers=self.headers,
+                "GET", self.master_url + path,
                 timeout=urllib3.Timeout(connect=5, read=60),
             )
         except urllib3.exceptions.HTTPError as error:
@@ -263,7 +314,7 @@ class Receiver:
     ) -> str:
         spool = ResumeSpool(spool_path, spool_meta, self.spool_policy)
         process = btrfs.start_receive(target)
-        hasher = stream_hasher()
+        hasher = content_hasher()
 
         def feed(data: bytes) -> None:
             hasher.update(data)
@@ -275,36 +326,26 @@ class Receiver:
             transfer.bytes = transfer.resumed_from = have
             if have:
                 log.info("resuming %s v%d from byte %d of the spooled stream", name, version, have)
-            query = f"?parent={parent}" if parent else ""
-            url = f"{self.master_url}{API}/imis/{name}/versions/{version}/stream{query}"
+            url = self.master_url + stream_path(name, version, parent)
             digest = None
             while True:
-                headers = dict(self.headers)
+                headers = dict(self.pool.headers)  # per-request headers replace the pool's
                 if have:
                     headers["Range"] = f"bytes={have}-"
                     headers["If-Range"] = f'"{spool.stream_id}"'
                 response = self._open(url, headers)
                 try:
-                    if response.status == 200 and have:
-                        # The master has a new stream (it restarted): start over.
-                        raise ReceiveFailed("the master's stream changed; starting over", resumable=False)
-                    if response.status == 416:
-                        total = _UNSATISFIED.match(response.headers.get("Content-Range", ""))
-                        if total and int(total.group(1)) == have:
-                            break
-                        raise ReceiveFailed("master refused the resume range")
-                    if response.status not in (200, 206):
-                        raise ReceiveFailed(_error_text(response), resumable=response.status >= 500)
-                    if response.status == 200:
+                    step = next_step(response.status, response.headers, have)
+                    if step.kind == "done":
+                        break
+                    if step.kind == "failed":
+                        why = _error_text(response) if step.why is None else step.why
+                        raise ReceiveFailed(why, resumable=step.resumable)
+                    if step.kind == "begin":
                         spool.begin(response.headers.get(STREAM_ID_HEADER, ""),
                                     {"imi": name, "version": version, "parent": parent})
-                        complete = True
-                    else:
-                        match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
-                        if not match or int(match.group(1)) != have:
-                            raise ReceiveFailed("master answered a range that does not continue the spool")
-                        complete = match.group(3) != "*" and int(match.group(2)) + 1 == int(match.group(3))
-                    digest = response.headers.get("X-Icbd-Stream-Digest") or digest
+                    complete = step.complete
+                    digest = response.headers.get(STREAM_DIGEST_HEADER) or digest
                     have = self._copy_body(response, spool, have, feed, transfer, stop)
                 except BaseException:
                     response.close()  # its body may be half read: never reuse the connection
@@ -357,8 +398,7 @@ class Receiver:
         return have
 
     def _stream_digest(self, name: str, version: int, parent: int | None, stream_id: str | None) -> str:
-        query = f"?parent={parent}" if parent else ""
-        raw = self._get_blocking(f"/imis/{name}/versions/{version}/stream/digest{query}")
+        raw = self._get_blocking(stream_digest_path(name, version, parent))
         doc = json.loads(raw)
         if doc.get("stream_id") != stream_id:
             raise ReceiveFailed("the master's stream changed during the transfer")

@@ -14,15 +14,22 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import btrfs, http
+from icbdcore import http
+from icbdcore.catalog import Catalog, ImiInfo
+from icbdcore.clients import Credentials, async_client
+from icbdcore.errors import CliError
+from icbdcore.http import json_body, json_response
+from icbdcore.layout import Layout
+from icbdcore.logs import setup_logging
+from icbdcore.manifest import Manifest, VersionRecord
+from icbdcore.node import Membership, node_id, require_token, run_until_signal
+from icbdcore.records import read_json, write_json
+from icbdcore.wire import IMIS_ROUTE, NOTIFY_ROUTE, InvalidInput, check_name, check_site
+
+from . import btrfs
 from .blockindex import BlockIndex
-from .http import json_body, json_response
-from .layout import Layout
-from .node import Membership, NodeClient, node_id, require_token, run_until_signal, setup_logging
 from .readroutes import read_routes
 from .receiver import ReceiveFailed, Receiver, Transfer
-from .records import read_json, write_json
-from .wire import API, Manifest, check_name, check_site
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +67,8 @@ class Replica:
         self.resume_spool = resume_spool
         self.layout = Layout(data)
         self.blocks = BlockIndex(self.layout)
-        self.held: dict[str, dict[int, dict]] = {}  # name -> version -> record
-        self.catalog: dict[str, dict] = {}  # subscribed iMIs as the master last said
+        self.held: dict[str, dict[int, VersionRecord]] = {}  # name -> version -> record
+        self.catalog = Catalog()  # the subscribed iMIs, as the master last said
         self.transfers: deque[Transfer] = deque(maxlen=TRANSFERS_KEPT)
         self.id = ""
         self._wake = trio.Event()
@@ -74,17 +81,16 @@ class Replica:
     async def run(self, shutdown: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await btrfs.ensure_btrfs(self.data, self.image_size)
         self.layout.make_dirs()
-        self.id = node_id(self.data, "replica", self.given_name)
+        self.id = node_id(self.layout, "replica", self.given_name)
         self.receiver = Receiver(self.layout, self.master_url, self.token, self.id, self.resume_spool)
         await self.receiver.clean_incoming()
         await self._load_held()
-        catalog = read_json(self.data / "catalog.json", {})
-        self.catalog = catalog if isinstance(catalog, dict) else {}
-        for doc in read_json(self.data / "transfers.json", []) or []:
+        self.catalog = _saved_catalog(self.layout)
+        for doc in read_json(self.layout.transfers_file, []) or []:
             if doc.get("state") == "running":
                 doc["state"], doc["error"] = "failed", "interrupted by a restart"
             self.transfers.append(_transfer_from_json(doc))
-        master = NodeClient(self.master_url, self.token, self.id)
+        master = async_client(Credentials(self.token, self.id), self.master_url)
         self.membership = Membership(
             master, self.id, "replica", self.site, self.url, self.status_doc,
             on_reply=self._on_heartbeat_reply, interval=self.heartbeat_interval,
@@ -110,14 +116,14 @@ class Replica:
                 if not path.name.isdigit():
                     continue
                 version = int(path.name)
-                record = read_json(self.layout.version_record(name, version))
-                if not isinstance(record, dict) or not btrfs.is_subvolume(path):
+                record = _version_record(self.layout, name, version)
+                if record is None or not btrfs.is_subvolume(path):
                     log.warning("%s: version %d has no record; removing it", name, version)
                     await btrfs.remove_tree(path)
                     continue
                 if not btrfs.get_readonly(path):
                     btrfs.set_readonly(path, True)  # a crash inside move_readonly_subvolume
-                manifest = Manifest.from_bytes(self.layout.manifest_file(name, version).read_bytes(), record["digest"])
+                manifest = Manifest.from_bytes(self.layout.manifest_file(name, version).read_bytes(), record.digest)
                 self.blocks.add(name, version, manifest)
                 self.held.setdefault(name, {})[version] = record
         log.info("holding %s", {n: sorted(v) for n, v in self.held.items()} or "nothing")
@@ -142,7 +148,7 @@ class Replica:
         }
 
     def _save_transfers(self) -> None:
-        self._save(self.data / "transfers.json", [t.to_json() for t in self.transfers])
+        self._save(self.layout.transfers_file, [t.to_json() for t in self.transfers])
 
     def _save(self, path: Path, doc: object) -> None:
         """Keep a record across restarts; on a full disk, keep it in memory only
@@ -155,28 +161,38 @@ class Replica:
     # --- what the master says -------------------------------------------------------------
 
     async def _on_heartbeat_reply(self, reply: dict) -> None:
-        subscriptions = reply.get("subscriptions")
+        subscriptions = reply.get("subscriptions") if isinstance(reply, dict) else None
         if not isinstance(subscriptions, dict):
+            log.warning("the master's heartbeat reply has no subscriptions; keeping the last catalogue")
             return
-        if subscriptions != self.catalog:
-            self.catalog = subscriptions
-            self._save(self.data / "catalog.json", subscriptions)
+        try:
+            catalog = Catalog.from_json({"imis": list(subscriptions.values())})
+        except InvalidInput as error:
+            log.warning("the master's heartbeat reply is malformed (%s); keeping the last catalogue", error)
+            return
+        if catalog != self.catalog:
+            self.catalog = catalog
+            self._save(self.layout.catalog_file, catalog.to_json())
             self._wake.set()
 
     def wanted(self, name: str) -> list[int]:
         """The versions this replica should hold: the newest `keep`, and latest."""
-        imi = self.catalog.get(name, {})
-        versions = sorted(v["version"] for v in imi.get("versions", []))
-        wanted = set(versions[-self.keep:])
-        if imi.get("latest") is not None:
-            wanted.add(imi["latest"])
+        info = self.catalog.imis.get(name)
+        if info is None:
+            return []
+        wanted = set(info.newest(self.keep))
+        if info.latest is not None:
+            wanted.add(info.latest)
         return sorted(wanted)
+
+    def _on_master(self, name: str) -> set[int]:
+        info = self.catalog.imis.get(name)
+        return set(info.versions) if info else set()
 
     def choose_parent(self, name: str, version: int) -> int | None:
         """The held version, also still on the master, nearest below `version`
         (else nearest above): the smallest delta this replica can apply."""
-        on_master = {v["version"] for v in self.catalog.get(name, {}).get("versions", [])}
-        shared = sorted(set(self.held.get(name, {})) & on_master)
+        shared = sorted(set(self.held.get(name, {})) & self._on_master(name))
         below = [v for v in shared if v < version]
         above = [v for v in shared if v > version]
         if below:
@@ -195,31 +211,36 @@ class Replica:
             self._wake = trio.Event()
             if self.membership is not None and not self.membership.reachable:
                 continue
-            for name in sorted(set(self.catalog) | set(self.held)):
+            for name in sorted(set(self.catalog.imis) | set(self.held)):
                 await self._sync_imi(name)
 
     async def _sync_imi(self, name: str) -> None:
-        imi = self.catalog.get(name)
-        if imi is None:
+        info = self.catalog.imis.get(name)
+        if info is None:
             await self._drop_imi(name, "no longer subscribed")
             return
-        uuid_file = self.layout.meta_dir(name) / "imi.json"
-        known = read_json(uuid_file, {})
-        if known.get("uuid") not in (None, imi.get("uuid")):
-            await self._drop_imi(name, "the master re-created it")
-        if known.get("uuid") != imi.get("uuid"):
-            self._save(uuid_file, {"uuid": imi.get("uuid")})
+        await self._check_uuid(info)
         if trio.current_time() < self._retry_at.get(name, 0):
             return
-        records = {v["version"]: v for v in imi.get("versions", [])}
         for version in self.wanted(name):
             if version in self.held.get(name, {}):
                 continue
-            if not await self._fetch(name, version, records[version]):
+            if not await self._fetch(name, version, info.versions[version]):
                 return
         await self._prune(name)
 
-    async def _fetch(self, name: str, version: int, record: dict) -> bool:
+    async def _check_uuid(self, info: ImiInfo) -> None:
+        """Drop what this replica holds of an iMI the master has re-created
+        under the same name: its versions are not the new one's."""
+        record = self.layout.imi_record(info.name)
+        known = read_json(record, {})
+        known = known if isinstance(known, dict) else {}
+        if known.get("uuid") not in (None, info.uuid):
+            await self._drop_imi(info.name, "the master re-created it")
+        if known.get("uuid") != info.uuid:
+            self._save(record, {"uuid": info.uuid})
+
+    async def _fetch(self, name: str, version: int, record: VersionRecord) -> bool:
         parent = self.choose_parent(name, version)
         transfer = Transfer(name, version, parent)
         self.transfers.append(transfer)
@@ -252,8 +273,7 @@ class Replica:
     async def _prune(self, name: str) -> None:
         held = self.held.get(name, {})
         keep = set(self.wanted(name))
-        on_master = {v["version"] for v in self.catalog.get(name, {}).get("versions", [])}
-        shared = sorted(set(held) & on_master)
+        shared = sorted(set(held) & self._on_master(name))
         if shared:
             keep.add(shared[-1])  # the parent of the next delta
         for version in sorted(set(held) - keep):
@@ -293,11 +313,12 @@ class Replica:
     async def list_imis(self, request: Request) -> Response:
         imis = []
         for name, versions in sorted(self.held.items()):
-            latest = self.catalog.get(name, {}).get("latest")
+            info = self.catalog.imis.get(name)
+            latest = info.latest if info else None
             imis.append({
                 "name": name,
                 "latest": latest if latest in versions else max(versions, default=None),
-                "versions": [versions[v] for v in sorted(versions)],
+                "versions": [versions[v].to_json() for v in sorted(versions)],
             })
         return json_response({"imis": imis})
 
@@ -305,13 +326,13 @@ class Replica:
         record = self.held.get(name, {}).get(version)
         if record is None:
             return None
-        return self.layout.manifest_file(name, version).read_bytes(), record["digest"]
+        return self.layout.manifest_file(name, version).read_bytes(), record.digest
 
     def routes(self) -> list[Route]:
         return [
             Route("/", self.status, methods=["GET"]),
-            Route(API + "/notify", self.notify, methods=["POST"]),
-            Route(API + "/imis", self.list_imis, methods=["GET"]),
+            Route(NOTIFY_ROUTE, self.notify, methods=["POST"]),
+            Route(IMIS_ROUTE, self.list_imis, methods=["GET"]),
             *read_routes(self._manifest, self.blocks),
         ]
 
@@ -332,8 +353,6 @@ def run(args) -> int:
     setup_logging(args.log, args.verbose)
     token = require_token(args.token)
     if not args.master:
-        from icbdfs.errors import CliError
-
         raise CliError("a replica needs --master URL (or ICBD_MASTER)")
     replica = Replica(
         Path(args.data).resolve(), args.listen, args.master, token, args.site,
@@ -341,3 +360,19 @@ def run(args) -> int:
         heartbeat=args.heartbeat, resume_spool=args.resume_spool,
     )
     return run_until_signal(replica.run)
+
+
+def _saved_catalog(layout: Layout) -> Catalog:
+    try:
+        return Catalog.from_json(read_json(layout.catalog_file, {"imis": []}))
+    except (InvalidInput, ValueError) as error:
+        log.warning("ignoring %s (%s); waiting for the master's catalogue", layout.catalog_file, error)
+        return Catalog()
+
+
+def _version_record(layout: Layout, name: str, version: int) -> VersionRecord | None:
+    doc = read_json(layout.version_record(name, version))
+    try:
+        return VersionRecord.from_json(doc) if isinstance(doc, dict) else None
+    except (KeyError, TypeError, ValueError):
+        return None

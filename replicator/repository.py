@@ -25,11 +25,14 @@ from pathlib import Path
 
 import trio
 
+from icbdcore.catalog import Catalog, ImiInfo
+from icbdcore.layout import Layout
+from icbdcore.manifest import Manifest, VersionRecord
+from icbdcore.records import now_iso, read_json, write_bytes, write_json
+from icbdcore.wire import InvalidInput, Refused, check_name, parse_version
+
 from . import btrfs
-from .layout import Layout
 from .manifest_builder import BuildStats, Parent, build_manifest
-from .records import now_iso, read_json, write_bytes, write_json
-from .wire import Manifest, Refused, VersionRecord, check_name, parse_version
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +58,10 @@ class Imi:
     def record(self) -> dict:
         return {"name": self.name, "uuid": self.uuid, "created": self.created, "pinned": self.pinned}
 
-    def to_json(self) -> dict:
-        return {
-            "name": self.name,
-            "uuid": self.uuid,
-            "created": self.created,
-            "latest": self.latest,
-            "versions": [self.versions[v].to_json() for v in sorted(self.versions)],
-        }
+    def info(self) -> ImiInfo:
+        """This iMI as the catalogue shows it."""
+        return ImiInfo(name=self.name, latest=self.latest, versions=dict(self.versions),
+                       uuid=self.uuid, created=self.created)
 
 
 @dataclass
@@ -97,7 +96,12 @@ class Repository:
         names |= {p.name for p in self.layout.work.iterdir() if not p.name.startswith(".")}
         names |= {p.name for p in self.layout.imis.iterdir()}
         for name in sorted(names):
-            doc = read_json(self.layout.meta / name / "imi.json")
+            try:
+                check_name(name)
+            except InvalidInput:
+                log.warning("ignoring %r in the data folder: not an iMI name", name)
+                continue
+            doc = read_json(self.layout.imi_record(name))
             if not isinstance(doc, dict):
                 log.warning("removing remains of iMI %s (never finished or deleted)", name)
                 await self._remove_files(name)
@@ -143,6 +147,9 @@ class Repository:
         shutil.rmtree(self.layout.meta_dir(name), ignore_errors=True)
 
     # --- queries -------------------------------------------------------------
+
+    def catalog(self) -> Catalog:
+        return Catalog({name: imi.info() for name, imi in self.imis.items()})
 
     def get(self, name: str) -> Imi:
         imi = self.imis.get(check_name(name))

@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -29,10 +30,11 @@ from pathlib import Path
 
 import trio
 
+from icbdcore.layout import Layout
+from icbdcore.records import read_json, write_json
+from icbdcore.wire import content_digest, content_hasher
+
 from . import btrfs
-from .layout import Layout
-from .records import read_json, write_json
-from .wire import block_digest, check_name, parse_version, stream_hasher
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,19 @@ WRITE_BEHIND = 8  # chunks between the sender and the file, at most
 
 class StreamFailed(Exception):
     pass
+
+
+_RANGE = re.compile(r"bytes=([0-9]{1,18})-\Z")
+
+
+def range_start(header: str | None) -> int | None:
+    """The start of an open-ended `Range: bytes=N-` (how a replica resumes a
+    stream); other forms are ignored (the whole stream is sent), as RFC 9110
+    allows."""
+    if not header:
+        return None
+    match = _RANGE.match(header.strip())
+    return int(match.group(1)) if match else None
 
 
 @dataclass
@@ -84,7 +99,7 @@ class Spool:
     def _advance(self, data: bytes) -> None:
         assert self.size % READ_SIZE == 0, "only the last piece may be short"
         self._recent[self.size] = data
-        self.pieces.append(block_digest(data))
+        self.pieces.append(content_digest(data))
         self.size += len(data)
         self._wake()
 
@@ -161,11 +176,6 @@ class SendSpools:
         self._spools: dict[tuple[str, int, int | None], Spool] = {}
         self._nursery: trio.Nursery | None = None
 
-    def _path(self, name: str, version: int, parent: int | None) -> Path:
-        check_name(name)
-        parse_version(version)
-        stem = f"{version}-from-{parent}" if parent else f"{version}-full"
-        return self.layout.streams / name / f"{stem}.stream"
 
     def load(self) -> None:
         """Keep complete spools from an earlier run; drop incomplete ones."""
@@ -227,7 +237,7 @@ class SendSpools:
         if spool is not None:
             self._drop(key)
         assert self._nursery is not None, "SendSpools.run() is not running"
-        spool = Spool(name, version, parent, self._path(name, version, parent))
+        spool = Spool(name, version, parent, self.layout.stream_spool(name, version, parent))
         spool.path.parent.mkdir(parents=True, exist_ok=True)
         spool.meta_path.unlink(missing_ok=True)
         spool.path.write_bytes(b"")  # readers may open it before the first byte arrives
@@ -263,7 +273,7 @@ async def _send_into(spool: Spool, snapshot: Path, parent_snapshot: Path | None)
     with contextlib.suppress(OSError):
         # A 1 MiB pipe lets one read take 1 MiB instead of 64 KiB.
         fcntl.fcntl(process.stdout.fileno(), btrfs.F_SETPIPE_SZ, 1 << 20)
-    hasher = stream_hasher()
+    hasher = content_hasher()
     out = await trio.to_thread.run_sync(os.open, spool.path, os.O_WRONLY)
     stderr = bytearray()
     # The file is written by its own task, a few chunks behind, so btrfs send
@@ -321,7 +331,7 @@ async def _read_up_to(stream, size: int) -> bytes:
 def _read_piece(fd: int, length: int, start: int, digest: str) -> bytes | None:
     """A piece of the spool file if it matches its digest, else None (in a worker thread)."""
     data = os.pread(fd, length, start)
-    return data if len(data) == length and block_digest(data) == digest else None
+    return data if len(data) == length and content_digest(data) == digest else None
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -4,7 +4,7 @@ import pytest
 import requests
 from trees import make_tree
 
-from bench.cluster import TOKEN
+from harness.cluster import TOKEN
 
 MASTER_ROUTES = [
     ("GET", "/v1/imis"), ("POST", "/v1/imis"), ("GET", "/v1/imis/demo"), ("DELETE", "/v1/imis/demo"),

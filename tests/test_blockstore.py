@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cache.blockstore import BadBlock, BlockStore, StoreBusy
-from replicator.wire import block_digest
+from icbdcore.wire import content_digest
 
 MiB = 1 << 20
 
@@ -28,7 +28,7 @@ def make_blocks(count: int, size: int, seed: int = 0) -> list[tuple[str, bytes]]
     for i in range(count):
         base[:8] = (seed << 40 | i).to_bytes(8, "little")
         data = bytes(base)
-        out.append((block_digest(data), data))
+        out.append((content_digest(data), data))
     return out
 
 
@@ -47,7 +47,7 @@ def store(tmp_path):
 
 
 def test_put_get_round_trip_and_reopen(tmp_path):
-    blocks = make_blocks(5, 100_000) + [(block_digest(b"tiny"), b"tiny")]
+    blocks = make_blocks(5, 100_000) + [(content_digest(b"tiny"), b"tiny")]
     with BlockStore(tmp_path / "blocks", 64 * MiB) as store:
         for digest, data in blocks:
             assert store.put(digest, data) is True
@@ -55,7 +55,7 @@ def test_put_get_round_trip_and_reopen(tmp_path):
         for digest, data in blocks:
             assert digest in store
             assert store.get(digest) == data
-        unknown = block_digest(b"never stored")
+        unknown = content_digest(b"never stored")
         assert store.get(unknown) is None and unknown not in store
         assert store.missing([d for d, _ in blocks] + [unknown]) == [unknown]
         stats = store.stats()
@@ -70,7 +70,7 @@ def test_put_get_round_trip_and_reopen(tmp_path):
 
 
 def test_put_refuses_bytes_that_do_not_match(store):
-    digest = block_digest(b"right")
+    digest = content_digest(b"right")
     with pytest.raises(BadBlock):
         store.put(digest, b"wrong")
     with pytest.raises(ValueError):
@@ -230,7 +230,7 @@ CHILD = textwrap.dedent("""
     import os, random, signal, sys, threading
     from pathlib import Path
     from cache.blockstore import BlockStore
-    from replicator.wire import block_digest
+    from icbdcore.wire import content_digest
 
     path, seed, crash = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     if crash == "after-rename":       # the block file is in place, its entry not committed
@@ -255,12 +255,12 @@ CHILD = textwrap.dedent("""
         mine = []
         while True:
             data = rng.randbytes(rng.choice([100, 5000, 70000, 200000]))
-            digest = block_digest(data)
+            digest = content_digest(data)
             store.put(digest, data)
             mine.append(digest)
             for d in rng.sample(mine, min(3, len(mine))):
                 got = store.get(d)
-                assert got is None or block_digest(got) == d
+                assert got is None or content_digest(got) == d
             done.append(1)
             if len(done) % 25 == 0:
                 print(len(done), flush=True)
@@ -306,7 +306,7 @@ def test_kill_9_leaves_a_store_that_reopens_consistent(tmp_path, crash):
             found = assert_consistent(store)
             assert found["entries"] > 0 and store.stats()["footprint"] <= 2 << 20
             for key in sorted(store.path.glob("??/*"))[:50]:
-                assert block_digest(store.get(key.name)) == key.name
+                assert content_digest(store.get(key.name)) == key.name
             recovered += store.stats()["recovered_entries"]
             adopted += store.stats()["adopted"]
     # The targeted crash points leave exactly the debris recovery exists for.

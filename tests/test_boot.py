@@ -19,15 +19,16 @@ from pathlib import Path
 
 import pytest
 import trio
+from sample_desktop import build_or_skip
 
-from bench.images.desktop import ImageBuildError, build_desktop_tree
-from icbdfs import boot as icbd_boot
-from icbdfs.boot import BootResult, boot, boot_async, load_spec
-from icbdfs.errors import CliError
+from icbd import boot as icbd_boot
+from icbd.boot import BootResult, boot, boot_async, load_spec
+from icbdcore.errors import CliError
 
 REPO = Path(__file__).resolve().parents[1]
-ICBD = [str(REPO / ".venv" / "bin" / "icbd")] if (REPO / ".venv" / "bin" / "icbd").exists() \
-    else [sys.executable, "-m", "icbdfs.cli"]
+# The icbd command of the Python running the tests (its venv's console script).
+ICBD = [str(Path(sys.executable).parent / "icbd")] if (Path(sys.executable).parent / "icbd").exists() \
+    else [sys.executable, "-m", "icbd.cli"]
 FILLER = 4 << 20
 
 
@@ -35,13 +36,8 @@ FILLER = 4 << 20
 def mount(tmp_path_factory):
     """ROOT/demo/{1,2}, latest -> 2; version 2 carries 4 MiB of filler the boot reads."""
     root = tmp_path_factory.mktemp("mount")
-    try:
-        build_desktop_tree(root / "demo" / "1", label="1")
-        build_desktop_tree(root / "demo" / "2", label="2", filler_bytes=FILLER)
-    except ImageBuildError as error:
-        if "apt-get download" in str(error):
-            pytest.skip(f"cannot download the Debian packages: {error}")
-        raise
+    build_or_skip(root / "demo" / "1", label="1")
+    build_or_skip(root / "demo" / "2", label="2", filler_bytes=FILLER)
     (root / "demo" / "latest").symlink_to("2")
     yield root
     shutil.rmtree(root, ignore_errors=True)
@@ -153,6 +149,7 @@ def test_names_and_versions_are_checked(mount, tmp_path):
 # ---- booting ----------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.qemu
 def test_latest_and_pinned_versions_boot_their_release(mount, tmp_path, monkeypatch):
     backing = {v: sha256(mount / "demo" / str(v) / "rootfs.img") for v in (1, 2)}
     # The default overlay lives in a temporary folder that must be gone afterwards.
@@ -183,6 +180,7 @@ def test_latest_and_pinned_versions_boot_their_release(mount, tmp_path, monkeypa
 
 
 @pytest.mark.slow
+@pytest.mark.qemu
 async def test_two_desktops_boot_at_once_with_their_own_overlays(mount, tmp_path):
     backing = sha256(mount / "demo" / "2" / "rootfs.img")
     results: dict[str, BootResult] = {}
@@ -208,6 +206,7 @@ async def test_two_desktops_boot_at_once_with_their_own_overlays(mount, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.qemu
 async def test_panic_and_reboot_are_told_from_a_power_off(mount, tmp_path):
     results = {}
 
@@ -230,6 +229,7 @@ async def test_panic_and_reboot_are_told_from_a_power_off(mount, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.qemu
 def test_timeout_stops_qemu(mount, tmp_path):
     result = boot(mount, "demo", accel="tcg", timeout=1.0, overlay_dir=tmp_path)
     assert result.returncode != 0 and result.outcome == "timeout"
@@ -239,6 +239,7 @@ def test_timeout_stops_qemu(mount, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.qemu
 def test_qemu_failure_is_reported(mount, tmp_path):
     result = boot(mount, "demo", accel="tcg", timeout=30, overlay_dir=tmp_path,
                   qemu_args=["-no-such-option"])
@@ -247,6 +248,7 @@ def test_qemu_failure_is_reported(mount, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.qemu
 async def test_the_kernel_probe_is_bounded(mount, tmp_path):
     kernel = mount / "demo" / "1" / "boot" / "vmlinuz"
     # The probe's yes: TCG boots the kernel to its no-root panic (about 3 s here).
@@ -270,6 +272,7 @@ def icbd(*args, env=None, **kwargs) -> subprocess.Popen:
 
 
 @pytest.mark.slow
+@pytest.mark.qemu
 def test_cli_exit_codes(mount, tmp_path):
     env = dict(os.environ, TMPDIR=str(tmp_path))
     ok = icbd("boot", "demo@1", "--mount", str(mount), "--accel", "tcg", env=env)
@@ -292,6 +295,7 @@ def test_cli_exit_codes(mount, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.qemu
 def test_cli_sigterm_stops_qemu_and_cleans_up(mount, tmp_path):
     env = dict(os.environ, TMPDIR=str(tmp_path))
     process = icbd("boot", "demo", "--mount", str(mount), "--accel", "tcg", env=env)

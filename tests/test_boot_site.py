@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.cluster import wait_for
 from bench.images.desktop import build_desktop_tree
-from icbdfs.boot import boot
+from harness.cluster import wait_for
+from icbd.boot import boot
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.fuse, pytest.mark.qemu]  # and btrfs (cluster)
 
 
 @pytest.fixture

@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from bench.cluster import Cluster, is_mountpoint, wait_for
-from bench.data import write_image
+from harness.cluster import Cluster, wait_for
+from harness.data import write_image
+from icbdcore.mounts import is_mountpoint
 from icbdfs.fs import MountOptions
 
 MIB = 1 << 20
@@ -161,6 +162,8 @@ def _store(site: Site) -> dict:
 # --- the size bound ----------------------------------------------------------------------------
 
 
+@pytest.mark.btrfs
+@pytest.mark.fuse
 def test_cache_stays_near_its_bound_while_500_mib_pass(site):
     blocks_dir = site.cache.data / "blocks"
     store_before = _store(site)
@@ -211,6 +214,8 @@ def _drop_pages(path: Path) -> None:
         os.close(fd)
 
 
+@pytest.mark.btrfs
+@pytest.mark.fuse
 def test_fds_and_memory_stay_bounded_under_50_readers(site):
     """25 readers each read a file of their own, 25 share 5 files (5 per
     file); three rounds each, pages dropped between rounds. 120 MiB of
@@ -316,27 +321,19 @@ def _log_files(path: Path) -> list[Path]:
     return sorted(p for p in path.parent.iterdir() if p.name.startswith(path.name))
 
 
-@pytest.mark.parametrize("which", ["node", "mount"])
-def test_log_files_rotate_and_stay_bounded(which, tmp_path, monkeypatch, clean_logging):
-    """The handler each process installs (replicator.node.setup_logging for
-    master, replica and cache; icbdfs.mount._setup_logging for the mount)
-    rotates at LOG_BYTES and keeps 3 old files: with the limit shrunk to 64 KiB,
-    16 MiB of log lines leave at most 4 files of at most 64 KiB each."""
+def test_log_files_rotate_and_stay_bounded(tmp_path, monkeypatch, clean_logging):
+    """The handler every process installs (icbdcore.logs.setup_logging, for
+    nodes and mounts alike) rotates at LOG_BYTES and keeps LOG_BACKUPS old
+    files: with the limit shrunk to 64 KiB, 16 MiB of log lines leave at
+    most 4 files of at most 64 KiB each."""
+    from icbdcore import logs
+
+    which = "node"
     limit = 64 << 10
     log_file = tmp_path / "logs" / f"{which}.log"
-    if which == "node":
-        from replicator import node
-
-        monkeypatch.setattr(node, "LOG_BYTES", limit)
-        node.setup_logging(str(log_file), verbose=True)
-        backups = node.LOG_BACKUPS
-    else:
-        from icbdfs import mount
-
-        monkeypatch.setattr(mount, "LOG_BYTES", limit)
-        log_file.parent.mkdir()
-        mount._setup_logging(log_file, verbose=True)
-        backups = 3
+    monkeypatch.setattr(logs, "LOG_BYTES", limit)
+    logs.setup_logging(str(log_file), verbose=True)
+    backups = logs.LOG_BACKUPS
     handler = logging.getLogger().handlers[0]
     assert isinstance(handler, logging.handlers.RotatingFileHandler)
     log = logging.getLogger(f"icbd.test.{which}")
@@ -353,11 +350,12 @@ def test_log_files_rotate_and_stay_bounded(which, tmp_path, monkeypatch, clean_l
     assert "line 16383 " in log_file.read_text()  # the newest lines are kept
 
 
+@pytest.mark.btrfs
 def test_real_node_log_rotates_at_10_mib(tmp_path):
     """A real master started with --log: the log files it finds full (10 MiB,
     and three backups) roll over instead of growing, so the node's logs never
     take more than 4 x 10 MiB."""
-    from replicator.node import LOG_BACKUPS, LOG_BYTES
+    from icbdcore.logs import LOG_BACKUPS, LOG_BYTES
 
     assert LOG_BYTES == 10 * MIB and LOG_BACKUPS == 3
     cluster = Cluster(tmp_path)

@@ -13,20 +13,12 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from sample_desktop import build_or_skip
 
 from bench.images import desktop
 from bench.images.desktop import ImageBuildError, build_desktop_tree
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def build_or_skip(out: Path, **kwargs) -> Path:
-    try:
-        return build_desktop_tree(out, **kwargs)
-    except ImageBuildError as error:
-        if "apt-get download" in str(error):
-            pytest.skip(f"cannot download the Debian packages: {error}")
-        raise
 
 
 def debugfs(image: Path, command: str) -> str:

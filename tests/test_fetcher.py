@@ -21,9 +21,9 @@ from starlette.routing import Route
 from cache.blockclient import BlockClient, CorruptBlock, HostFailure, NotHeld, UpstreamTimeout
 from cache.blockstore import BlockStore
 from cache.fetcher import Fetcher
-from cache.source import Unavailable
 from cache.upstreams import Upstreams
-from replicator.wire import block_digest
+from icbdcore.source import Unavailable
+from icbdcore.wire import content_digest
 
 TOKEN = "test-token-123"
 
@@ -46,7 +46,7 @@ class BlockServer:
         self._stopped = trio.Event()
 
     def add(self, data: bytes) -> str:
-        digest = block_digest(data)
+        digest = content_digest(data)
         (self.folder / digest).write_bytes(data)
         return digest
 
@@ -143,7 +143,7 @@ async def test_client_classifies_failures(nursery, tmp_path, client):
     assert await client.fetch(server.url, digest, imi="demo", version=2) == b"x" * 5000
     assert server.queries[-1] == {"imi": "demo", "version": "2"}
     with pytest.raises(NotHeld):
-        await client.fetch(server.url, block_digest(b"absent"))
+        await client.fetch(server.url, content_digest(b"absent"))
     server.mode = "corrupt"
     with pytest.raises(CorruptBlock):
         await client.fetch(server.url, digest)
@@ -313,7 +313,7 @@ async def test_unavailable_within_the_deadline(nursery, tmp_path, client, store)
 async def test_block_nobody_holds_fails_at_once(nursery, tmp_path, client, store):
     one = await start_server(nursery, tmp_path, "one")
     two = await start_server(nursery, tmp_path, "two")
-    absent = block_digest(b"published nowhere")
+    absent = content_digest(b"published nowhere")
     async with fetcher_for(store, client, [one.node(), two.node()], deadline=10) as fetcher:
         with trio.fail_after(2), pytest.raises(Unavailable, match="does not hold"):
             await fetcher.get(absent)
@@ -348,7 +348,7 @@ async def test_prefetch_warms_once_and_does_not_promote(nursery, tmp_path, clien
 async def test_background_prefetch_reports_progress(nursery, tmp_path, client, store):
     server = await start_server(nursery, tmp_path, "r1")
     server.delay = 0.05
-    digests = [server.add(bytes([i]) * 1000) for i in range(12)] + [block_digest(b"lost")]
+    digests = [server.add(bytes([i]) * 1000) for i in range(12)] + [content_digest(b"lost")]
     async with fetcher_for(store, client, [server.node()]) as fetcher:
         progress = fetcher.start_prefetch(digests, concurrency=4)
         assert progress.done == 0

@@ -15,7 +15,10 @@ import pytest
 import trio
 from tree_source import ODD_NAME, SAMPLE_CHUNK, TreeSource, build_sample_tree
 
-from icbdfs.fs import ROOT, MountOptions, Operations
+from icbdfs.blockcache import BlockCache
+from icbdfs.filesystem import open_filesystem
+from icbdfs.fs import MountOptions, Operations
+from icbdfs.namespace import ROOT
 from icbdfs.readahead import Readahead
 
 
@@ -31,8 +34,7 @@ def source(tmp_path) -> TreeSource:
 async def running(source: TreeSource, **options):
     options.setdefault("refresh", 0)
     options.setdefault("timeout", 5.0)
-    ops = Operations(source, MountOptions(**options))
-    async with ops.running():
+    async with open_filesystem(source, MountOptions(**options)) as ops:
         await ops.refresh()
         yield ops
 
@@ -533,7 +535,7 @@ async def test_status_file(source):
 
 
 async def test_invalid_imi_names_from_the_catalogue_are_not_shown(source, listdir, monkeypatch):
-    from cache.source import Catalog, ImiInfo
+    from icbdcore.catalog import Catalog, ImiInfo
 
     async def catalog():
         return Catalog({".icbd": ImiInfo(".icbd", None), "Bad Name": ImiInfo("Bad Name", None),
@@ -581,10 +583,10 @@ async def test_a_bug_answers_eio_instead_of_ending_the_request_loop(source, monk
             await ops.read(info.fh, 0, 4096)
         assert raised.value.errno == errno.EIO
 
-        async def broken_fetch(*args):
+        async def broken_get(*args):
             raise KeyError("a bug in the filesystem")
 
-        monkeypatch.setattr(ops, "_fetch", broken_fetch)
+        monkeypatch.setattr(BlockCache, "get", broken_get)
         with pytest.raises(pyfuse3.FUSEError) as raised:
             await ops.read(info.fh, SAMPLE_CHUNK, 4096)
         assert raised.value.errno == errno.EIO

@@ -2,7 +2,7 @@
 
 import time
 
-from bench.cluster import wait_for
+from harness.cluster import wait_for
 from replicator.nameserver import ALIVE, DOWN, SUSPECT, NameServer
 
 

@@ -7,8 +7,9 @@ import subprocess
 import pytest
 from trees import make_tree
 
+from icbdcore.manifest import Manifest
+from icbdcore.wire import InvalidInput, check_name, content_digest, parse_version
 from replicator.manifest_builder import Parent, build_manifest
-from replicator.wire import InvalidInput, Manifest, block_digest, check_name, parse_version
 
 CHUNK = 1 << 20
 
@@ -17,6 +18,7 @@ def _snapshot(src, dst):
     subprocess.run(["btrfs", "subvolume", "snapshot", "-r", str(src), str(dst)], check=True, capture_output=True)
 
 
+@pytest.mark.root  # make_tree chowns a file and makes a device node
 def test_manifest_describes_the_tree(tmp_path):
     tree = make_tree(tmp_path / "t")
     manifest, stats = build_manifest(tree, CHUNK)
@@ -32,7 +34,7 @@ def test_manifest_describes_the_tree(tmp_path):
     big = by_path["big.bin"]
     assert len(big.chunks) == 3
     data = (tree / "big.bin").read_bytes()
-    assert big.chunks[1] == block_digest(data[CHUNK:2 * CHUNK])
+    assert big.chunks[1] == content_digest(data[CHUNK:2 * CHUNK])
     assert by_path["etc/hostname"].mtime_ns == 1_600_000_000_123_456_789
     again = Manifest.from_bytes(manifest.canonical(), manifest.digest)
     assert again.entries == manifest.entries and again.digest == manifest.digest

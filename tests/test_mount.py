@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import select
-import shutil
 import stat
 import subprocess
 import sys
@@ -19,20 +18,20 @@ from pathlib import Path
 import pytest
 from tree_source import ODD_NAME, SAMPLE_CHUNK, build_sample_tree
 
-from icbdfs.errors import CliError
-from icbdfs.mount import _start_in_background, mount_info
+from icbd.mounting import _start_in_background
+from icbdcore.errors import CliError
+from icbdcore.mounts import mounted_at
 
 REPO = Path(__file__).resolve().parent.parent
 RUNNER = REPO / "tests" / "tree_source.py"
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
-    reason="needs /dev/fuse and fusermount3",
-)
+# Tests that mount are marked fuse (tests/conftest.py skips them without root,
+# /dev/fuse or fusermount3); the command line's refusals and the background
+# start run as any user.
 
 
 def is_mounted(path: Path) -> bool:
-    return mount_info(str(path)) is not None
+    return mounted_at(path) is not None
 
 
 class Mount:
@@ -126,6 +125,7 @@ def snapshot(top: Path) -> dict[str, tuple]:
     return out
 
 
+@pytest.mark.fuse
 def test_the_tree_through_the_kernel_equals_the_tree(mount):
     m = mount()
     for version in ("1", "2"):
@@ -136,7 +136,8 @@ def test_the_tree_through_the_kernel_equals_the_tree(mount):
     assert os.readlink(m.path / "demo" / "latest") == "2"
     assert (m.path / "demo/latest/etc/motd").read_text() == "welcome to version 2\n"
     assert sorted(os.listdir(m.path)) == ["demo"]
-    assert mount_info(str(m.path)) == ("fuse.icbd", "icbd")
+    found = mounted_at(m.path)
+    assert (found.fstype, found.source) == ("fuse.icbd", "icbd")
     dev = os.stat(m.path).st_dev
     with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb") as f:
         assert f.read().strip() == "1024", "1 MiB kernel requests, not 128 KiB"
@@ -145,6 +146,7 @@ def test_the_tree_through_the_kernel_equals_the_tree(mount):
         assert subprocess.run(cmd).returncode == 0
 
 
+@pytest.mark.fuse
 def test_the_kernel_refuses_writes(mount):
     m = mount()
     motd = m.path / "demo/1/etc/motd"
@@ -180,6 +182,7 @@ sys.stdin.read()  # stay alive, asleep, until the test has looked at us
 """
 
 
+@pytest.mark.fuse
 def test_hung_source_gives_eio_in_bounded_time_and_no_d_state(mount):
     m = mount(timeout=1.5)
     target = m.path / "demo/1/big.bin"
@@ -205,6 +208,7 @@ def test_hung_source_gives_eio_in_bounded_time_and_no_d_state(mount):
     assert target.read_bytes() == (m.root / "demo/1/big.bin").read_bytes()
 
 
+@pytest.mark.fuse
 def test_second_read_comes_from_the_page_cache(mount):
     m = mount()
     target = m.path / "demo/1/bin/tool"
@@ -219,6 +223,7 @@ def test_second_read_comes_from_the_page_cache(mount):
     assert after["source_blocks"] == before["source_blocks"]
 
 
+@pytest.mark.fuse
 def test_new_versions_and_rollbacks_appear_without_remounting(mount):
     m = mount(refresh=0.2)
     latest = m.path / "demo/latest"
@@ -240,6 +245,7 @@ def wait_until(condition, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.fuse
 def test_signal_unmounts_cleanly(mount):
     m = mount()
     assert is_mounted(m.path)
@@ -248,9 +254,10 @@ def test_signal_unmounts_cleanly(mount):
     assert not is_mounted(m.path)
 
 
+@pytest.mark.fuse
 def test_icbd_umount(mount, tmp_path):
     m = mount()
-    icbd = [sys.executable, "-m", "icbdfs.cli"]
+    icbd = [sys.executable, "-m", "icbd.cli"]
     other = tmp_path / "plain"
     other.mkdir()
     result = subprocess.run([*icbd, "umount", str(other)], capture_output=True, text=True, cwd=REPO)
@@ -266,14 +273,18 @@ def test_icbd_umount(mount, tmp_path):
     assert m.process.wait(timeout=20) == 0
 
 
+@pytest.mark.root  # for a user, icbd mount checks /etc/fuse.conf (user_allow_other) first
 def test_icbd_mount_needs_a_source(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "ICBD_MASTER"}
-    result = subprocess.run([sys.executable, "-m", "icbdfs.cli", "mount", str(tmp_path)],
+    result = subprocess.run([sys.executable, "-m", "icbd.cli", "mount", str(tmp_path)],
                             capture_output=True, text=True, cwd=REPO, env=env)
     assert result.returncode == 1
     assert result.stderr.startswith("icbd: ") and "--cache URL" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    result = subprocess.run([sys.executable, "-m", "icbdfs.cli", "mount", str(tmp_path / "nope"),
+
+
+def test_icbd_mount_needs_an_existing_mountpoint(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "icbd.cli", "mount", str(tmp_path / "nope"),
                              "--cache", "http://127.0.0.1:9"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 1 and "does not exist" in result.stderr
 
@@ -291,12 +302,13 @@ def test_background_start_reports_ready_or_the_error(tmp_path):
     assert "the source said no" in log_file.read_text()
 
 
+@pytest.mark.fuse
 def test_icbd_mount_in_the_background(cluster, tmp_path):
     """`icbd mount` returns once the mount answers and serves from a daemon;
     `icbd umount` ends it. Through a real cache server."""
     from trees import make_tree
 
-    from bench.cluster import free_port
+    from harness.cluster import free_port
 
     cluster.master()
     replica = cluster.replica("r1")

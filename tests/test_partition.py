@@ -1,7 +1,7 @@
 """A network partition between sites, end to end.
 
 Three sites are network namespaces joined through the root namespace
-(bench/netns.py): "central" holds the master and a replica `rc`, site "a" a
+(harness/netns.py): "central" holds the master and a replica `rc`, site "a" a
 replica `ra`, the site cache server `ca` and a desktop's FUSE mount, site "b"
 a replica `rb`. The link between a and central is cut by dropping packets in
 the middle, so connections hang as over a failed WAN link. The test process
@@ -11,7 +11,7 @@ Two iMIs: `demo`, held by ra and rb (so site a has it locally), and `far`,
 held only by rc in central: its blocks reach site a only through the cut link.
 
 Nodes and the mount enter their site's network namespace only (`nsenter
---net`, bench/netns.py), not `ip netns exec`, whose private mount namespace
+--net`, harness/netns.py), not `ip netns exec`, whose private mount namespace
 would hide the nodes' loop-mounted btrfs and the FUSE mount from the test.
 
 Two tests guard against starvation: many concurrent uncached readers must
@@ -24,7 +24,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -35,17 +34,19 @@ import pytest
 import xxhash
 from trees import describe, make_tree
 
-from bench.cluster import ICBD, Cluster, MountProcess, Node, wait_for
-from bench.data import drop_caches
-from bench.netns import Site, SiteNetwork, sites
-from replicator.wire import Manifest
+from harness.cluster import ICBD, Cluster, MountProcess, Node, wait_for
+from harness.data import drop_caches
+from harness.netns import Site, SiteNetwork, sites
+from icbdcore.manifest import Manifest
 
 MIB = 1 << 20
 MOUNT_TIMEOUT = 2.0  # the mount's --timeout
 SLACK = 2.0  # what an EIO may take beyond it
 STORM = 36  # concurrent readers of distinct uncached blocks
 
-pytestmark = pytest.mark.skipif(not shutil.which("nsenter"), reason="needs nsenter (util-linux)")
+# Sites in network namespaces (ip, tc, nsenter: checked by tests/conftest.py),
+# nodes on btrfs, a FUSE mount.
+pytestmark = [pytest.mark.netns, pytest.mark.btrfs, pytest.mark.fuse]
 
 
 @dataclass

@@ -11,12 +11,14 @@ import requests
 import xxhash
 from trees import describe, make_tree
 
-from bench.cluster import TOKEN, wait_for
-from bench.data import drop_caches
+from harness.cluster import TOKEN, wait_for
+from harness.data import drop_caches
+from icbdcore.manifest import Manifest
 from replicator import btrfs
-from replicator.wire import Manifest
 
 MIB = 1 << 20
+# Every test here runs nodes (btrfs, through the cluster fixture); those that
+# read through a FUSE mount are marked fuse.
 
 
 def _hash(path: Path) -> str:
@@ -47,6 +49,7 @@ def _served(replica) -> int:
     return replica.status()["served"]["blocks"]
 
 
+@pytest.mark.fuse
 def test_mount_shows_the_published_tree(site):
     cluster, near, far, cache, tree = site
     mount = cluster.mount("mnt", cache=cache)
@@ -59,6 +62,7 @@ def test_mount_shows_the_published_tree(site):
     assert _served(near) > 0 and _served(far) == 0
 
 
+@pytest.mark.fuse
 def test_embedded_cache_mount_matches_too(site):
     cluster, near, far, cache, tree = site
     mount = cluster.mount("emb", cache_dir=cluster.root / "emb-cache", site="b")
@@ -66,6 +70,7 @@ def test_embedded_cache_mount_matches_too(site):
     assert _served(far) > 0  # this host is at site b
 
 
+@pytest.mark.fuse
 def test_new_versions_and_rollback_show_up(site):
     cluster, near, far, cache, tree = site
     mount = cluster.mount("mnt", cache=cache)
@@ -81,6 +86,7 @@ def test_new_versions_and_rollback_show_up(site):
     assert (mount.mountpoint / "demo" / "latest" / "etc" / "hostname").read_text() == "desktop-1\n"
 
 
+@pytest.mark.fuse
 def test_mount_is_read_only(site):
     cluster, near, far, cache, tree = site
     root = cluster.mount("mnt", cache=cache).mountpoint
@@ -100,6 +106,7 @@ def test_mount_is_read_only(site):
     assert describe(root / "demo" / "1") == describe(tree)
 
 
+@pytest.mark.fuse
 def test_eviction_under_a_small_bound_keeps_data_right(cluster, tmp_path):
     cluster.master()
     replica = cluster.replica("r1")
@@ -133,6 +140,7 @@ def test_single_flight_one_upstream_fetch_for_many_readers(site):
     assert _served(near) + _served(far) - before == 1
 
 
+@pytest.mark.fuse
 def test_failover_when_the_near_replica_dies(site):
     cluster, near, far, cache, tree = site
     near.kill9()
@@ -141,6 +149,7 @@ def test_failover_when_the_near_replica_dies(site):
     assert _served(far) > 0
 
 
+@pytest.mark.fuse
 def test_corrupt_block_at_a_replica_is_never_returned(site):
     cluster, near, far, cache, tree = site
     victim = near.data / "imis" / "demo" / "1" / "big.bin"
@@ -156,6 +165,7 @@ def test_corrupt_block_at_a_replica_is_never_returned(site):
     assert _served(far) >= 1  # the damaged block came from the other replica
 
 
+@pytest.mark.fuse
 def test_cached_reads_go_on_with_master_and_replicas_down(site):
     cluster, near, far, cache, tree = site
     mount = cluster.mount("mnt", cache=cache)
@@ -172,6 +182,7 @@ def test_cached_reads_go_on_with_master_and_replicas_down(site):
     assert describe(mount.mountpoint / "demo" / "1") == expected
 
 
+@pytest.mark.fuse
 def test_uncached_read_fails_fast_with_eio(site):
     cluster, near, far, cache, tree = site
     mount = cluster.mount("mnt", cache=cache, timeout=2)

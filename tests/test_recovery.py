@@ -6,7 +6,7 @@ from pathlib import Path
 
 from trees import describe, make_tree
 
-from bench.cluster import wait_for
+from harness.cluster import wait_for
 
 
 def _big_tree(path: Path, size: int) -> Path:

@@ -29,11 +29,13 @@ from pathlib import Path
 
 import trio
 
-from cache.source import Catalog, ImiInfo, Profile, Unavailable
+from icbdcore.catalog import Catalog, ImiInfo, Profile
+from icbdcore.manifest import Manifest, VersionRecord
+from icbdcore.source import Unavailable
+from icbdcore.wire import DEFAULT_CHUNK_SIZE, check_name, content_digest
 from icbdfs.fs import MountOptions
 from icbdfs.mount import serve
 from replicator.manifest_builder import build_manifest
-from replicator.wire import DEFAULT_CHUNK_SIZE, Manifest, VersionRecord, block_digest, check_name
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +161,7 @@ def _read_block(digest: str, path: Path, offset: int, length: int) -> bytes:
         data = os.pread(fd, length, offset)
     finally:
         os.close(fd)
-    if len(data) != length or block_digest(data) != digest:
+    if len(data) != length or content_digest(data) != digest:
         raise Unavailable(f"block {digest} at {path}:{offset} does not match its digest")
     return data
 

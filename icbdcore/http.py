@@ -1,5 +1,6 @@
 """The HTTP side every node shares: a Starlette app served by hypercorn on
-trio, JSON errors for every failure, and the token check.
+trio, JSON errors for every failure, the token check, and the answers for
+immutable objects.
 
 Every route under /v1 needs the token (`Authorization: Bearer T`); `GET /`,
 the node's status, is open. A bad request gets a 4xx with `{"error": ...}`,
@@ -22,7 +23,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .wire import API, InvalidInput, Refused, error_body
+from .wire import API, DIGEST_HEADER, IMMUTABLE, InvalidInput, Refused, error_body
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,6 @@ MAX_JSON_BODY = 1 << 20
 # Our own documents are a few levels deep; a deeper body is an attack on the
 # parser or on whoever stores it and renders it later.
 MAX_JSON_DEPTH = 64
-
-
-# Raised by a handler to answer with `status` and a JSON error.
-HttpError = Refused
 
 
 class AsciiJSONResponse(JSONResponse):
@@ -63,25 +60,25 @@ async def json_body(request: Request, limit: int = MAX_JSON_BODY) -> dict:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise HttpError(413, f"request body over {limit} bytes")
+                raise Refused(413, f"request body over {limit} bytes")
             chunks.append(chunk)
     except ClientDisconnect:
         # Nobody is left to answer; not an internal error worth a traceback.
-        raise HttpError(400, "the client went away before the end of its request body") from None
+        raise Refused(400, "the client went away before the end of its request body") from None
     raw = b"".join(chunks)
     if not raw:
         return {}
     try:
         doc = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
     except RecursionError:
-        raise HttpError(400, f"request body nested deeper than {MAX_JSON_DEPTH} levels") from None
+        raise Refused(400, f"request body nested deeper than {MAX_JSON_DEPTH} levels") from None
     except (UnicodeDecodeError, ValueError):
-        raise HttpError(400, "request body is not valid JSON") from None
+        raise Refused(400, "request body is not valid JSON") from None
     if not isinstance(doc, dict):
-        raise HttpError(400, "request body must be a JSON object")
+        raise Refused(400, "request body must be a JSON object")
     problem = _unfit(doc)
     if problem:
-        raise HttpError(400, f"request body {problem}")
+        raise Refused(400, f"request body {problem}")
     return doc
 
 
@@ -118,6 +115,13 @@ def _is_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def immutable_response(data: bytes, digest: str, media_type: str) -> Response:
+    """An object that never changes (a block, a manifest), named by its digest:
+    any tier and any stock HTTP cache between tiers may keep it forever."""
+    return Response(data, media_type=media_type,
+                    headers={"Cache-Control": IMMUTABLE, "ETag": f'"{digest}"', DIGEST_HEADER: digest})
 
 
 def _error(status: int, message: str) -> JSONResponse:

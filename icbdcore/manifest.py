@@ -1,112 +1,28 @@
-"""The wire and manifest formats that every icbd node and client speaks.
-
-This is the one module that defines what crosses a process boundary: iMI names,
-version numbers, block digests, the manifest of a version and its digest, the
-headers of the HTTP API. Every other module imports it; none re-implements it.
+"""The manifest of a version: every path with its metadata and, for files, the
+digests of its chunks; its canonical bytes and their digest; and the record
+the master keeps of each published version.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
-import re
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import xxhash
+from .wire import (
+    DEFAULT_CHUNK_SIZE,
+    InvalidInput,
+    check_digest,
+    content_digest,
+    parse_version,
+)
 
-API = "/v1"
-DEFAULT_CHUNK_SIZE = 1 << 20
 MANIFEST_FORMAT = 1
-
-# Blocks and manifests never change once published, so every tier (and any
-# stock HTTP cache between tiers) may keep them forever.
-IMMUTABLE = "public, max-age=31536000, immutable"
-
-NODE_HEADER = "X-Icbd-Node"
-STREAM_ID_HEADER = "X-Icbd-Stream-Id"
-ROLES = ("master", "replica", "cache")
-
-_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}\Z")
-_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
-_SITE = _NODE_ID
-_DIGEST = re.compile(r"[0-9a-f]{32}\Z")
-# Version numbers are positive and fit the 32-bit range every tool handles.
-MAX_VERSION = 2**31 - 1
-
-
-class InvalidInput(ValueError):
-    """A name, number or document from outside failed validation."""
-
-
-class Refused(Exception):
-    """A request refused with an HTTP status and a one-line reason."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def check_name(name: object) -> str:
-    """Return `name` if it is a valid iMI name, else raise InvalidInput."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise InvalidInput(
-            f"invalid iMI name {name!r}: use 1-64 of a-z 0-9 . _ -, starting with a letter or digit"
-        )
-    return name
-
-
-def check_node_id(node_id: object) -> str:
-    if not isinstance(node_id, str) or not _NODE_ID.match(node_id):
-        raise InvalidInput(f"invalid node id {node_id!r}: use 1-64 of A-Z a-z 0-9 . _ -")
-    return node_id
-
-
-def check_site(site: object) -> str:
-    if not isinstance(site, str) or not _SITE.match(site):
-        raise InvalidInput(f"invalid site {site!r}: use 1-64 of A-Z a-z 0-9 . _ -")
-    return site
-
-
-def check_role(role: object) -> str:
-    if role not in ROLES:
-        raise InvalidInput(f"invalid role {role!r}: one of {', '.join(ROLES)}")
-    return role  # type: ignore[return-value]
-
-
-def parse_version(value: object) -> int:
-    """A version number from a path, a query or a JSON body."""
-    if isinstance(value, bool):
-        raise InvalidInput(f"invalid version {value!r}")
-    if isinstance(value, str):
-        if not value.isascii() or not value.isdigit() or len(value) > 10:
-            raise InvalidInput(f"invalid version {value!r}: a number from 1 to {MAX_VERSION}")
-        value = int(value)
-    if not isinstance(value, int) or not 1 <= value <= MAX_VERSION:
-        raise InvalidInput(f"invalid version {value!r}: a number from 1 to {MAX_VERSION}")
-    return value
-
-
-def check_digest(digest: object) -> str:
-    if not isinstance(digest, str) or not _DIGEST.match(digest):
-        raise InvalidInput(f"invalid digest {digest!r}: 32 lowercase hex digits")
-    return digest
-
-
-def block_digest(data: bytes | memoryview) -> str:
-    """The name of a block: the xxh3-128 digest of its bytes, as hex."""
-    return xxhash.xxh3_128_hexdigest(data)
-
-
-def stream_hasher() -> xxhash.xxh3_128:
-    """The running digest of a version stream (same function as blocks)."""
-    return xxhash.xxh3_128()
-
-
-# --- manifests -----------------------------------------------------------
-
+# The largest manifest any tier takes. A tree of 100k files or a 1 TiB image in
+# 1 MiB chunks needs a few tens of MB; anything larger is refused before it is parsed.
+MAX_MANIFEST = 64 << 20
 FILE, DIR, SYMLINK = "file", "dir", "symlink"
 _SPECIAL = {"chardev": stat.S_IFCHR, "blockdev": stat.S_IFBLK, "fifo": stat.S_IFIFO, "socket": stat.S_IFSOCK}
 TYPES = (FILE, DIR, SYMLINK, *_SPECIAL)
@@ -239,12 +155,12 @@ class Manifest:
 
     @property
     def digest(self) -> str:
-        return xxhash.xxh3_128_hexdigest(self.canonical())
+        return content_digest(self.canonical())
 
     @classmethod
     def from_bytes(cls, raw: bytes, expect_digest: str | None = None) -> Manifest:
         """Parse and validate a manifest; check it against `expect_digest` if given."""
-        if expect_digest is not None and xxhash.xxh3_128_hexdigest(raw) != expect_digest:
+        if expect_digest is not None and content_digest(raw) != expect_digest:
             raise InvalidInput("manifest does not match its digest")
         try:
             doc = json.loads(raw)
@@ -282,13 +198,9 @@ class Manifest:
         return None
 
 
-def sort_entries(entries: Iterable[Entry]) -> list[Entry]:
-    return sorted(entries, key=lambda e: e.path)
-
-
 @dataclass(frozen=True)
 class VersionRecord:
-    """What the master records of a published version (DESIGN's JSON shape)."""
+    """What the master records of a published version (its JSON shape is in docs/API.md)."""
 
     version: int
     digest: str  # the manifest's digest: it names the version's content
@@ -319,6 +231,3 @@ class VersionRecord:
         )
 
 
-def error_body(message: str) -> dict:
-    """The JSON body of every error response."""
-    return {"error": message}

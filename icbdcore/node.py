@@ -1,47 +1,23 @@
-"""What every node process shares: logging, the token, running until a
-signal, its persistent id, and membership (registration and heartbeats).
+"""What every node process shares: the token, running until a signal, its
+persistent id, and membership (registration and heartbeats).
 """
 
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import secrets
 import signal
-import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import httpx
 import trio
 
-from icbdfs.errors import CliError
-
+from .errors import CliError
+from .layout import Layout
 from .records import read_json, write_json
-from .wire import API, NODE_HEADER
+from .wire import NODES_ROUTE, heartbeat_path
 
 log = logging.getLogger(__name__)
-
-LOG_BYTES = 10 << 20
-LOG_BACKUPS = 3
-
-
-def setup_logging(log_file: str | None, verbose: bool) -> None:
-    """Log to stderr, or to a file rotated at 10 MiB (three kept)."""
-    if log_file:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handler: logging.Handler = logging.handlers.RotatingFileHandler(
-            log_file, maxBytes=LOG_BYTES, backupCount=LOG_BACKUPS
-        )
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("httpx", "httpcore", "hypercorn.access", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
 
 def require_token(token: str | None) -> str:
     if not token:
@@ -51,9 +27,9 @@ def require_token(token: str | None) -> str:
     return token
 
 
-def node_id(data: Path, role: str, given: str | None) -> str:
+def node_id(layout: Layout, role: str, given: str | None) -> str:
     """The node's id: --name if given, else one generated once and kept in DATA."""
-    path = data / "node-id.json"
+    path = layout.node_id_file
     doc = read_json(path, {})
     if given:
         if doc.get("id") != given:
@@ -93,47 +69,18 @@ def run_until_signal(main: Callable[[trio.Event], Awaitable[None]]) -> int:
     return 0
 
 
-class NodeClient:
-    """Async calls from one node to another (control traffic, JSON)."""
-
-    def __init__(self, base_url: str, token: str, node_id: str | None = None, timeout: float = 10.0):
-        headers = {"Authorization": f"Bearer {token}"}
-        if node_id:
-            headers[NODE_HEADER] = node_id
-        self.base_url = base_url.rstrip("/")
-        self.http = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout)
-
-    async def aclose(self) -> None:
-        await self.http.aclose()
-
-    async def get_json(self, path: str, **params) -> dict:
-        response = await self.http.get(path, params=params or None)
-        response.raise_for_status()
-        return response.json()
-
-    async def post_json(self, path: str, doc: dict, timeout: float | None = None) -> dict:
-        kwargs = {"timeout": timeout} if timeout else {}
-        response = await self.http.post(path, json=doc, **kwargs)
-        response.raise_for_status()
-        return response.json()
-
-    async def get_bytes(self, path: str) -> bytes:
-        response = await self.http.get(path)
-        response.raise_for_status()
-        return response.content
-
-
 class Membership:
     """Registers a node with the master and keeps sending heartbeats.
 
-    Each heartbeat carries `status()` and its answer goes to `on_reply`. While
-    the master is unreachable the node carries on with what it has; it
-    re-registers when the master no longer knows it (e.g. a new master).
+    `master` is a client whose base URL is the master's. Each heartbeat
+    carries `status()` and its answer goes to `on_reply`. While the master is
+    unreachable the node carries on with what it has; it re-registers when
+    the master no longer knows it (e.g. a new master).
     """
 
     def __init__(
         self,
-        master: NodeClient,
+        master: httpx.AsyncClient,
         node_id: str,
         role: str,
         site: str,
@@ -164,25 +111,30 @@ class Membership:
                 # so a cut-off node notices within seconds, as the master does.
                 timeout = max(2.0, 2 * self.interval)
                 if not self._registered:
-                    await self.master.post_json(f"{API}/nodes", self.registration, timeout=timeout)
+                    await self._post(NODES_ROUTE, self.registration, timeout)
                     self._registered = True
                     log.info("registered with the master as %s", node)
-                reply = await self.master.post_json(f"{API}/nodes/{node}/heartbeat", self.status(), timeout=timeout)
+                reply = await self._post(heartbeat_path(node), self.status(), timeout)
                 if not self.reachable:
                     log.info("master reachable")
                 self.reachable = True
                 if self.on_reply is not None:
                     await self.on_reply(reply)
             except httpx.HTTPStatusError as error:
-                if error.response.status_code == 404:
-                    self._registered = False
+                if error.response.status_code == 404 and self._registered:
+                    self._registered = False  # the master forgot this node: register again now
                     continue
-                self._lost(f"master answered {error.response.status_code}")
+                self._lost(f"master answered {error.response.status_code} to {error.request.url.path}")
             except (httpx.HTTPError, OSError, ValueError, RecursionError) as error:
                 self._lost(describe_error(error))
             with trio.move_on_after(self.interval):
                 await self._poke.wait()
             self._poke = trio.Event()
+
+    async def _post(self, path: str, doc: dict, timeout: float) -> dict:
+        response = await self.master.post(path, json=doc, timeout=timeout)
+        response.raise_for_status()
+        return response.json()
 
     def _lost(self, why: str) -> None:
         if self.reachable or not self._warned:

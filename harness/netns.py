@@ -103,7 +103,7 @@ class Site:
         return subprocess.run(self.command(argv), **kwargs)
 
     def adopt(self, node):
-        """Make a not yet started bench.cluster Node (or MountProcess) run in
+        """Make a not yet started harness.cluster Node (or MountProcess) run in
         this site: its command is prefixed with `command()`. Give the node
         `host=site.ip` when creating it so it listens on the site's address."""
         assert node.process is None, "adopt a node before starting it"

@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-from icbdfs.errors import CliError
+from icbdcore.errors import CliError
 
 EPILOG = """\
 environment: ICBD_MASTER (for --master), ICBD_TOKEN (for --token)
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="versions to keep per iMI, besides latest and the delta parent (default 5)")
     p.add_argument("--resume-spool", choices=("auto", "always", "never"), default="auto",
                    help="keep a copy of each incoming stream so a cut-off transfer resumes where it "
-                   "stopped (auto: only on links slower than 200 MB/s, where starting over is costly)")
+                   "stopped (auto: only on links slower than 100 MB/s, where starting over is costly)")
     p.set_defaults(handler="replicator.replica:run")
 
     p = sub.add_parser("cache", help="run a site cache server")
@@ -123,11 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--log", metavar="FILE", help="log to FILE (rotated)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.set_defaults(handler="icbdfs.mount:main")
+    p.set_defaults(handler="icbd.mounting:main")
 
     p = sub.add_parser("umount", help="unmount an icbd mount")
     p.add_argument("mountpoint")
-    p.set_defaults(handler="icbdfs.mount:umount")
+    p.set_defaults(handler="icbd.mounting:umount")
 
     imi = sub.add_parser("imi", help="manage iMIs on the master").add_subparsers(dest="action", metavar="ACTION")
     imi.required = True
@@ -135,43 +135,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--from", dest="source", required=True, metavar="PATH",
                    help="absolute path on the master host: a directory tree or an image file")
-    p.set_defaults(handler="icbdfs.admin:imi_create")
+    p.set_defaults(handler="icbd.admin:imi_create")
     p = imi.add_parser("publish", help="publish the working copy as the next version")
     p.add_argument("name")
     p.add_argument("--message", "-m", default="", metavar="TEXT")
-    p.set_defaults(handler="icbdfs.admin:imi_publish")
+    p.set_defaults(handler="icbd.admin:imi_publish")
     p = imi.add_parser("list", help="list iMIs")
-    p.set_defaults(handler="icbdfs.admin:imi_list")
+    p.set_defaults(handler="icbd.admin:imi_list")
     p = imi.add_parser("versions", help="list the versions of an iMI")
     p.add_argument("name")
-    p.set_defaults(handler="icbdfs.admin:imi_versions")
+    p.set_defaults(handler="icbd.admin:imi_versions")
     p = imi.add_parser("path", help="print where the writable working copy is on the master")
     p.add_argument("name")
-    p.set_defaults(handler="icbdfs.admin:imi_path")
+    p.set_defaults(handler="icbd.admin:imi_path")
     p = imi.add_parser("rollback", help="make an older version latest")
     p.add_argument("name")
     p.add_argument("version")
-    p.set_defaults(handler="icbdfs.admin:imi_rollback")
+    p.set_defaults(handler="icbd.admin:imi_rollback")
     p = imi.add_parser("delete", help="delete an iMI and all its versions")
     p.add_argument("name")
-    p.set_defaults(handler="icbdfs.admin:imi_delete")
+    p.set_defaults(handler="icbd.admin:imi_delete")
 
     for verb in ("subscribe", "unsubscribe"):
         p = sub.add_parser(verb, help=f"{verb} a replica to an iMI")
         p.add_argument("name")
         p.add_argument("--node", required=True, metavar="ID")
-        p.set_defaults(handler=f"icbdfs.admin:{verb}")
+        p.set_defaults(handler=f"icbd.admin:{verb}")
 
     p = sub.add_parser("status", help="nodes, liveness, versions held, transfers")
     p.add_argument("--watch", action="store_true", help="keep showing, with progress bars for transfers")
     p.add_argument("--interval", type=float, default=1.0, metavar="S")
-    p.set_defaults(handler="icbdfs.admin:status")
+    p.set_defaults(handler="icbd.admin:status")
 
     p = sub.add_parser("prefetch", help="pre-stage a version (or its boot profile) at a site cache")
     p.add_argument("target", metavar="NAME[@VERSION]")
     p.add_argument("--cache", required=True, metavar="URL", help="the site cache server")
     p.add_argument("--profile", action="store_true", help="only the blocks of the boot profile")
-    p.set_defaults(handler="icbdfs.admin:prefetch")
+    p.set_defaults(handler="icbd.admin:prefetch")
 
     p = sub.add_parser("boot", help="boot a desktop from a mounted iMI under qemu",
                        usage="icbd boot NAME[@VERSION] --mount MOUNTPOINT [options] [-- QEMU-ARGS...]",
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", help="override the guest memory (e.g. 512M)")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                    help="qemu accelerator (auto: KVM when it answers, else TCG)")
-    p.set_defaults(handler="icbdfs.boot:main", qemu_args=[])
+    p.set_defaults(handler="icbd.boot:main", qemu_args=[])
 
     p = sub.add_parser("bench", help="run the transfer and read-path benchmarks")
     p.add_argument("--quick", action="store_true", help="small images, fewer runs (about 10 minutes)")

@@ -18,8 +18,12 @@ from pathlib import Path
 
 import requests
 
+from icbdcore.clients import Credentials
+from icbdcore.mounts import is_mountpoint
+from icbdcore.wire import NODES_ROUTE
+
 REPO = Path(__file__).resolve().parent.parent
-ICBD = [sys.executable, "-m", "icbdfs.cli"]
+ICBD = [sys.executable, "-m", "icbd.cli"]
 TOKEN = "test-token-0123456789"
 
 
@@ -42,12 +46,6 @@ def wait_for(condition, timeout: float = 30.0, interval: float = 0.1, what: str 
             last_error = error
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_error})")
-
-
-def is_mountpoint(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
 
 
 def unmount(path: Path, command: tuple[str, ...] = ("umount",), lazy: str = "-l") -> None:
@@ -189,7 +187,7 @@ class Cluster:
     def _node(self, role: str, name: str, args: list[str], port: int | None = None,
               host: str = "127.0.0.1") -> Node:
         """A node listening on host:port (to run it in a network namespace,
-        see bench.netns.Site.adopt)."""
+        see harness.netns.Site.adopt)."""
         port = port or free_port()
         data = self.root / name
         data.mkdir(parents=True, exist_ok=True)
@@ -254,11 +252,11 @@ class Cluster:
 
     def api(self, method: str, path: str, node: Node | None = None, **kwargs) -> requests.Response:
         node = node or self.master_node
-        headers = {"Authorization": f"Bearer {TOKEN}", **kwargs.pop("headers", {})}
+        headers = {**Credentials(TOKEN).headers(), **kwargs.pop("headers", {})}
         return requests.request(method, node.url + path, headers=headers, timeout=30, **kwargs)
 
     def nodes_status(self) -> dict[str, dict]:
-        return {n["id"]: n for n in self.api("GET", "/v1/nodes").json()["nodes"]}
+        return {n["id"]: n for n in self.api("GET", NODES_ROUTE).json()["nodes"]}
 
     def wait_held(self, replica: Node, name: str, versions: list[int], timeout: float = 60) -> dict:
         def held():

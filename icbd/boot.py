@@ -47,8 +47,8 @@ from typing import TextIO
 
 import trio
 
-from icbdfs.errors import CliError
-from replicator.wire import InvalidInput, check_name, parse_version
+from icbdcore.errors import CliError
+from icbdcore.wire import InvalidInput, check_name, parse_version
 
 log = logging.getLogger(__name__)
 

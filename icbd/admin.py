@@ -12,9 +12,21 @@ import time
 import requests
 from tqdm import tqdm
 
-from replicator.wire import API, InvalidInput, check_name, parse_version
-
-from .errors import CliError
+from icbdcore import wire
+from icbdcore.clients import Credentials, session
+from icbdcore.errors import CliError
+from icbdcore.wire import (
+    IMIS_ROUTE,
+    NODES_ROUTE,
+    PREFETCH_ROUTE,
+    SUBSCRIPTIONS_ROUTE,
+    InvalidInput,
+    check_name,
+    parse_version,
+    prefetch_job_path,
+    publish_path,
+    rollback_path,
+)
 
 
 class Api:
@@ -27,8 +39,7 @@ class Api:
             raise CliError("no token: give --token or set ICBD_TOKEN")
         self.url = url.rstrip("/")
         self.what = what
-        self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Bearer {token}"
+        self.session = session(Credentials(token))
 
     def call(self, method: str, path: str, body: dict | None = None, timeout: float = 3600) -> dict:
         try:
@@ -109,7 +120,7 @@ def imi_create(args) -> int:
     name = _name(args.name)
     source = os.path.abspath(args.source)
     with tqdm(desc=f"creating {name}", unit="s", disable=not _interactive(), bar_format="{desc}: {elapsed}") as bar:
-        doc = _in_background(lambda: api.call("POST", f"{API}/imis", {"name": name, "from": source}), bar.refresh)
+        doc = _in_background(lambda: api.call("POST", IMIS_ROUTE, {"name": name, "from": source}), bar.refresh)
     if args.json:
         _print_json(doc)
     else:
@@ -124,7 +135,7 @@ def imi_publish(args) -> int:
 
     def show_progress() -> None:
         try:
-            progress = api.call("GET", f"{API}/imis/{name}", timeout=5).get("publishing")
+            progress = api.call("GET", wire.imi_path(name), timeout=5).get("publishing")
         except CliError:
             return
         if progress:
@@ -134,7 +145,7 @@ def imi_publish(args) -> int:
 
     try:
         record = _in_background(
-            lambda: api.call("POST", f"{API}/imis/{name}/versions", {"message": args.message}), show_progress
+            lambda: api.call("POST", publish_path(name), {"message": args.message}), show_progress
         )
         if bar.total:
             bar.n = bar.total
@@ -148,7 +159,7 @@ def imi_publish(args) -> int:
 
 
 def imi_list(args) -> int:
-    doc = _master(args).call("GET", f"{API}/imis")
+    doc = _master(args).call("GET", IMIS_ROUTE)
     if args.json:
         _print_json(doc)
         return 0
@@ -160,7 +171,7 @@ def imi_list(args) -> int:
 
 def imi_versions(args) -> int:
     name = _name(args.name)
-    doc = _master(args).call("GET", f"{API}/imis/{name}")
+    doc = _master(args).call("GET", wire.imi_path(name))
     shaped = {"name": doc["name"], "latest": doc["latest"], "versions": doc["versions"]}
     if args.json:
         _print_json(shaped)
@@ -173,7 +184,7 @@ def imi_versions(args) -> int:
 
 def imi_path(args) -> int:
     name = _name(args.name)
-    doc = _master(args).call("GET", f"{API}/imis/{name}")
+    doc = _master(args).call("GET", wire.imi_path(name))
     if args.json:
         _print_json({"name": name, "path": doc["path"]})
     else:
@@ -184,7 +195,7 @@ def imi_path(args) -> int:
 def imi_rollback(args) -> int:
     name = _name(args.name)
     version = _version(args.version)
-    doc = _master(args).call("POST", f"{API}/imis/{name}/rollback", {"version": version})
+    doc = _master(args).call("POST", rollback_path(name), {"version": version})
     if args.json:
         _print_json({"name": name, "latest": doc["latest"], "versions": doc["versions"]})
     else:
@@ -194,7 +205,7 @@ def imi_rollback(args) -> int:
 
 def imi_delete(args) -> int:
     name = _name(args.name)
-    doc = _master(args).call("DELETE", f"{API}/imis/{name}")
+    doc = _master(args).call("DELETE", wire.imi_path(name))
     if args.json:
         _print_json(doc)
     else:
@@ -212,7 +223,7 @@ def unsubscribe(args) -> int:
 
 def _subscription(args, method: str) -> int:
     name = _name(args.name)
-    doc = _master(args).call(method, f"{API}/subscriptions", {"imi": name, "node": args.node})
+    doc = _master(args).call(method, SUBSCRIPTIONS_ROUTE, {"imi": name, "node": args.node})
     if args.json:
         _print_json(doc)
     else:
@@ -226,7 +237,7 @@ def _subscription(args, method: str) -> int:
 def status(args) -> int:
     api = _master(args)
     if not args.watch:
-        doc = api.call("GET", f"{API}/nodes", timeout=10)
+        doc = api.call("GET", NODES_ROUTE, timeout=10)
         if args.json:
             _print_json(doc)
         else:
@@ -234,7 +245,7 @@ def status(args) -> int:
         return 0
     while True:
         try:
-            doc = api.call("GET", f"{API}/nodes", timeout=10)
+            doc = api.call("GET", NODES_ROUTE, timeout=10)
             text = json.dumps(doc) if args.json else render_status(doc, bars=True)
         except CliError as error:
             text = f"icbd: {error}"
@@ -286,12 +297,12 @@ def prefetch(args) -> int:
     if version_text:
         body["version"] = _version(version_text)
     cache = Api(args.cache, args.token, what="cache")
-    job = cache.call("POST", f"{API}/prefetch", body)
+    job = cache.call("POST", PREFETCH_ROUTE, body)
     bar = tqdm(desc=f"pre-staging {name}", total=job.get("blocks"), unit="block", disable=not _interactive())
     try:
         while job["state"] == "running":
             time.sleep(0.5)
-            job = cache.call("GET", f"{API}/prefetch/{job['id']}")
+            job = cache.call("GET", prefetch_job_path(job["id"]))
             bar.total = job.get("blocks")
             bar.n = job.get("done", 0)
             bar.refresh()

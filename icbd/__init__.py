@@ -1,0 +1,1 @@
+"""The `icbd` command line: servers, admin commands, mount, boot and bench."""

@@ -1,0 +1,5 @@
+import sys
+
+from icbd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,242 @@
+"""`icbd mount` and `icbd umount`.
+
+    icbd mount MOUNTPOINT (--cache URL | --master URL [--cache-dir DIR]) [--site SITE]
+
+`--cache URL` reads through a site cache server (cache.remote.RemoteCache);
+`--master URL` embeds the cache in the mount process, its blocks under
+--cache-dir (cache.site.SiteCache). The filesystem itself is icbdfs.
+
+By default the command returns once the mount answers and keeps serving in
+the background: it forks before trio starts (a process with threads must not
+fork), the child detaches and logs to --log or <cache-dir>/mount.log
+(rotated), and tells the waiting parent "ready" or one error line through a
+pipe; the parent exits 0 or 1 on that line. `--foreground` serves in the
+calling process (what tests and service managers use). SIGINT and SIGTERM
+unmount cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+
+import trio
+
+from cache.remote import RemoteCache
+from cache.site import SiteCache
+from icbdcore.errors import CliError
+from icbdcore.layout import Layout
+from icbdcore.logs import setup_logging
+from icbdcore.mounts import mounted_at
+from icbdcore.source import ImageSource, Unavailable
+from icbdfs.fs import MountOptions
+from icbdfs.mount import plain_errors, serve
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = Path("/var/cache/icbd/mount")
+
+SourceOpener = Callable[[], AbstractAsyncContextManager[ImageSource]]
+
+
+# --- the command line ------------------------------------------------------------
+
+def main(args) -> int:
+    """`icbd mount`: see the module docstring."""
+    options = _options(args)
+    mountpoint = _check_mountpoint(args.mountpoint)
+    open_source = _source_opener(args)
+    cache_dir = Path(args.cache_dir or DEFAULT_CACHE_DIR).absolute()
+    if args.foreground:
+        setup_logging(Path(args.log).absolute() if args.log else None, args.verbose)
+        trio.run(_serve_opened, open_source, mountpoint, options, None)
+        return 0
+    log_file = Path(args.log).absolute() if args.log else Layout(cache_dir).mount_log
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CliError(f"cannot create {log_file.parent} for the log: {error.strerror}; give --log FILE") from None
+    pid = _start_in_background(
+        lambda ready: trio.run(_serve_opened, open_source, mountpoint, options, ready),
+        log_file,
+        args.verbose,
+        wait=max(60.0, 3 * options.timeout),
+    )
+    log.debug("mount process %d serves %s", pid, mountpoint)
+    return 0
+
+
+def umount(args) -> int:
+    """`icbd umount MOUNTPOINT`."""
+    mountpoint = _mount_path(args.mountpoint)
+    found = mounted_at(mountpoint)
+    if found is None:
+        raise CliError(f"{mountpoint} is not mounted")
+    if not _is_icbd(found.fstype, found.source):
+        raise CliError(f"{mountpoint} is not an icbd mount (it is {found.fstype}); use umount(8)")
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    command = [tool, "-u", mountpoint] if tool else ["umount", mountpoint]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        message = (result.stderr.strip().splitlines() or ["failed"])[-1]
+        if "busy" in message.lower():
+            raise CliError(f"{mountpoint} is busy: close what uses it (fuser -vm {mountpoint}) and retry")
+        raise CliError(f"cannot unmount {mountpoint}: {message}")
+    return 0
+
+
+async def _serve_opened(
+    open_source: SourceOpener,
+    mountpoint: str,
+    options: MountOptions,
+    ready: Callable[[], None] | None,
+) -> None:
+    try:
+        with plain_errors():
+            async with open_source() as source:
+                await serve(source, mountpoint, options, ready=ready)
+    except (Unavailable, OSError) as error:
+        raise CliError(f"cannot open the source of iMIs: {error}") from None
+
+
+def _options(args) -> MountOptions:
+    if not args.timeout > 0:
+        raise CliError("--timeout must be more than 0 seconds")
+    if args.refresh < 0:
+        raise CliError("--refresh must be 0 (never) or more seconds")
+    if args.profile_quiet <= 0:
+        raise CliError("--profile-quiet must be more than 0 seconds")
+    return MountOptions(timeout=args.timeout, refresh=args.refresh, lru_bytes=args.memory_cache,
+                        profiles=not args.no_profiles, profile_quiet=args.profile_quiet)
+
+
+def _source_opener(args) -> SourceOpener:
+    token = args.token or ""
+    if args.cache:
+        url, timeout = args.cache, args.timeout
+        return lambda: RemoteCache.open(url, token, timeout)
+    if args.master:
+        data_dir = Path(args.cache_dir or DEFAULT_CACHE_DIR).absolute()
+        master, site, size = args.master, args.site, args.cache_size
+        return lambda: SiteCache.open(data_dir, master, token, site, size)
+    raise CliError(
+        "say where to read iMIs from: --cache URL (the site cache server) "
+        "or --master URL (embedded cache, blocks kept in --cache-dir)"
+    )
+
+
+def _check_mountpoint(path: str) -> str:
+    mountpoint = _mount_path(path)
+    found = mounted_at(mountpoint)
+    if found is not None:
+        if _is_icbd(found.fstype, found.source):
+            raise CliError(f"{mountpoint} is already an icbd mount: run `icbd umount {mountpoint}` first")
+        raise CliError(f"{mountpoint} is already a mount point ({found.fstype}): choose an empty folder")
+    try:
+        st = os.stat(mountpoint)
+    except FileNotFoundError:
+        raise CliError(f"{mountpoint} does not exist: create an empty folder to mount on") from None
+    except OSError as error:
+        raise CliError(f"cannot use {mountpoint}: {error.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise CliError(f"{mountpoint} is not a folder")
+    if not os.path.exists("/dev/fuse"):
+        raise CliError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
+    if os.geteuid() != 0 and not _user_allow_other():
+        raise CliError("a mount for every user needs `user_allow_other` in /etc/fuse.conf, or run as root")
+    return mountpoint
+
+
+def _user_allow_other() -> bool:
+    try:
+        with open("/etc/fuse.conf") as f:
+            return any(line.split("#")[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
+
+
+def _mount_path(path: str) -> str:
+    # Resolve the parent only: a dead FUSE mount cannot be stat-ed.
+    absolute = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
+
+
+def _is_icbd(fstype: str, fsname: str) -> bool:
+    return fstype == "fuse.icbd" or (fstype.startswith("fuse") and fsname == "icbd")
+
+
+# --- running in the background ---------------------------------------------------
+
+def _start_in_background(run: Callable[[Callable[[], None]], None], log_file: Path, verbose: bool,
+                         wait: float) -> int:
+    """Fork; the child calls `run(ready)` detached, logging to `log_file`.
+
+    Returns the child's pid once it called `ready`; raises CliError with its
+    error line if it failed first.
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        _wait_for_child(pid, read_fd, log_file, wait)
+        return pid
+    os.close(read_fd)
+    code = 1
+
+    def report(line: str) -> None:
+        nonlocal write_fd
+        if write_fd >= 0:
+            try:
+                os.write(write_fd, line.encode(errors="replace") + b"\n")
+                os.close(write_fd)
+            except OSError:
+                pass
+            write_fd = -1
+
+    try:
+        os.setsid()
+        os.chdir("/")
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        setup_logging(log_file, verbose)
+        run(lambda: report("ready"))
+        code = 0
+    except CliError as error:
+        log.error("%s", error)
+        report(f"error: {error}")
+    except BaseException as error:
+        log.exception("mount failed")
+        report(f"error: {type(error).__name__}: {error}; see {log_file}")
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def _wait_for_child(pid: int, read_fd: int, log_file: Path, wait: float) -> None:
+    deadline = time.monotonic() + wait
+    data = b""
+    with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+        while not data.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([pipe], [], [], left)[0]:
+                os.kill(pid, signal.SIGTERM)
+                raise CliError(f"the mount was not ready within {wait:g} s; see {log_file}")
+            chunk = pipe.read(4096)
+            if not chunk:
+                break
+            data += chunk
+    line = data.decode(errors="replace").strip()
+    if line == "ready":
+        return
+    os.waitpid(pid, 0)  # it has reported and is exiting
+    raise CliError(line.removeprefix("error: ") or f"the mount process died; see {log_file}")

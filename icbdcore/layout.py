@@ -1,0 +1,96 @@
+"""Where things live in a node's data folder: the one place that names its
+files (a contract: docs/LAYOUT.md describes it for admins and tools).
+
+Every path built from a name or number validates it first, so nothing from
+the network is joined into a path unchecked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .wire import check_name, parse_version
+
+
+class Layout:
+    """A master's, a replica's or a cache server's data folder (a mount's
+    embedded cache folder is laid out as a cache server's)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        # master and replicas
+        self.imis = root / "imis"  # IMIS/NAME/VERSION: complete, verified, read-only snapshots
+        self.work = root / "work"  # master: WORK/NAME, the writable working copy
+        self.incoming = root / "incoming"  # replica: receives in progress, resumable spools
+        self.meta = root / "meta"  # META/NAME: the records of an iMI and its versions
+        self.streams = root / "streams"  # master: spooled `btrfs send` streams
+        self.btrfs_image = root / "btrfs.img"  # when DATA itself is not on btrfs
+        self.node_id_file = root / "node-id.json"  # every node but the master: its id
+        self.nodes_file = root / "nodes.json"  # master: registrations and subscriptions
+        self.catalog_file = root / "catalog.json"  # replica, cache: the last catalogue seen
+        self.transfers_file = root / "transfers.json"  # replica: recent transfers
+        # cache servers and mounts' embedded caches
+        self.blocks = root / "blocks"  # the BlockStore
+        self.cached_manifests = root / "manifests"
+        self.cached_profiles = root / "profiles"
+        self.upstreams_file = root / "upstreams.json"
+        self.mount_log = root / "mount.log"  # a mount in the background logs here by default
+
+    def make_dirs(self) -> None:
+        for path in (self.imis, self.work, self.incoming, self.meta, self.streams):
+            path.mkdir(parents=True, exist_ok=True)
+
+    # --- master and replicas -----------------------------------------------------
+
+    def imi_dir(self, name: str) -> Path:
+        return self.imis / check_name(name)
+
+    def version_dir(self, name: str, version: int) -> Path:
+        return self.imi_dir(name) / str(parse_version(version))
+
+    def work_dir(self, name: str) -> Path:
+        return self.work / check_name(name)
+
+    def meta_dir(self, name: str) -> Path:
+        return self.meta / check_name(name)
+
+    def imi_record(self, name: str) -> Path:
+        """Master: the iMI (uuid, created, pinned latest); replica: the master's uuid of it."""
+        return self.meta_dir(name) / "imi.json"
+
+    def version_record(self, name: str, version: int) -> Path:
+        return self.meta_dir(name) / f"{parse_version(version)}.json"
+
+    def manifest_file(self, name: str, version: int) -> Path:
+        return self.meta_dir(name) / f"{parse_version(version)}.manifest.json"
+
+    def profile_file(self, name: str, version: int) -> Path:
+        return self.meta_dir(name) / f"{parse_version(version)}.profile.json"
+
+    @staticmethod
+    def _stream_stem(version: int, parent: int | None) -> str:
+        version = parse_version(version)
+        return f"{version}-from-{parse_version(parent)}" if parent is not None else f"{version}-full"
+
+    def stream_spool(self, name: str, version: int, parent: int | None) -> Path:
+        """Master: the spool of `btrfs send` for (version, parent); its record beside it (.json)."""
+        return self.streams / check_name(name) / f"{self._stream_stem(version, parent)}.stream"
+
+    def incoming_dir(self, name: str) -> Path:
+        return self.incoming / check_name(name)
+
+    def resume_spool(self, name: str, version: int, parent: int | None) -> Path:
+        """Replica: the copy of a stream so far, from which a cut-off transfer resumes (.json beside it)."""
+        return self.incoming_dir(name) / f"{self._stream_stem(version, parent)}.stream"
+
+    def receive_dir(self, name: str, version: int) -> Path:
+        """Replica: where `btrfs receive` builds a version."""
+        return self.incoming_dir(name) / f"{parse_version(version)}.recv"
+
+    # --- caches ------------------------------------------------------------------
+
+    def cached_manifest(self, name: str, version: int) -> Path:
+        return self.cached_manifests / check_name(name) / f"{parse_version(version)}.json"
+
+    def cached_profile(self, name: str, version: int) -> Path:
+        return self.cached_profiles / check_name(name) / f"{parse_version(version)}.json"

@@ -1,0 +1,186 @@
+"""The contract of what crosses a process boundary: iMI names, node ids,
+sites, version numbers and digests, how each is checked, and the HTTP API's
+paths and headers. Every other module imports these; none spells a route, a
+header or a name rule of its own. Manifests are in manifest.py.
+"""
+
+from __future__ import annotations
+
+import re
+
+import xxhash
+
+API = "/v1"
+DEFAULT_CHUNK_SIZE = 1 << 20
+
+# Blocks and manifests never change once published, so every tier (and any
+# stock HTTP cache between tiers) may keep them forever.
+IMMUTABLE = "public, max-age=31536000, immutable"
+
+ROLES = ("master", "replica", "cache")
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}\Z")
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+_SITE = _NODE_ID
+_DIGEST = re.compile(r"[0-9a-f]{32}\Z")
+# Version numbers are positive and fit the 32-bit range every tool handles.
+MAX_VERSION = 2**31 - 1
+
+
+class InvalidInput(ValueError):
+    """A name, number or document from outside failed validation."""
+
+
+class Refused(Exception):
+    """A request refused with an HTTP status and a one-line reason."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def check_name(name: object) -> str:
+    """Return `name` if it is a valid iMI name, else raise InvalidInput."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InvalidInput(
+            f"invalid iMI name {name!r}: use 1-64 of a-z 0-9 . _ -, starting with a letter or digit"
+        )
+    return name
+
+
+def check_node_id(node_id: object) -> str:
+    if not isinstance(node_id, str) or not _NODE_ID.match(node_id):
+        raise InvalidInput(f"invalid node id {node_id!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+    return node_id
+
+
+def check_site(site: object) -> str:
+    if not isinstance(site, str) or not _SITE.match(site):
+        raise InvalidInput(f"invalid site {site!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+    return site
+
+
+def check_role(role: object) -> str:
+    if role not in ROLES:
+        raise InvalidInput(f"invalid role {role!r}: one of {', '.join(ROLES)}")
+    return role  # type: ignore[return-value]
+
+
+def parse_version(value: object) -> int:
+    """A version number from a path, a query or a JSON body."""
+    if isinstance(value, bool):
+        raise InvalidInput(f"invalid version {value!r}")
+    if isinstance(value, str):
+        if not value.isascii() or not value.isdigit() or len(value) > 10:
+            raise InvalidInput(f"invalid version {value!r}: a number from 1 to {MAX_VERSION}")
+        value = int(value)
+    if not isinstance(value, int) or not 1 <= value <= MAX_VERSION:
+        raise InvalidInput(f"invalid version {value!r}: a number from 1 to {MAX_VERSION}")
+    return value
+
+
+def check_digest(digest: object) -> str:
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        raise InvalidInput(f"invalid digest {digest!r}: 32 lowercase hex digits")
+    return digest
+
+
+def content_digest(data: bytes | memoryview) -> str:
+    """The name of an immutable object (a block, a manifest): the digest of its bytes, as hex."""
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def content_hasher() -> xxhash.xxh3_128:
+    """A running digest of the same kind, for what arrives in pieces (a version stream)."""
+    return xxhash.xxh3_128()
+
+
+def error_body(message: str) -> dict:
+    """The JSON body of every error response."""
+    return {"error": message}
+
+
+# --- the HTTP API --------------------------------------------------------------
+# Route templates (for the servers) and path builders (for the clients) side by
+# side, so that a route and the URLs that reach it cannot drift apart.
+
+NODE_HEADER = "X-Icbd-Node"  # the calling node's id, on node-to-node calls
+STREAM_ID_HEADER = "X-Icbd-Stream-Id"  # names one run of `btrfs send`, for resuming
+STREAM_DIGEST_HEADER = "X-Icbd-Stream-Digest"  # the whole stream's digest, once known
+DIGEST_HEADER = "X-Icbd-Digest"  # the digest of an immutable object in the body
+
+IMIS_ROUTE = API + "/imis"
+IMI_ROUTE = IMIS_ROUTE + "/{name}"
+PUBLISH_ROUTE = IMI_ROUTE + "/versions"
+ROLLBACK_ROUTE = IMI_ROUTE + "/rollback"
+VERSION_ROUTE = IMI_ROUTE + "/versions/{version}"
+MANIFEST_ROUTE = VERSION_ROUTE + "/manifest"
+STREAM_ROUTE = VERSION_ROUTE + "/stream"
+STREAM_DIGEST_ROUTE = STREAM_ROUTE + "/digest"
+PROFILE_ROUTE = VERSION_ROUTE + "/profile"
+BLOCK_ROUTE = API + "/blocks/{digest}"
+NODES_ROUTE = API + "/nodes"
+NODE_ROUTE = NODES_ROUTE + "/{node_id}"
+HEARTBEAT_ROUTE = NODE_ROUTE + "/heartbeat"
+SUBSCRIPTIONS_ROUTE = API + "/subscriptions"
+NOTIFY_ROUTE = API + "/notify"
+PREFETCH_ROUTE = API + "/prefetch"
+PREFETCH_JOB_ROUTE = PREFETCH_ROUTE + "/{job_id}"
+
+
+def imi_path(name: str) -> str:
+    return IMI_ROUTE.format(name=check_name(name))
+
+
+def publish_path(name: str) -> str:
+    return PUBLISH_ROUTE.format(name=check_name(name))
+
+
+def rollback_path(name: str) -> str:
+    return ROLLBACK_ROUTE.format(name=check_name(name))
+
+
+def version_path(name: str, version: int) -> str:
+    return VERSION_ROUTE.format(name=check_name(name), version=parse_version(version))
+
+
+def manifest_path(name: str, version: int) -> str:
+    return MANIFEST_ROUTE.format(name=check_name(name), version=parse_version(version))
+
+
+def stream_path(name: str, version: int, parent: int | None = None) -> str:
+    path = STREAM_ROUTE.format(name=check_name(name), version=parse_version(version))
+    return f"{path}?parent={parse_version(parent)}" if parent is not None else path
+
+
+def stream_digest_path(name: str, version: int, parent: int | None = None) -> str:
+    path = STREAM_DIGEST_ROUTE.format(name=check_name(name), version=parse_version(version))
+    return f"{path}?parent={parse_version(parent)}" if parent is not None else path
+
+
+def profile_path(name: str, version: int) -> str:
+    return PROFILE_ROUTE.format(name=check_name(name), version=parse_version(version))
+
+
+def block_path(digest: str, imi: str | None = None, version: int | None = None) -> str:
+    """A block's path; `imi` and `version` are hints for choosing an upstream that holds it."""
+    path = BLOCK_ROUTE.format(digest=check_digest(digest))
+    hints = []
+    if imi is not None:
+        hints.append(f"imi={check_name(imi)}")
+    if version is not None:
+        hints.append(f"version={parse_version(version)}")
+    return f"{path}?{'&'.join(hints)}" if hints else path
+
+
+def node_path(node_id: str) -> str:
+    return NODE_ROUTE.format(node_id=check_node_id(node_id))
+
+
+def heartbeat_path(node_id: str) -> str:
+    return HEARTBEAT_ROUTE.format(node_id=check_node_id(node_id))
+
+
+def prefetch_job_path(job_id: int) -> str:
+    return PREFETCH_JOB_ROUTE.format(job_id=int(job_id))

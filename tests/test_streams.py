@@ -1,0 +1,334 @@
+"""The master's stream spools (replicator/streams.py) without btrfs: a Spool
+over a temporary file, grown by hand the way `btrfs send` and the
+write-behind task grow it (`_advance`: bytes sent, in memory; `_on_disk`:
+written to the file; `_finish`), and read the way GET .../stream serves a
+whole stream or a Range. As any user.
+
+Pieces are 16 bytes here instead of 4 MiB (streams.READ_SIZE), and no piece
+is kept in memory once it is on disk (RECENT_CHUNKS) unless a test says
+otherwise, so that reads from the file are easy to reach.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from icbdcore.layout import Layout
+from icbdcore.records import write_json
+from icbdcore.wire import content_digest
+from replicator import streams
+from replicator.streams import SendSpools, Spool, StreamFailed, range_start
+
+PIECE = 16
+DATA = bytes(range(256))[: 5 * PIECE + 7]  # five whole pieces and a short last one
+
+
+@pytest.fixture(autouse=True)
+def small_pieces(monkeypatch):
+    monkeypatch.setattr(streams, "READ_SIZE", PIECE)
+    monkeypatch.setattr(streams, "RECENT_CHUNKS", 0)
+
+
+class Sender:
+    """Grows a spool as `_send_into` does: bytes go to the spool's memory
+    first (readers may have them at once), then to its file."""
+
+    def __init__(self, spool: Spool):
+        self.spool = spool
+        self.sent = bytearray()
+
+    def send(self, data: bytes) -> None:
+        self.spool._advance(data)
+        self.sent += data
+
+    def write_behind(self) -> None:
+        """Everything sent so far onto the file, as the write-behind task does."""
+        with open(self.spool.path, "r+b") as f:
+            f.seek(self.spool.written)
+            f.write(self.sent[self.spool.written:])
+        self.spool._on_disk(len(self.sent) - self.spool.written)
+
+    def send_pieces(self, data: bytes) -> None:
+        for start in range(0, len(data), PIECE):
+            self.send(data[start:start + PIECE])
+
+
+def new_spool(tmp_path: Path) -> tuple[Spool, Sender]:
+    path = tmp_path / "1-full.stream"
+    path.write_bytes(b"")  # as SendSpools.get: readers may open it before the first byte
+    spool = Spool("demo", 1, None, path)
+    return spool, Sender(spool)
+
+
+def complete_spool(tmp_path: Path, data: bytes = DATA) -> Spool:
+    spool, sender = new_spool(tmp_path)
+    sender.send_pieces(data)
+    sender.write_behind()
+    spool._finish(content_digest(data))
+    return spool
+
+
+async def read(spool: Spool, offset: int = 0, end: int | None = None, timeout: float = 10) -> bytes:
+    out = bytearray()
+    with trio.fail_after(timeout):  # a reader that never ends fails, not hangs
+        async for data in spool.chunks(offset, end):
+            out += data
+    return bytes(out)
+
+
+async def settle() -> None:
+    """Let every task run until it waits (readers open and read the file in
+    worker threads, which wait_all_tasks_blocked alone does not wait for)."""
+    for _ in range(3):
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(0.02)
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def until(condition, what: str) -> None:
+    with trio.move_on_after(5):
+        while not condition():
+            await trio.sleep(0.005)
+        return
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def damage(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+# --- Range: bytes=N- ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("header, start", [
+    ("bytes=0-", 0),
+    ("bytes=4194304-", 4 << 20),
+    ("  bytes=17-  ", 17),
+    ("bytes=" + "9" * 18 + "-", int("9" * 18)),
+])
+def test_open_ended_range_gives_its_start(header, start):
+    assert range_start(header) == start
+
+
+@pytest.mark.parametrize("header", [
+    None, "", "bytes=", "bytes=-", "bytes=-5", "bytes=0-99", "bytes=5-10", "bytes=1-,5-",
+    "bytes=1-2,3-4", "bytes=abc-", "bytes=-1-", "bytes=+1-", "bytes=1.5-", "bytes = 1-",
+    "items=1-", "bytes=1", "bytes=" + "9" * 19 + "-", "bytes=0x10-", "bytes=1-\x00",
+])
+def test_other_range_forms_are_ignored(header):
+    """Anything but an open-ended range: the whole stream is sent (RFC 9110 lets a server ignore Range)."""
+    assert range_start(header) is None
+
+
+# --- a spool still growing --------------------------------------------------------------------
+
+
+async def test_readers_follow_a_growing_spool(tmp_path):
+    spool, sender = new_spool(tmp_path)
+    results: dict[str, bytes] = {}
+
+    async def reader(key: str, offset: int, end: int | None = None) -> None:
+        results[key] = await read(spool, offset, end)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader, "whole", 0)
+        nursery.start_soon(reader, "range", 5, 40)  # a Range answer: bytes 5-39
+        nursery.start_soon(reader, "tail", 3 * PIECE + 1)  # resumed beyond what exists yet
+        await settle()
+        assert spool.readers == 3 and results == {}
+
+        sender.send(DATA[:PIECE])  # in memory only: readers have it before the file does
+        await settle()
+        assert spool.written == 0 and os.path.getsize(spool.path) == 0
+        sender.write_behind()
+        sender.send(DATA[PIECE:2 * PIECE])
+        sender.send(DATA[2 * PIECE:3 * PIECE])  # 48 bytes: the range reader has its 5..39
+        await until(lambda: "range" in results, "the range reader to end")
+        await settle()
+        assert results == {"range": DATA[5:40]}
+        sender.write_behind()
+        for start in range(3 * PIECE, len(DATA), PIECE):
+            sender.send(DATA[start:start + PIECE])
+            await settle()
+            sender.write_behind()
+        assert set(results) == {"range"}  # the others wait for the end of the stream
+        spool._finish(content_digest(DATA))
+
+    assert results == {"whole": DATA, "range": DATA[5:40], "tail": DATA[3 * PIECE + 1:]}
+    assert spool.readers == 0
+    assert spool.pieces == [content_digest(DATA[i:i + PIECE]) for i in range(0, len(DATA), PIECE)]
+    assert spool.path.read_bytes() == DATA
+
+
+async def test_a_reader_behind_the_file_reads_it_back(tmp_path):
+    """Pieces already on disk (and no longer in memory) come from the file,
+    then the reader follows the sender in memory."""
+    spool, sender = new_spool(tmp_path)
+    sender.send_pieces(DATA[:3 * PIECE])
+    sender.write_behind()
+    assert spool._recent == {}  # RECENT_CHUNKS = 0: all of it only on disk now
+    got: list[bytes] = []
+
+    async def reader() -> None:
+        got.append(await read(spool, 7))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await settle()
+        sender.send_pieces(DATA[3 * PIECE:])
+        await settle()
+        sender.write_behind()  # the sender finishes only once the file is whole
+        spool._finish(content_digest(DATA))
+    assert got == [DATA[7:]]
+
+
+async def test_a_piece_neither_in_memory_nor_whole_on_disk_is_waited_for(tmp_path, monkeypatch):
+    spool, sender = new_spool(tmp_path)
+    sender.send_pieces(DATA[:2 * PIECE])
+    spool._recent.clear()  # as if memory had let it go before the write-behind caught up
+    got: list[bytes] = []
+
+    async def reader() -> None:
+        got.append(await read(spool, 0, 2 * PIECE))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await settle()
+        assert got == []  # size says 32 bytes exist, but neither memory nor the file has them
+        sender.write_behind()
+    assert got == [DATA[:2 * PIECE]]
+
+
+async def test_the_newest_pieces_are_served_from_memory(tmp_path, monkeypatch):
+    """A reader right behind the sender never reads the file back: the
+    newest RECENT_CHUNKS pieces stay in memory after they reach the disk."""
+    monkeypatch.setattr(streams, "RECENT_CHUNKS", 2)
+    spool, sender = new_spool(tmp_path)
+    sender.send_pieces(DATA[:4 * PIECE])
+    sender.write_behind()
+    assert sorted(spool._recent) == [2 * PIECE, 3 * PIECE]
+    damage(spool.path, 3 * PIECE + 1)  # the file is wrong where memory still has the piece
+    assert await read(spool, 2 * PIECE, 4 * PIECE) == DATA[2 * PIECE:4 * PIECE]
+    assert spool.error is None
+
+
+async def test_a_failed_send_reaches_waiting_readers(tmp_path):
+    spool, sender = new_spool(tmp_path)
+    sender.send(DATA[:PIECE])
+    failures: list[str] = []
+
+    async def reader() -> None:
+        with pytest.raises(StreamFailed) as failed:
+            await read(spool)
+        failures.append(str(failed.value))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        nursery.start_soon(reader)
+        await settle()
+        spool._finish(error="btrfs send failed: exit status 1")
+    assert failures == ["btrfs send failed: exit status 1"] * 2
+    assert not spool.complete and spool.readers == 0
+
+
+async def test_wait_beyond_returns_once_there_is_more_or_an_end(tmp_path):
+    spool, sender = new_spool(tmp_path)
+    woke: list[int] = []
+
+    async def waiter(offset: int) -> None:
+        await spool.wait_beyond(offset)
+        woke.append(offset)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter, 0)
+        nursery.start_soon(waiter, PIECE)
+        nursery.start_soon(waiter, 10 * PIECE)
+        await settle()
+        assert woke == []
+        sender.send(DATA[:PIECE])
+        await until(lambda: woke, "the first waiter")
+        await settle()
+        assert woke == [0]  # 16 bytes: more than 0, not more than 16
+        sender.send(DATA[PIECE:2 * PIECE])
+        await until(lambda: len(woke) == 2, "the second waiter")
+        assert woke == [0, PIECE]
+        spool._finish(content_digest(DATA[:2 * PIECE]))  # the end, short of 160 bytes
+    assert woke == [0, PIECE, 10 * PIECE]
+
+
+# --- a complete spool ----------------------------------------------------------------------------
+
+
+async def test_a_complete_spool_serves_any_range_at_once(tmp_path):
+    spool = complete_spool(tmp_path)
+    assert spool.complete and spool.written == spool.size == len(DATA)
+    assert await read(spool) == DATA
+    for offset, end in [(0, 1), (5, 40), (PIECE, 2 * PIECE), (PIECE - 1, PIECE + 1),
+                        (len(DATA) - 1, None), (3 * PIECE, 10_000)]:
+        with trio.fail_after(5):
+            assert await read(spool, offset, end) == DATA[offset:end], (offset, end)
+    with trio.fail_after(5):
+        assert await read(spool, len(DATA)) == b""  # nothing beyond: ends, never waits
+        assert await read(spool, len(DATA) + 100) == b""
+    assert spool.readers == 0
+
+
+@pytest.mark.parametrize("where", ["first piece", "middle piece", "short last piece"])
+async def test_a_damaged_piece_on_disk_is_refused(tmp_path, where, caplog):
+    spool = complete_spool(tmp_path)
+    at = {"first piece": 3, "middle piece": 2 * PIECE + 5, "short last piece": len(DATA) - 1}[where]
+    damage(spool.path, at)
+    piece = at - at % PIECE
+    good: list[bytes] = []
+    with pytest.raises(StreamFailed, match="spool damaged on the master's disk"), trio.fail_after(10):
+        async for data in spool.chunks(0):
+            good.append(data)
+    assert b"".join(good) == DATA[:piece]  # up to the damaged piece, never a byte of it
+    assert spool.error == "spool damaged on the master's disk"
+    assert "it will be sent afresh" in caplog.text
+    # A spool found damaged fails every reader from then on, even of intact pieces,
+    # so that SendSpools.get starts it afresh.
+    with pytest.raises(StreamFailed):
+        await read(spool, piece + PIECE if piece + PIECE < len(DATA) else 0)
+
+
+async def test_a_truncated_spool_is_refused(tmp_path):
+    spool = complete_spool(tmp_path)
+    os.truncate(spool.path, 2 * PIECE + 3)
+    with pytest.raises(StreamFailed, match="damaged"):
+        await read(spool, PIECE)
+
+
+async def test_complete_spools_outlive_a_restart_and_incomplete_ones_do_not(tmp_path):
+    layout = Layout(tmp_path)
+    kept = layout.stream_spool("demo", 2, 1)
+    dropped = layout.stream_spool("demo", 3, 2)
+    unrecorded = layout.stream_spool("other", 1, None)
+    for path in (kept, dropped, unrecorded):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(DATA)
+    pieces = [content_digest(DATA[i:i + PIECE]) for i in range(0, len(DATA), PIECE)]
+    record = {"name": "demo", "parent": 1, "stream_id": "abc", "bytes": len(DATA),
+              "digest": content_digest(DATA), "pieces": pieces}
+    write_json(kept.with_suffix(".json"), {**record, "version": 2, "complete": True})
+    write_json(dropped.with_suffix(".json"), {**record, "version": 3, "parent": 2, "complete": False})
+
+    spools = SendSpools(layout)
+    spools.load()
+    assert [(s.name, s.version, s.parent) for s in spools.all()] == [("demo", 2, 1)]
+    assert not dropped.exists() and not dropped.with_suffix(".json").exists() and not unrecorded.exists()
+    spool = spools.find("demo", 2, 1)
+    assert spool.complete and spool.stream_id == "abc" and spool.describe()["bytes"] == len(DATA)
+    assert await read(spool, 9) == DATA[9:]
+    damage(kept, 4 * PIECE)  # its pieces are checked as they are read back, as any spool's
+    with pytest.raises(StreamFailed):
+        await read(spool, 4 * PIECE)
