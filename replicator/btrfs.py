@@ -206,10 +206,25 @@ def send_argv(snapshot: Path, parent: Path | None) -> list[str]:
     return argv
 
 
+def receive_argv(target_dir: Path) -> list[str]:
+    """`btrfs receive`, confined to `target_dir`.
+
+    A stream is a list of commands naming paths (mkfile, symlink, rename,
+    write...) that btrfs receive carries out as root, following symlinks and
+    `..`. Unconfined, a stream that makes a symlink to /etc/cron.d and then
+    writes through it, or names `../../../etc/x`, writes anywhere on the host.
+    `--chroot` confines every path to `target_dir` (the parent of an
+    incremental stream is still found: receive opens the filesystem's root
+    before it chroots), and `-E 1` stops at the first command that fails,
+    so nothing after a refused escape runs either.
+    """
+    return ["btrfs", "receive", "-q", "-e", "--chroot", "-E", "1", str(target_dir)]
+
+
 def start_receive(target_dir: Path) -> subprocess.Popen:
-    """`btrfs receive target_dir`, stdin a pipe for the stream."""
+    """`btrfs receive` into target_dir (confined there), stdin a pipe for the stream."""
     process = subprocess.Popen(
-        ["btrfs", "receive", "-q", "-e", str(target_dir)],
+        receive_argv(target_dir),
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

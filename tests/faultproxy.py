@@ -3,7 +3,8 @@
 `FaultProxy` sits between a replica and the master (the replica's --master
 points at it). It forwards bytes as they come and, on request, holds a
 connection at a chosen point of a stream answer, holds manifest requests,
-or patches bytes of the next stream answer.
+patches bytes of the next stream answer, or answers a stream request itself
+with a stream of its own making.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import re
 import socket
 import threading
 import time
+import uuid
+
+from icbdcore.wire import STREAM_DIGEST_HEADER, STREAM_ID_HEADER, content_digest
 
 _REQUEST_LINE = re.compile(rb"(GET|POST|PUT|DELETE|HEAD) (\S+) HTTP/1\.1\r\n")
 
@@ -44,7 +48,11 @@ class FaultProxy:
       then nothing more until `release` is set (or the connection dies);
     - `hold_manifests`: manifest requests wait for `release`;
     - `patch_sets`: a list of {body offset: byte}; each stream answer takes
-      the next one (answers must have a Content-Length: complete spools).
+      the next one (answers must have a Content-Length: complete spools);
+    - `forged_streams`: a list of stream bodies; each stream request is
+      answered with the next one instead of the master's, as a man in the
+      middle would: a 200 with its own stream id and the forged body's
+      digest, the master never asked.
     """
 
     def __init__(self, upstream_port: int):
@@ -55,6 +63,8 @@ class FaultProxy:
         self.hold_manifests = False
         self.split_pause = 0.0  # > 0: a 416 answer's body follows its head after this pause
         self.patch_sets: list[dict[int, int]] = []
+        self.forged_streams: list[bytes] = []
+        self.forged_answers = 0
         self.release = threading.Event()
         self.stream_held = threading.Event()
         self.manifest_held = threading.Event()
@@ -123,6 +133,10 @@ class FaultProxy:
                                  "manifest" if path.endswith(b"/manifest") else "other")
                     conn.sent, conn.head, conn.body_start = 0, b"", None
                     conn.hold_at, conn.patches = None, {}
+                    if conn.kind == "stream" and self.forged_streams:
+                        self.stream_requests += 1
+                        self._answer_forged(conn, self.forged_streams.pop(0))
+                        return
                     if conn.kind == "stream":
                         self.stream_requests += 1
                         conn.hold_at = self.hold_stream_at
@@ -137,6 +151,18 @@ class FaultProxy:
             pass
         finally:
             conn.close()
+
+    def _answer_forged(self, conn: _Conn, body: bytes) -> None:
+        head = (
+            "HTTP/1.1 200 OK\r\n"
+            "content-type: application/octet-stream\r\n"
+            f"content-length: {len(body)}\r\n"
+            f"{STREAM_ID_HEADER}: {uuid.uuid4().hex}\r\n"
+            f"{STREAM_DIGEST_HEADER}: {content_digest(body)}\r\n"
+            "connection: close\r\n\r\n"
+        )
+        conn.client.sendall(head.encode() + body)
+        self.forged_answers += 1
 
     def _answers(self, conn: _Conn) -> None:
         try:

@@ -1,8 +1,10 @@
-"""The btrfs send stream: enough of its format to forge a command, as a man
-in the middle who knows the format would (for the fault tests)."""
+"""The btrfs send stream: enough of its format to forge a command, or a
+whole stream, as a man in the middle who knows the format would (for the
+fault tests)."""
 
 from __future__ import annotations
 
+import os
 import struct
 
 _CRC32C_TABLE = []
@@ -21,8 +23,95 @@ def crc32c_raw(data: bytes, crc: int = 0) -> int:
     return crc
 
 
+# Commands and attributes of stream format 1 (btrfs-progs send.h).
+SEND_C_SUBVOL = 1
+SEND_C_MKFILE = 3
+SEND_C_SYMLINK = 8
+SEND_C_RENAME = 9
 SEND_C_WRITE = 15
+SEND_C_END = 21
+SEND_A_UUID = 1
+SEND_A_CTRANSID = 2
+SEND_A_INO = 3
+SEND_A_PATH = 15
+SEND_A_PATH_TO = 16
+SEND_A_PATH_LINK = 17
+SEND_A_FILE_OFFSET = 18
 SEND_A_DATA = 19
+
+
+def command(cmd: int, *tlvs: tuple[int, bytes]) -> bytes:
+    """One command with its CRC32C (computed with the CRC field zeroed)."""
+    payload = b"".join(struct.pack("<HH", kind, len(value)) + value for kind, value in tlvs)
+    head = struct.pack("<IHI", len(payload), cmd, 0)
+    return struct.pack("<IHI", len(payload), cmd, crc32c_raw(head + payload)) + payload
+
+
+def stream(*commands: bytes) -> bytes:
+    """A format-1 stream of these commands."""
+    return b"btrfs-stream\0" + struct.pack("<I", 1) + b"".join(commands)
+
+
+def _ino(number: int) -> tuple[int, bytes]:
+    return SEND_A_INO, struct.pack("<Q", number)
+
+
+def subvol(name: str) -> bytes:
+    return command(SEND_C_SUBVOL, (SEND_A_PATH, name.encode()), (SEND_A_UUID, os.urandom(16)),
+                   (SEND_A_CTRANSID, struct.pack("<Q", 7)))
+
+
+def mkfile(path: str, ino: int = 300) -> bytes:
+    return command(SEND_C_MKFILE, (SEND_A_PATH, path.encode()), _ino(ino))
+
+
+def symlink(path: str, target: str, ino: int = 301) -> bytes:
+    return command(SEND_C_SYMLINK, (SEND_A_PATH, path.encode()), _ino(ino), (SEND_A_PATH_LINK, target.encode()))
+
+
+def rename(source: str, dest: str) -> bytes:
+    return command(SEND_C_RENAME, (SEND_A_PATH, source.encode()), (SEND_A_PATH_TO, dest.encode()))
+
+
+def write(path: str, data: bytes, offset: int = 0) -> bytes:
+    return command(SEND_C_WRITE, (SEND_A_PATH, path.encode()), (SEND_A_FILE_OFFSET, struct.pack("<Q", offset)),
+                   (SEND_A_DATA, data))
+
+
+def end() -> bytes:
+    return command(SEND_C_END)
+
+
+PAYLOAD = b"* * * * * root touch /tmp/owned\n"  # what a hostile stream would drop into /etc/cron.d
+
+
+def escape_streams(subvolume: str, outside: str, outside_from_subvolume: str) -> dict[str, bytes]:
+    """Hostile streams that each create subvolume `subvolume` and then try to
+    write a file into the folder `outside` (absolute), which lies outside the
+    receive's target; `outside_from_subvolume` is the same folder relative to
+    the new subvolume (../../..-style). By name:
+
+    - absolute-symlink: a symlink to `outside` (as one to /etc/cron.d), a file
+      made and written through it;
+    - relative-symlink: the same through a symlink to ../../..;
+    - dotdot-mkfile: a file made and written at a path with `..` parts;
+    - dotdot-rename: a file made inside, then renamed out with `..` parts.
+
+    Unconfined, each of the first three leaves a file in `outside`; the file
+    names say which. A rename out of the new subvolume fails with EXDEV even
+    unconfined (a subvolume is a boundary for rename(2)).
+    """
+    up = outside_from_subvolume.rstrip("/")
+    return {
+        "absolute-symlink": stream(subvol(subvolume), symlink("evil", outside), mkfile("evil/by-absolute-symlink"),
+                                   write("evil/by-absolute-symlink", PAYLOAD), end()),
+        "relative-symlink": stream(subvol(subvolume), symlink("up", up), mkfile("up/by-relative-symlink"),
+                                   write("up/by-relative-symlink", PAYLOAD), end()),
+        "dotdot-mkfile": stream(subvol(subvolume), mkfile(f"{up}/by-dotdot-mkfile"),
+                                write(f"{up}/by-dotdot-mkfile", PAYLOAD), end()),
+        "dotdot-rename": stream(subvol(subvolume), mkfile("inside"), write("inside", PAYLOAD),
+                                rename("inside", f"{up}/by-dotdot-rename"), end()),
+    }
 
 
 def forge_write(stream: bytes, after: int) -> tuple[int, dict[int, int]]:

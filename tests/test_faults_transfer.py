@@ -1,5 +1,6 @@
 """Faults on purpose during a transfer: a replica killed again and again,
-bytes damaged in transit and on the master's disk.
+bytes damaged in transit and on the master's disk, a hostile stream in
+place of the master's.
 
 What must hold, whatever breaks: no partial or wrong version is ever
 visible under DATA/imis/, and the transfer completes once the fault is gone.
@@ -7,8 +8,9 @@ visible under DATA/imis/, and the transfer completes once the fault is gone.
 faults are in tests/test_faults_readpath.py.)
 
 The replica sees the master through a `FaultProxy` (tests/faultproxy.py),
-which holds or patches stream answers on request; tests/sendstream.py forges
-a btrfs send command with its CRC32C fixed.
+which holds, patches or replaces stream answers on request;
+tests/sendstream.py forges a btrfs send command with its CRC32C fixed, or a
+whole hostile stream.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import pytest
 import requests
 from cluster_teardown import stop_and_remove
 from faultproxy import FaultProxy
-from sendstream import forge_write
+from sendstream import escape_streams, forge_write
 from trees import describe, make_tree
 
 from harness.cluster import TOKEN, Cluster, Node, wait_for
@@ -347,4 +349,57 @@ def test_damaged_master_spool_is_detected_and_sent_afresh(tmp_path, damage):
         failed = [t for t in r1.status()["transfers"] if t["state"] == "failed"]
         assert failed, "the damaged stream was accepted"
     finally:
+        stop_and_remove(cluster, tmp_path)
+
+
+# --- a hostile stream in place of the master's -------------------------------------------------
+
+
+def test_forged_stream_escapes_write_nothing_outside_incoming_and_are_never_accepted(tmp_path):
+    """A man in the middle answers the replica's stream requests with streams
+    of his own (tests/sendstream.py, `escape_streams`), each with its own
+    digest in the answer: one makes a symlink to an absolute path outside
+    DATA (as to /etc/cron.d) and writes through it, one names `..` paths
+    that climb out of DATA/incoming. `btrfs receive` runs chrooted into the
+    receive's folder: neither writes a byte outside it, neither version is
+    accepted, and the master's own stream, which the proxy lets through
+    next, is."""
+    cluster = Cluster(tmp_path)
+    proxy = None
+    try:
+        master = cluster.master()
+        proxy = FaultProxy(master.port)
+        r1 = cluster.replica("r1", start=False)
+        r1.argv[r1.argv.index("--master") + 1] = proxy.url
+        r1.start()
+        wait_for(lambda: "r1" in cluster.nodes_status(), what="r1 to register")
+        outside = tmp_path / "outside"  # a folder on the replica's host, outside its DATA
+        outside.mkdir()
+        target = r1.data / "incoming" / "demo" / "1.recv"
+        forged = escape_streams("1", str(outside), os.path.relpath(outside, target / "1"))
+        proxy.forged_streams = [forged["absolute-symlink"], forged["dotdot-mkfile"]]
+        top_before = sorted(p.name for p in r1.data.iterdir() if p.name not in ("catalog.json", "transfers.json"))
+        tree = make_tree(tmp_path / "tree")
+        cluster.icbd("imi", "create", "demo", "--from", str(tree))
+        cluster.icbd("imi", "publish", "demo")
+        with VisibilityWatch(r1, "demo") as watch:
+            cluster.icbd("subscribe", "demo", "--node", "r1")
+            status = cluster.wait_held(r1, "demo", [1], timeout=60)
+        watch.check(["1"])
+        attempts = [t for t in status["transfers"] if t["imi"] == "demo"]
+        print(f"\nforged streams: {[(t['state'], t.get('error', '')[:90]) for t in attempts]}")
+        assert sorted(p.name for p in outside.iterdir()) == [], "a forged stream wrote outside DATA"
+        assert proxy.forged_answers == 2
+        assert [str(p) for p in tmp_path.rglob("by-*")] == [], "a forged stream left a file behind"
+        assert [t["state"] for t in attempts] == ["failed", "failed", "done"], attempts
+        # What is kept is the master's version, and nothing else changed outside incoming/.
+        assert describe(r1.data / "imis" / "demo" / "1") == describe(tree)
+        written = {"catalog.json", "transfers.json"}  # what a replica writes there of its own
+        assert sorted(p.name for p in r1.data.iterdir() if p.name not in written) == top_before
+        assert sorted(p.name for p in (r1.data / "meta" / "demo").iterdir()) == [
+            "1.json", "1.manifest.json", "imi.json"]
+        assert list((r1.data / "incoming").glob("*/*")) == []
+    finally:
+        if proxy:
+            proxy.close()
         stop_and_remove(cluster, tmp_path)

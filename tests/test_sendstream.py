@@ -7,21 +7,17 @@ from __future__ import annotations
 import struct
 
 import pytest
-from sendstream import SEND_A_DATA, SEND_C_WRITE, crc32c_raw, forge_write
-
-SEND_C_MKFILE = 3
-SEND_A_PATH = 15
-SEND_A_FILE_OFFSET = 18
-
-
-def command(cmd: int, *tlvs: tuple[int, bytes]) -> bytes:
-    payload = b"".join(struct.pack("<HH", kind, len(value)) + value for kind, value in tlvs)
-    head = struct.pack("<IHI", len(payload), cmd, 0)
-    return struct.pack("<IHI", len(payload), cmd, crc32c_raw(head + payload)) + payload
-
-
-def stream(*commands: bytes) -> bytes:
-    return b"btrfs-stream\0" + struct.pack("<I", 1) + b"".join(commands)
+from sendstream import (
+    SEND_A_DATA,
+    SEND_A_FILE_OFFSET,
+    SEND_A_PATH,
+    SEND_C_MKFILE,
+    SEND_C_WRITE,
+    command,
+    crc32c_raw,
+    forge_write,
+    stream,
+)
 
 
 def crc_ok(data: bytes, pos: int) -> bool:
