@@ -3,8 +3,11 @@
 Bulk bytes go through a shared urllib3 pool in worker threads: measured on
 loopback, httpx on trio moves ~450-650 MB/s, urllib3 in a thread ~2.5 GB/s.
 Every call has explicit connect and read timeouts in the thread and an overall
-deadline on the trio side (the thread is abandoned at the deadline and ends at
-its own read timeout).
+deadline on the trio side. At the deadline the request is cut off
+(icbdcore.cutoff: its socket is shut down), so the thread ends then and frees
+its slot of the limiter: a read timeout bounds each wait for bytes only, and
+an upstream trickling a byte every few seconds would otherwise hold the slot
+for as long as it likes, and enough of them would hold every slot.
 
 Failures are sorted the way CernVM-FS sorts them, so the caller can fail over
 sensibly: the upstream does not hold the block (NotHeld: ask another, no
@@ -22,6 +25,7 @@ import trio
 import urllib3
 
 from icbdcore.clients import Credentials, pool
+from icbdcore.cutoff import Cutoff
 from icbdcore.wire import DEFAULT_CHUNK_SIZE, block_path, content_digest
 
 log = logging.getLogger(__name__)
@@ -93,21 +97,38 @@ class BlockClient:
         """The bytes of the immutable object at `url`, verified against
         `digest`, at most `limit` of them; raises as fetch() does."""
         timeout = self.read_timeout if timeout is None else timeout
-        with trio.move_on_after(timeout) as scope:
-            return await trio.to_thread.run_sync(
-                self._verified, url, digest, timeout, limit, limiter=self._limiter, abandon_on_cancel=True
-            )
-        assert scope.cancelled_caught
+        return await self._in_thread(self._verified, url, timeout, url, digest, timeout, limit)
+
+    async def _in_thread(self, work, url: str, timeout: float, *args):
+        """`work(*args, cutoff)` in a worker thread, given up at `timeout`, when
+        its request is cut off so the thread ends (and frees its slot) too."""
+        cutoff = Cutoff()
+        try:
+            with trio.move_on_after(timeout):
+                return await trio.to_thread.run_sync(
+                    work, *args, cutoff, limiter=self._limiter, abandon_on_cancel=True
+                )
+        finally:
+            cutoff.cut()  # a thread still running ends now; one that returned is not touched
         raise UpstreamTimeout(url, f"no complete answer within {timeout:g} s")
 
-    def _verified(self, url: str, digest: str, timeout: float, limit: int) -> bytes:
-        data = self._get(url, timeout, limit)
+    def _verified(self, url: str, digest: str, timeout: float, limit: int, cutoff: Cutoff) -> bytes:
+        data = self._get(url, timeout, limit, cutoff)
         # Verified in this thread, off the trio thread: ~35 us per MiB.
         if content_digest(data) != digest:
             raise CorruptBlock(url, f"sent {len(data)} bytes that do not match the digest")
         return data
 
-    def _get(self, url: str, timeout: float, limit: int) -> bytes:
+    def _get(self, url: str, timeout: float, limit: int, cutoff: Cutoff) -> bytes:
+        with cutoff:
+            try:
+                return self._request(url, timeout, limit, cutoff)
+            except FetchFailure as error:
+                if cutoff.is_cut:
+                    raise UpstreamTimeout(url, f"cut off at the deadline ({error.why})") from None
+                raise
+
+    def _request(self, url: str, timeout: float, limit: int, cutoff: Cutoff) -> bytes:
         timeouts = urllib3.Timeout(connect=min(self.connect_timeout, timeout), read=timeout)
         try:
             response = self._pool.request(
@@ -146,23 +167,22 @@ class BlockClient:
         finally:
             if not complete:
                 response.close()  # unread bytes on it: never hand it to the next request
+            cutoff.release()  # before the connection goes back to the pool
             response.release_conn()
 
     async def ping(self, base_url: str, *, timeout: float = 2.0) -> float:
         """Seconds for `GET {base_url}/` (the node's status) to answer; raises HostFailure."""
         url = f"{base_url.rstrip('/')}/"
 
-        def timed() -> float:
+        def timed(cutoff: Cutoff) -> float:
             started = time.perf_counter()
-            self._get(url, timeout, DEFAULT_CHUNK_SIZE)
+            self._get(url, timeout, DEFAULT_CHUNK_SIZE, cutoff)
             return time.perf_counter() - started
 
-        with trio.move_on_after(timeout):
-            try:
-                return await trio.to_thread.run_sync(timed, limiter=self._limiter, abandon_on_cancel=True)
-            except NotHeld as error:
-                raise HostFailure(url, "has no status page") from error
-        raise UpstreamTimeout(url, f"no answer within {timeout:g} s")
+        try:
+            return await self._in_thread(timed, url, timeout)
+        except NotHeld as error:
+            raise HostFailure(url, "has no status page") from error
 
 
 def _reason(error: BaseException) -> str:

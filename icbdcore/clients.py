@@ -15,6 +15,7 @@ import httpx
 import requests
 import urllib3
 
+from .cutoff import POOL_CLASSES
 from .wire import NODE_HEADER
 
 USER_AGENT = "icbd"
@@ -42,9 +43,12 @@ def async_client(credentials: Credentials, base_url: str = "", *, timeout: float
 
 
 def pool(credentials: Credentials, *, maxsize: int, num_pools: int = 64, block: bool = False) -> urllib3.PoolManager:
-    """Bulk transfers from worker threads; the caller sets timeouts per request."""
-    return urllib3.PoolManager(num_pools=num_pools, maxsize=maxsize, block=block, retries=False,
-                               headers=credentials.headers())
+    """Bulk transfers from worker threads; the caller sets timeouts per request.
+    Its requests can be cut off from another thread (icbdcore.cutoff)."""
+    manager = urllib3.PoolManager(num_pools=num_pools, maxsize=maxsize, block=block, retries=False,
+                                  headers=credentials.headers())
+    manager.pool_classes_by_scheme = POOL_CLASSES
+    return manager
 
 
 def session(credentials: Credentials) -> requests.Session:
