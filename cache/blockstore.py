@@ -10,12 +10,19 @@ The index is the truth: a block is in the store when its entry is, and every
 read verifies the bytes against the digest, so a damaged or missing file is a
 miss, never bad data. The concurrency and crash protocol is in docs/CACHE.md.
 
+Errors are sorted before anything is deleted: a file that is gone (ENOENT) is
+missing; one that is not a regular file, a symlink (ELOOP), or has the wrong
+bytes is damaged; both drop the block. Anything else (EMFILE and ENFILE when
+the process or host is out of descriptors, ENOMEM, EIO, EACCES...) says
+nothing about the block: it is raised as a store error and the block stays.
+
 Synchronous and thread-safe: callers run it in worker threads behind a
 CapacityLimiter, never on the trio thread.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -47,6 +54,9 @@ SYNC_SECONDS = 10.0
 
 # What a store operation may raise besides ValueError for a bad digest or bad bytes.
 STORE_ERRORS = (OSError, lmdb.Error)
+# Errors opening a block file that say the file itself is wrong: a symlink
+# (O_NOFOLLOW), a directory, a device or socket, a folder replaced by a file.
+DAMAGE_ERRNOS = frozenset({errno.ELOOP, errno.EISDIR, errno.ENOTDIR, errno.ENXIO, errno.ENODEV})
 
 
 class StoreBusy(RuntimeError):
@@ -212,13 +222,16 @@ class BlockStore:
         size = entry[0]
         path = self._file(digest)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            # O_NONBLOCK: a fifo in the block's place opens at once (and is damage), not never.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             self._drop(key, digest, None, "missing")
             self._count("misses")
             return None
-        except OSError:  # a symlink (ELOOP), a directory in its place...: damage
-            self._drop(key, digest, os.lstat(path).st_ino, "damaged")
+        except OSError as error:
+            if error.errno not in DAMAGE_ERRNOS:
+                raise  # out of descriptors, memory, a failing disk: the block is not to blame
+            self._drop(key, digest, _inode(path), "damaged")
             self._count("misses")
             return None
         try:
@@ -249,7 +262,7 @@ class BlockStore:
         with self._env.begin(write=True) as txn:
             try:
                 now = os.lstat(path)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 now = None
             if why != "malformed" and now is not None and now.st_ino != inode:
                 return  # evicted and stored again since we looked: the new file is not ours to judge
@@ -443,10 +456,16 @@ class BlockStore:
         """A file without an entry: index it if its bytes match its name, else delete it."""
         try:
             check_digest(name)
-            with open(path, "rb") as f:
-                data = f.read()
+            with open(path, "rb", opener=_open_nofollow) as f:
+                data = f.read() if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else b""
             good = content_digest(data) == name
-        except (ValueError, OSError):
+        except ValueError:
+            good, data = False, b""
+        except FileNotFoundError:
+            return
+        except OSError as error:
+            if error.errno not in DAMAGE_ERRNOS:
+                raise  # out of descriptors...: leave the file; recovery fails and runs again
             good, data = False, b""
         with self._env.begin(write=True) as txn:
             try:
@@ -534,3 +553,15 @@ class BlockStore:
         found["totals_ok"] = (totals.bytes, totals.footprint, totals.blocks, totals.protected) == (
             found["bytes"], found["footprint"], found["entries"], found["protected"])
         return found
+
+
+def _inode(path: Path) -> int | None:
+    """The inode at `path` (not followed), or None if nothing is there."""
+    try:
+        return os.lstat(path).st_ino
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _open_nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)

@@ -106,6 +106,115 @@ def test_damaged_or_lost_file_is_a_miss_and_dropped(store, damage, caplog):
     assert_consistent(store)
 
 
+@pytest.mark.parametrize("kind", ["symlink", "directory", "fifo"])
+def test_something_else_in_a_block_s_place_is_damage(store, kind):
+    """Not a regular file where the block was: a miss, dropped. A fifo is
+    opened without blocking (a plain open would wait for a writer forever)."""
+    (digest, data), = make_blocks(1, 5000)
+    store.put(digest, data)
+    path = store.path / digest[:2] / digest
+    path.unlink()
+    if kind == "symlink":
+        (store.path / "elsewhere").write_bytes(data)
+        path.symlink_to(store.path / "elsewhere")
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        os.mkfifo(path)
+    result: list = []
+    reader = threading.Thread(target=lambda: result.append(store.get(digest)), daemon=True)
+    reader.start()
+    reader.join(5)
+    if reader.is_alive():  # let the old code's blocking open go before failing
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(5)
+        raise AssertionError(f"reading a block with a {kind} in its place blocked")
+    assert result == [None]
+    assert digest not in store and store.stats()["corrupt_dropped"] == 1
+    assert not os.path.lexists(path)
+
+
+@pytest.mark.parametrize("code", ["EMFILE", "ENFILE", "ENOMEM", "EIO", "EACCES"])
+def test_errors_that_are_not_the_block_s_fault_leave_it(store, monkeypatch, code):
+    """Out of descriptors (the process's or the host's), memory, a failing
+    disk, a permission changed by hand: the read fails as a store error, and
+    the block stays, readable once the trouble is gone."""
+    import errno
+
+    (digest, data), = make_blocks(1, 5000)
+    store.put(digest, data)
+    real_open = os.open
+
+    def failing_open(path, flags, *args, **kwargs):
+        if str(path).endswith(digest):
+            number = getattr(errno, code)
+            raise OSError(number, os.strerror(number), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", failing_open)
+    with pytest.raises(OSError) as caught:
+        store.get(digest)
+    monkeypatch.setattr(os, "open", real_open)
+    assert caught.value.errno == getattr(__import__("errno"), code)
+    assert digest in store and (store.path / digest[:2] / digest).exists()
+    assert store.get(digest) == data
+    stats = store.stats()
+    assert stats["corrupt_dropped"] == 0 and stats["missing_dropped"] == 0
+
+
+_EXHAUST = textwrap.dedent("""
+    import errno, json, os, resource, sys
+    from pathlib import Path
+    from cache.blockstore import BlockStore
+    from icbdcore.wire import content_digest
+
+    store = BlockStore(Path(sys.argv[1]), 64 << 20)
+    blocks = []
+    for i in range(20):
+        data = os.urandom(8192)
+        blocks.append((content_digest(data), data))
+        store.put(*blocks[-1])
+    in_use = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 8, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    held = []
+    while True:  # every descriptor taken, as a flood of connections would
+        try:
+            held.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError as error:
+            assert error.errno == errno.EMFILE, error
+            break
+    outcomes = []
+    for digest, _ in blocks:
+        try:
+            outcomes.append("hit" if store.get(digest) else "miss")
+        except OSError as error:
+            outcomes.append(errno.errorcode[error.errno])
+    for fd in held:
+        os.close(fd)
+    kept = sum(store.get(digest) == data for digest, data in blocks)
+    stats = store.stats()
+    store.close()
+    print(json.dumps({"outcomes": outcomes, "kept": kept, "dropped": stats["corrupt_dropped"]
+                      + stats["missing_dropped"], "blocks": stats["blocks"]}))
+""")
+
+
+def test_running_out_of_descriptors_never_deletes_a_block(tmp_path):
+    """A real process at its RLIMIT_NOFILE: every read fails with EMFILE, a
+    store error, and once descriptors are free again all 20 blocks are there."""
+    import json
+
+    result = subprocess.run([sys.executable, "-c", _EXHAUST, str(tmp_path / "blocks")],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    print(f"\nat the descriptor limit: reads {sorted(set(found['outcomes']))}; after: {found['kept']} of 20 "
+          f"blocks kept, {found['dropped']} dropped")
+    assert set(found["outcomes"]) == {"EMFILE"}
+    assert found["kept"] == 20 and found["dropped"] == 0 and found["blocks"] == 20
+
+
 def test_malformed_index_value_is_a_miss_and_dropped(store):
     (digest, data), = make_blocks(1, 5000)
     store.put(digest, data)
