@@ -5,18 +5,31 @@ immutable objects.
 Every route under /v1 needs the token (`Authorization: Bearer T`); `GET /`,
 the node's status, is open. A bad request gets a 4xx with `{"error": ...}`,
 never a 5xx; a 5xx means a bug or a failing disk, and is logged.
+
+Connections are bounded: at most `max_connections` at once (beyond it a new
+one gets a 503 and is closed), a request head must arrive within the
+keep-alive time, no wait for a byte of a head or body lasts longer than
+READ_TIMEOUT, and a JSON body must arrive whole within BODY_TIMEOUT. So a
+flood of idle or slow connections costs a bounded number of descriptors,
+and the node keeps the rest for its own files and requests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
+import resource
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import hypercorn.config
-import hypercorn.trio
 import trio
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import repr_socket_addr, wrap_app
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -28,6 +41,22 @@ from .wire import API, DIGEST_HEADER, IMMUTABLE, InvalidInput, Refused, error_bo
 log = logging.getLogger(__name__)
 
 MAX_JSON_BODY = 1 << 20
+# A JSON body (a profile may be 16 MiB) arrives whole within this, or 408.
+BODY_TIMEOUT = 30.0
+# An idle connection is closed after this; a new connection's request head
+# must arrive whole within it too (hypercorn counts a connection idle until
+# a whole head has arrived).
+KEEP_ALIVE = 30.0
+# No wait for a byte of a request head or body lasts longer (hypercorn's
+# read_timeout; it is not applied while the answer is being sent).
+READ_TIMEOUT = 30.0
+# Connections served at once, at most; never more than half the descriptors
+# the process may open (see connection_cap).
+MAX_CONNECTIONS = 4096
+# The descriptor limit a node asks for at start (its soft limit is raised
+# towards the hard one): systemd's default soft limit, 1024, would cap a
+# cache server at 512 connections, eight mounts' worth.
+WANTED_DESCRIPTORS = 65536
 # Our own documents are a few levels deep; a deeper body is an attack on the
 # parser or on whoever stores it and renders it later.
 MAX_JSON_DEPTH = 64
@@ -57,14 +86,17 @@ async def json_body(request: Request, limit: int = MAX_JSON_BODY) -> dict:
     chunks = []
     size = 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise Refused(413, f"request body over {limit} bytes")
-            chunks.append(chunk)
+        with trio.fail_after(BODY_TIMEOUT):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise Refused(413, f"request body over {limit} bytes")
+                chunks.append(chunk)
     except ClientDisconnect:
         # Nobody is left to answer; not an internal error worth a traceback.
         raise Refused(400, "the client went away before the end of its request body") from None
+    except trio.TooSlowError:
+        raise Refused(408, f"the request body did not arrive within {BODY_TIMEOUT:g} s") from None
     raw = b"".join(chunks)
     if not raw:
         return {}
@@ -198,20 +230,133 @@ async def serve(
     shutdown: trio.Event,
     *,
     task_status=trio.TASK_STATUS_IGNORED,
+    max_connections: int | None = None,
 ) -> None:
-    """Serve `app` on `listen` until `shutdown` is set."""
+    """Serve `app` on `listen` until `shutdown` is set, with at most
+    `max_connections` connections at once (default: connection_cap())."""
     host, port = parse_listen(listen)
     config = hypercorn.config.Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 1.0
-    config.keep_alive_timeout = 30.0
+    config.keep_alive_timeout = KEEP_ALIVE
+    config.read_timeout = READ_TIMEOUT
     # h11 refuses an incomplete request head over this size with a bare 431
     # before the app sees it. It checks between reads of up to 64 KiB, so the
     # largest head taken is about twice this (measured: 130 KB in, 140 KB out).
     config.h11_max_incomplete_size = 64 * 1024
-    await hypercorn.trio.serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)
+    await _serve_bounded(app, config, shutdown, max_connections or connection_cap(), task_status)
+
+
+def connection_cap() -> int:
+    """How many connections a node serves at once: MAX_CONNECTIONS, or half
+    its descriptor limit if that is lower. The soft limit is raised first
+    (up to WANTED_DESCRIPTORS, within the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = WANTED_DESCRIPTORS if hard == resource.RLIM_INFINITY else min(WANTED_DESCRIPTORS, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as error:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, wanted, error)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(16, min(MAX_CONNECTIONS, soft // 2))
+
+
+class _Connection(TCPServer):
+    """hypercorn's TCPServer, except that a connection whose client has gone
+    (end of stream, or the read timeout) ends at once. hypercorn keeps it, and
+    its descriptor, until its idle timer runs out (KEEP_ALIVE): a client that
+    connects and closes at once would hold a place under the cap for free."""
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        await self.idle_task.stop()
+
+
+class _Gate:
+    """Counts the connections being served; admits one more only below the cap."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.open = 0
+        self.refused = 0
+
+    def enter(self) -> bool:
+        if self.open >= self.cap:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                log.warning("%d connections open, the most this node serves: refusing new ones "
+                            "(%d refused so far)", self.open, self.refused)
+            return False
+        self.open += 1
+        return True
+
+    def leave(self) -> None:
+        self.open -= 1
+
+
+_REFUSAL_BODY = json.dumps(error_body("too many connections; retry in 1 s")).encode()
+_REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+            b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(_REFUSAL_BODY) + _REFUSAL_BODY)
+
+
+async def _refuse(stream: trio.abc.Stream) -> None:
+    """A 503 if it can go at once (plain http), then close."""
+    if isinstance(stream, trio.SocketStream):
+        with trio.move_on_after(1.0), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(_REFUSAL)
+    await trio.aclose_forcefully(stream)
+
+
+async def _serve_bounded(app, config: hypercorn.config.Config, shutdown: trio.Event, cap: int,
+                         task_status) -> None:
+    """What hypercorn.trio.serve does for one process (hypercorn.trio.run.
+    worker_serve, without lifespan events, which our apps do not use, and
+    without QUIC), with every connection passing a _Gate first: hypercorn
+    itself has no connection cap."""
+    asgi = wrap_app(app, config.wsgi_max_body_size, "asgi")
+    context = WorkerContext(None)
+    gate = _Gate(cap)
+    sockets = config.create_sockets()
+    listeners: list[trio.abc.Listener] = []
+    binds = []
+    ssl_context = config.create_ssl_context()
+    for sock in sockets.secure_sockets:
+        sock.listen(config.backlog)
+        listeners.append(trio.SSLListener(trio.SocketListener(trio.socket.from_stdlib_socket(sock)),
+                                          ssl_context, https_compatible=True))
+        binds.append(f"https://{repr_socket_addr(sock.family, sock.getsockname())}")
+    for sock in sockets.insecure_sockets:
+        sock.listen(config.backlog)
+        listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+        binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+
+    async def handle(stream: trio.abc.Stream) -> None:
+        if not gate.enter():
+            await _refuse(stream)
+            return
+        try:
+            await _Connection(asgi, config, context, ConnectionState({}), stream)
+        finally:
+            gate.leave()
+
+    async with trio.open_nursery() as connections:
+        log.debug("serving on %s, at most %d connections", ", ".join(binds), cap)
+        task_status.started(binds)
+        try:
+            async with trio.open_nursery() as accepting:
+                accepting.start_soon(partial(trio.serve_listeners, handle, listeners,
+                                             handler_nursery=connections))
+                await shutdown.wait()
+                accepting.cancel_scope.cancel()
+        finally:
+            # As hypercorn: open connections finish their answers within the grace time.
+            await context.terminated.set()
+            connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
 
 
 Handler = Callable[[Request], Awaitable[Response]]
