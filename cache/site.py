@@ -77,13 +77,14 @@ class SiteCache:
         # One load per manifest digest, however many mounts ask at once.
         self._manifest_loads: Flights[str, bytes] = Flights()
         self.master_reachable = False
+        self._warned = False  # that the master is unreachable, since it last answered
         self._polling = trio.Lock()
 
     @classmethod
     @asynccontextmanager
     async def open(cls, data_dir: Path, master_url: str, token: str, site: str | None, size_bound: int,
                    *, refresh: float = 2.0):
-        data_dir.mkdir(parents=True, exist_ok=True)
+        Layout(data_dir).make_private_root()
         cache = await trio.to_thread.run_sync(lambda: cls(data_dir, master_url, token, site, size_bound,
                                                           refresh=refresh))
         try:
@@ -125,25 +126,34 @@ class SiteCache:
             nodes = await self.http.get(NODES_ROUTE)
             nodes.raise_for_status()
             catalog = Catalog.from_json(imis.json())
+            node_list = _node_list(nodes.json())
         except (httpx.HTTPError, ValueError, KeyError, TypeError, RecursionError) as error:
-            if self.master_reachable:
+            if self.master_reachable or not self._warned:
                 log.warning("master unreachable (%s); serving the last catalogue", describe_error(error))
             self.master_reachable = False
+            self._warned = True
             return False
         if not self.master_reachable:
             log.info("master reachable: %d iMIs", len(catalog.imis))
         self.master_reachable = True
+        self._warned = False
         self._catalog_at = time.monotonic()
-        self.upstreams.update(nodes.json()["nodes"])
+        self.upstreams.update(node_list)
         if catalog != self._catalog:
             self._catalog = catalog
-            await trio.to_thread.run_sync(write_json, self.layout.catalog_file, catalog.to_json())
+            try:
+                await trio.to_thread.run_sync(write_json, self.layout.catalog_file, catalog.to_json())
+            except OSError as error:  # a full disk: serve it from memory, keep it next time
+                log.warning("cannot save the catalogue to %s: %s", self.layout.catalog_file, error)
         return True
 
     async def _keep_polling(self) -> None:
         while True:
             await trio.sleep(self.refresh)
-            await self.poll_master()
+            try:
+                await self.poll_master()
+            except Exception:  # whatever the master answers, the site keeps serving
+                log.exception("polling the master failed; trying again in %g s", self.refresh)
 
     async def catalog(self) -> Catalog:
         """The catalogue, refreshed first if it is older than `refresh` and the
@@ -243,6 +253,13 @@ class SiteCache:
             "store": self.store.stats(),
             "fetcher": self.fetcher.stats() if self.fetcher else {},
         }
+
+
+def _node_list(doc: object) -> list:
+    """The node list of a `GET /v1/nodes` answer; InvalidInput if there is none."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("nodes"), list):
+        raise InvalidInput("the master's node list is not an object with a list of 'nodes'")
+    return doc["nodes"]
 
 
 def _read_if_matches(path: Path, digest: str) -> bytes | None:

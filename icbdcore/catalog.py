@@ -41,11 +41,12 @@ class ImiInfo:
             raise InvalidInput("an iMI's versions are not a list")
         try:
             records = [VersionRecord.from_json(v) for v in versions_doc]
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, OverflowError) as error:  # "bytes": 1e400 is inf
             raise InvalidInput(f"a version record in the catalogue is malformed: {error}") from None
         latest = doc.get("latest")
+        latest = parse_version(latest) if latest is not None else None  # "3" is 3, not a string
         versions = {r.version: r for r in records}
-        if latest is not None and parse_version(latest) not in versions:
+        if latest is not None and latest not in versions:
             raise InvalidInput(f"the catalogue's latest {latest!r} is not one of its versions")
         return cls(
             name=check_name(doc.get("name")),

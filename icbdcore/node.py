@@ -106,30 +106,41 @@ class Membership:
     async def run(self) -> None:
         node = self.registration["id"]
         while True:
+            registered_now = False
             try:
                 # A heartbeat that takes longer than two periods counts as lost,
                 # so a cut-off node notices within seconds, as the master does.
                 timeout = max(2.0, 2 * self.interval)
                 if not self._registered:
                     await self._post(NODES_ROUTE, self.registration, timeout)
-                    self._registered = True
+                    self._registered = registered_now = True
                     log.info("registered with the master as %s", node)
                 reply = await self._post(heartbeat_path(node), self.status(), timeout)
                 if not self.reachable:
                     log.info("master reachable")
                 self.reachable = True
-                if self.on_reply is not None:
-                    await self.on_reply(reply)
+                await self._take(reply)
             except httpx.HTTPStatusError as error:
                 if error.response.status_code == 404 and self._registered:
-                    self._registered = False  # the master forgot this node: register again now
-                    continue
+                    self._registered = False  # the master forgot this node: register again
+                    if not registered_now:
+                        continue  # at once; but a "master" that forgets at once is no master (a wrong URL)
                 self._lost(f"master answered {error.response.status_code} to {error.request.url.path}")
             except (httpx.HTTPError, OSError, ValueError, RecursionError) as error:
                 self._lost(describe_error(error))
             with trio.move_on_after(self.interval):
                 await self._poke.wait()
             self._poke = trio.Event()
+
+    async def _take(self, reply: dict) -> None:
+        """Hand a heartbeat reply to the node; whatever is wrong with it is
+        logged, and the node carries on (a reply never ends a node)."""
+        if self.on_reply is None:
+            return
+        try:
+            await self.on_reply(reply)
+        except Exception:
+            log.exception("the master's heartbeat reply could not be taken; carrying on with what this node has")
 
     async def _post(self, path: str, doc: dict, timeout: float) -> dict:
         response = await self.master.post(path, json=doc, timeout=timeout)

@@ -39,6 +39,18 @@ def write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def read_capped(path: Path, limit: int) -> bytes:
+    """A file's bytes, refused (ValueError) before they are read if there are
+    more than `limit` of them."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size > limit:
+            raise ValueError(f"{path} is larger than {limit} bytes")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is larger than {limit} bytes")
+    return data
+
+
 def read_json(path: Path, default: object = None) -> object:
     try:
         with open(path, "rb") as f:

@@ -21,9 +21,9 @@ from icbdcore.errors import CliError
 from icbdcore.http import json_body, json_response
 from icbdcore.layout import Layout
 from icbdcore.logs import setup_logging
-from icbdcore.manifest import Manifest, VersionRecord
+from icbdcore.manifest import MAX_MANIFEST, Manifest, VersionRecord
 from icbdcore.node import Membership, node_id, require_token, run_until_signal
-from icbdcore.records import read_json, write_json
+from icbdcore.records import read_capped, read_json, write_json
 from icbdcore.wire import IMIS_ROUTE, NOTIFY_ROUTE, InvalidInput, check_name, check_site
 
 from . import btrfs
@@ -212,7 +212,12 @@ class Replica:
             if self.membership is not None and not self.membership.reachable:
                 continue
             for name in sorted(set(self.catalog.imis) | set(self.held)):
-                await self._sync_imi(name)
+                try:
+                    await self._sync_imi(name)
+                except Exception as error:  # one iMI's trouble (a full disk...) must never end the replica
+                    if not isinstance(error, OSError | btrfs.BtrfsError | ValueError):
+                        log.exception("%s: unexpected failure while syncing", name)
+                    self._back_off(name, f"syncing failed: {error}")
 
     async def _sync_imi(self, name: str) -> None:
         info = self.catalog.imis.get(name)
@@ -251,10 +256,7 @@ class Replica:
             if not isinstance(error, ReceiveFailed | OSError | btrfs.BtrfsError | ValueError):
                 log.exception("%s version %d: unexpected failure", name, version)
             transfer.finish(str(error) or type(error).__name__)
-            delay = min(self._retry_delay.get(name, RETRY_MIN / 2) * 2, RETRY_MAX)
-            self._retry_delay[name] = delay
-            self._retry_at[name] = trio.current_time() + delay
-            log.error("%s version %d failed: %s (retrying in %.0fs)", name, version, error, delay)
+            self._back_off(name, f"version {version} failed: {error}")
             self._save_transfers()
             if self.membership:
                 self.membership.poke()
@@ -270,6 +272,13 @@ class Replica:
             self.membership.poke()
         return True
 
+    def _back_off(self, name: str, why: str) -> None:
+        """Try `name` again later: 1 s after its first failure, doubling to 60 s."""
+        delay = min(self._retry_delay.get(name, RETRY_MIN / 2) * 2, RETRY_MAX)
+        self._retry_delay[name] = delay
+        self._retry_at[name] = trio.current_time() + delay
+        log.error("%s %s (retrying in %.0fs)", name, why, delay)
+
     async def _prune(self, name: str) -> None:
         held = self.held.get(name, {})
         keep = set(self.wanted(name))
@@ -281,11 +290,27 @@ class Replica:
 
     async def _remove_version(self, name: str, version: int) -> None:
         log.info("pruning %s version %d", name, version)
-        self.held[name].pop(version, None)
-        self.blocks.remove(name, version)
-        await btrfs.remove_tree(self.layout.version_dir(name, version))
+        record = self.held[name].pop(version, None)
+        self.blocks.remove(name, version)  # no longer served, before its files go
+        try:
+            await btrfs.remove_tree(self.layout.version_dir(name, version))
+        except BaseException:
+            # A subvolume delete is all or nothing: the version is still whole.
+            # Hold and serve it again; the next sync prunes it again.
+            if record is not None:
+                self._hold_again(name, version, record)
+            raise
         self.layout.version_record(name, version).unlink(missing_ok=True)
         self.layout.manifest_file(name, version).unlink(missing_ok=True)
+
+    def _hold_again(self, name: str, version: int, record: VersionRecord) -> None:
+        try:
+            raw = read_capped(self.layout.manifest_file(name, version), MAX_MANIFEST)
+            self.blocks.add(name, version, Manifest.from_bytes(raw, record.digest))
+        except (OSError, ValueError) as error:
+            log.error("%s version %d: cannot serve it again (%s); the next start checks it", name, version, error)
+            return
+        self.held.setdefault(name, {})[version] = record
 
     async def _drop_imi(self, name: str, why: str) -> None:
         if not self.held.get(name):

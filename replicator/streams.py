@@ -201,7 +201,10 @@ class SendSpools:
             task_status.started()
             while True:
                 await trio.sleep(min(self.ttl, 30))
-                self._expire()
+                try:
+                    self._expire()
+                except OSError as error:
+                    log.error("cannot remove an expired stream spool: %s", error)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -246,19 +249,29 @@ class SendSpools:
         return spool
 
     async def _generate(self, spool: Spool, snapshot: Path, parent_snapshot: Path | None) -> None:
+        """Run one send into its spool. Whatever fails here fails this spool's
+        readers (who ask again), never the master."""
         log.info("sending %s version %s (parent %s) to spool", spool.name, spool.version, spool.parent)
         started = time.monotonic()
         try:
             digest = await _send_into(spool, snapshot, parent_snapshot)
-        except (OSError, StreamFailed) as error:  # a failed send must reach readers, not crash the master
+        except Exception as error:  # a failed send must reach readers, not crash the master
+            if not isinstance(error, OSError | StreamFailed):
+                log.exception("stream %s v%s from %s", spool.name, spool.version, spool.parent)
             spool._finish(error=f"btrfs send failed: {error}")
             log.error("stream %s v%s from %s: %s", spool.name, spool.version, spool.parent, spool.error)
             return
-        write_json(spool.meta_path, {
-            "name": spool.name, "version": spool.version, "parent": spool.parent,
-            "stream_id": spool.stream_id, "bytes": spool.size, "digest": digest, "complete": True,
-            "pieces": spool.pieces,
-        })
+        try:
+            write_json(spool.meta_path, {
+                "name": spool.name, "version": spool.version, "parent": spool.parent,
+                "stream_id": spool.stream_id, "bytes": spool.size, "digest": digest, "complete": True,
+                "pieces": spool.pieces,
+            })
+        except OSError as error:
+            # A full disk: the spool is whole and its readers get it, but
+            # without its record it does not outlive a restart of the master.
+            log.error("stream %s v%s from %s: cannot write its record (%s); it will not be kept across "
+                      "a restart", spool.name, spool.version, spool.parent, error.strerror or error)
         spool._finish(digest)
         log.info("spooled %s v%s from %s: %d bytes in %.2fs", spool.name, spool.version, spool.parent,
                  spool.size, time.monotonic() - started)
