@@ -16,11 +16,12 @@ import trio
 
 from icbdcore.catalog import Catalog, Profile
 from icbdcore.clients import Credentials, async_client
-from icbdcore.manifest import Manifest
+from icbdcore.manifest import MAX_MANIFEST, Manifest
 from icbdcore.source import Unavailable
 from icbdcore.wire import (
     IMIS_ROUTE,
     PREFETCH_ROUTE,
+    InvalidInput,
     check_name,
     manifest_path,
     parse_version,
@@ -74,11 +75,28 @@ class RemoteCache:
         if record is None:
             raise Unavailable(f"{imi} has no version {version}")
         try:
-            response = await self.http.get(manifest_path(imi, version), timeout=60)
-            response.raise_for_status()
+            raw = await self._capped_get(manifest_path(imi, version), MAX_MANIFEST, timeout=60)
         except httpx.HTTPError as error:
             raise Unavailable(f"manifest of {imi} v{version}: {error}") from None
-        return await trio.to_thread.run_sync(Manifest.from_bytes, response.content, record.digest)
+        try:
+            return await trio.to_thread.run_sync(Manifest.from_bytes, raw, record.digest)
+        except InvalidInput as error:
+            raise Unavailable(f"manifest of {imi} v{version}: {error}") from None
+
+    async def _capped_get(self, path: str, limit: int, *, timeout: float) -> bytes:
+        """The body of a GET, refused (Unavailable) as soon as it is announced
+        or found to be longer than `limit`."""
+        async with self.http.stream("GET", path, timeout=timeout) as response:
+            response.raise_for_status()
+            length = response.headers.get("Content-Length")
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                raise Unavailable(f"{path}: the cache server announced {length} bytes, over {limit}")
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > limit:
+                    raise Unavailable(f"{path}: the cache server sent more than {limit} bytes")
+            return bytes(body)
 
     async def block(self, digest: str, imi: str, version: int) -> bytes:
         try:

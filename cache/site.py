@@ -16,6 +16,7 @@ It implements icbdcore.source.ImageSource.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -31,7 +32,7 @@ from icbdcore.flights import Flights
 from icbdcore.layout import Layout
 from icbdcore.manifest import MAX_MANIFEST, Manifest
 from icbdcore.node import describe_error
-from icbdcore.records import read_json, write_bytes, write_json
+from icbdcore.records import read_json, write_json
 from icbdcore.source import Unavailable
 from icbdcore.wire import (
     IMIS_ROUTE,
@@ -47,11 +48,13 @@ from icbdcore.wire import (
 from .blockclient import BlockClient
 from .blockstore import BlockStore
 from .fetcher import Fetcher, PrefetchProgress
+from .metastore import META_SHARE, MetaStore
 from .upstreams import Upstreams
 
 log = logging.getLogger(__name__)
 
 MANIFESTS_IN_MEMORY = 32
+MAX_PROFILE = 16 << 20  # as the master takes them
 # A manifest may be tens of MiB: 60 s per attempt is 1 MB/s for the largest.
 MANIFEST_ATTEMPT = 60.0
 MANIFEST_DEADLINE = 180.0
@@ -66,7 +69,11 @@ class SiteCache:
         self.site = site or ""
         self.refresh = refresh
         self.layout = Layout(data)
-        self.store = BlockStore(self.layout.blocks, size_bound)
+        # --size bounds blocks and documents together: the documents (manifests,
+        # profiles) get a share, the block store the rest.
+        share = size_bound // META_SHARE
+        self.store = BlockStore(self.layout.blocks, size_bound - share)
+        self.meta = MetaStore([self.layout.cached_manifests, self.layout.cached_profiles], share)
         self.upstreams = Upstreams(self.site, self.layout.upstreams_file, master_url=self.master_url)
         self.client = BlockClient(token)
         self.http = async_client(Credentials(token), self.master_url, timeout=CONTROL_TIMEOUT)
@@ -182,14 +189,21 @@ class SiteCache:
 
     async def _load_manifest(self, imi: str, version: int, digest: str) -> bytes:
         path = self.layout.cached_manifest(imi, version)
-        raw = await trio.to_thread.run_sync(_read_if_matches, path, digest)
+        raw = await trio.to_thread.run_sync(_read_if_matches, self.meta, path, digest)
         if raw is None:
             assert self.fetcher is not None
             raw = await self.fetcher.fetch_object(manifest_path(imi, version), digest, imi=imi, version=version,
                                                   limit=MAX_MANIFEST, attempt_timeout=MANIFEST_ATTEMPT,
                                                   deadline=MANIFEST_DEADLINE)
-            await trio.to_thread.run_sync(write_bytes, path, raw)
+            await self._keep(path, raw)
         return raw
+
+    async def _keep(self, path: Path, data: bytes) -> None:
+        """Keep a document on disk if there is room; served from memory if not."""
+        try:
+            await trio.to_thread.run_sync(self.meta.write, path, data)
+        except OSError as error:
+            log.warning("cannot keep %s: %s", path, error.strerror or error)
 
     async def manifest(self, imi: str, version: int) -> Manifest:
         key = (imi, version)
@@ -232,11 +246,11 @@ class SiteCache:
             response.raise_for_status()
             profile = Profile.from_json(response.json())
         except httpx.HTTPError:
-            doc = await trio.to_thread.run_sync(read_json, path)
-            if isinstance(doc, dict):
-                return Profile.from_json(doc)
+            raw = await trio.to_thread.run_sync(self.meta.read, path, MAX_PROFILE)
+            if raw is not None:
+                return Profile.from_json(json.loads(raw))
             raise
-        await trio.to_thread.run_sync(write_json, path, profile.to_json())
+        await self._keep(path, json.dumps(profile.to_json()).encode())
         return profile
 
     async def save_profile(self, imi: str, version: int, digests: list[str]) -> bool:
@@ -251,6 +265,7 @@ class SiteCache:
             "master_reachable": self.master_reachable,
             "catalog_age_s": None if not self._catalog_at else round(time.monotonic() - self._catalog_at, 1),
             "store": self.store.stats(),
+            "documents": self.meta.stats(),
             "fetcher": self.fetcher.stats() if self.fetcher else {},
         }
 
@@ -262,12 +277,12 @@ def _node_list(doc: object) -> list:
     return doc["nodes"]
 
 
-def _read_if_matches(path: Path, digest: str) -> bytes | None:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+def _read_if_matches(meta: MetaStore, path: Path, digest: str) -> bytes | None:
+    raw = meta.read(path, MAX_MANIFEST)
+    if raw is None:
         return None
     if content_digest(raw) != digest:
         log.warning("cached manifest %s is damaged; fetching it again", path)
+        meta.drop(path)
         return None
     return raw

@@ -166,7 +166,10 @@ async def _on_http_exception(request: Request, exc: HTTPException) -> Response:
 
 
 async def _on_refused(request: Request, exc: Refused) -> Response:
-    return _error(exc.status, exc.message)
+    response = _error(exc.status, exc.message)
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 async def _on_invalid_input(request: Request, exc: InvalidInput) -> Response:

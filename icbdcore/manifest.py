@@ -160,6 +160,8 @@ class Manifest:
     @classmethod
     def from_bytes(cls, raw: bytes, expect_digest: str | None = None) -> Manifest:
         """Parse and validate a manifest; check it against `expect_digest` if given."""
+        if len(raw) > MAX_MANIFEST:
+            raise InvalidInput(f"manifest larger than {MAX_MANIFEST} bytes")
         if expect_digest is not None and content_digest(raw) != expect_digest:
             raise InvalidInput("manifest does not match its digest")
         try:

@@ -32,12 +32,14 @@ class InvalidInput(ValueError):
 
 
 class Refused(Exception):
-    """A request refused with an HTTP status and a one-line reason."""
+    """A request refused with an HTTP status and a one-line reason; a 503
+    may say when to ask again (Retry-After, in seconds)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, retry_after: int | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after
 
 
 def check_name(name: object) -> str:

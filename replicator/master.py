@@ -47,7 +47,7 @@ from .blockindex import BlockIndex
 from .nameserver import ALIVE, NameServer, UnknownNode
 from .readroutes import read_routes
 from .repository import Repository, RepositoryError
-from .streams import SendSpools, Spool, range_start
+from .streams import SendsBusy, SendSpools, Spool, range_start
 
 log = logging.getLogger(__name__)
 
@@ -225,16 +225,20 @@ class Master:
                 raise Refused(400, "a version cannot be its own parent")
         return name, version, parent
 
-    def _spool(self, name: str, version: int, parent: int | None) -> Spool:
-        return self.spools.get(
-            name, version, parent,
-            self.repo.snapshot_path(name, version),
-            self.repo.snapshot_path(name, parent) if parent else None,
-        )
+    def _spool(self, name: str, version: int, parent: int | None, node: str) -> Spool:
+        try:
+            return self.spools.get(
+                name, version, parent,
+                self.repo.snapshot_path(name, version),
+                self.repo.snapshot_path(name, parent) if parent else None,
+                node=node,
+            )
+        except SendsBusy as busy:
+            raise Refused(503, str(busy), retry_after=busy.retry_after) from None
 
     async def get_stream(self, request: Request) -> Response:
         name, version, parent = self._stream_args(request)
-        spool = self._spool(name, version, parent)
+        spool = self._spool(name, version, parent, request.headers.get(NODE_HEADER, ""))
         headers = {STREAM_ID_HEADER: spool.stream_id, "ETag": f'"{spool.stream_id}"', "Accept-Ranges": "bytes"}
         offset = range_start(request.headers.get("range"))
         if_range = request.headers.get("if-range", "").strip('"')

@@ -32,7 +32,7 @@ import urllib3
 
 from icbdcore.clients import Credentials, pool
 from icbdcore.layout import Layout
-from icbdcore.manifest import Manifest, VersionRecord
+from icbdcore.manifest import MAX_MANIFEST, Manifest, VersionRecord
 from icbdcore.records import now_iso, read_json, write_bytes, write_json
 from icbdcore.wire import (
     STREAM_DIGEST_HEADER,
@@ -48,6 +48,7 @@ from . import btrfs
 log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20  # see streams.READ_SIZE
+MAX_DIGEST_DOC = 1 << 20  # a stream's digest document is a few hundred bytes
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)\Z")
 _UNSATISFIED = re.compile(r"bytes \*/(\d+)\Z")
 
@@ -282,9 +283,7 @@ class Receiver:
         info = await btrfs.subvolume_info(received)
         if not info.readonly or not info.received_uuid:
             raise ReceiveFailed("received subvolume is not read-only with a received UUID (incomplete stream)")
-        raw = await trio.to_thread.run_sync(self._get_blocking, manifest_path(name, version))
-        # Raises if it does not match the record; parsing a large manifest is CPU work.
-        manifest = await trio.to_thread.run_sync(Manifest.from_bytes, raw, record.digest)
+        raw, manifest = await self.fetch_manifest(name, version, record)
         write_bytes(self.layout.manifest_file(name, version), raw)
         write_json(self.layout.version_record(name, version), record.to_json())
         final = self.layout.version_dir(name, version)
@@ -294,17 +293,43 @@ class Receiver:
         log.info("received %s version %d (stream digest %s)", name, version, digest)
         return manifest
 
-    def _get_blocking(self, path: str) -> bytes:
+    async def fetch_manifest(self, name: str, version: int, record: VersionRecord) -> tuple[bytes, Manifest]:
+        """A version's manifest from the master, refused unread past
+        MAX_MANIFEST bytes, checked against the record; its bytes and itself."""
+        raw = await trio.to_thread.run_sync(self._get_blocking, manifest_path(name, version), MAX_MANIFEST)
+        # Raises if it does not match the record; parsing a large manifest is CPU work.
+        manifest = await trio.to_thread.run_sync(Manifest.from_bytes, raw, record.digest)
+        return raw, manifest
+
+    def _get_blocking(self, path: str, limit: int) -> bytes:
+        """The body of a GET to the master, at most `limit` bytes of it: a
+        longer one is refused as soon as it says so or passes the limit."""
         try:
             response = self.pool.request(
-                "GET", self.master_url + path,
+                "GET", self.master_url + path, preload_content=False,
                 timeout=urllib3.Timeout(connect=5, read=60),
             )
         except urllib3.exceptions.HTTPError as error:
             raise ReceiveFailed(f"cannot reach the master: {error}", resumable=True) from None
-        if response.status != 200:
-            raise ReceiveFailed(f"master answered {response.status} for {path}", resumable=True)
-        return response.data
+        complete = False
+        try:
+            if response.status != 200:
+                raise ReceiveFailed(f"master answered {response.status} for {path}", resumable=True)
+            length = response.headers.get("Content-Length")
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                raise ReceiveFailed(f"master announced {length} bytes for {path}, over {limit}")
+            try:
+                data = response.read(limit + 1)
+            except (urllib3.exceptions.HTTPError, OSError) as error:
+                raise ReceiveFailed(f"cannot read {path} from the master: {error}", resumable=True) from None
+            if len(data) > limit:
+                raise ReceiveFailed(f"master sent more than {limit} bytes for {path}")
+            complete = response.read(1) == b""
+            return data
+        finally:
+            if not complete:
+                response.close()  # unread bytes on it: never reuse the connection
+            response.release_conn()
 
     # --- the stream (blocking; runs in a worker thread) -------------------------------
 
@@ -398,7 +423,7 @@ class Receiver:
         return have
 
     def _stream_digest(self, name: str, version: int, parent: int | None, stream_id: str | None) -> str:
-        raw = self._get_blocking(stream_digest_path(name, version, parent))
+        raw = self._get_blocking(stream_digest_path(name, version, parent), MAX_DIGEST_DOC)
         doc = json.loads(raw)
         if doc.get("stream_id") != stream_id:
             raise ReceiveFailed("the master's stream changed during the transfer")

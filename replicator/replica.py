@@ -86,6 +86,7 @@ class Replica:
         await self.receiver.clean_incoming()
         await self._load_held()
         self.catalog = _saved_catalog(self.layout)
+        self._drop_stale_spools()
         for doc in read_json(self.layout.transfers_file, []) or []:
             if doc.get("state") == "running":
                 doc["state"], doc["error"] = "failed", "interrupted by a restart"
@@ -123,7 +124,8 @@ class Replica:
                     continue
                 if not btrfs.get_readonly(path):
                     btrfs.set_readonly(path, True)  # a crash inside move_readonly_subvolume
-                manifest = Manifest.from_bytes(self.layout.manifest_file(name, version).read_bytes(), record.digest)
+                raw = read_capped(self.layout.manifest_file(name, version), MAX_MANIFEST)
+                manifest = Manifest.from_bytes(raw, record.digest)
                 self.blocks.add(name, version, manifest)
                 self.held.setdefault(name, {})[version] = record
         log.info("holding %s", {n: sorted(v) for n, v in self.held.items()} or "nothing")
@@ -218,6 +220,10 @@ class Replica:
                     if not isinstance(error, OSError | btrfs.BtrfsError | ValueError):
                         log.exception("%s: unexpected failure while syncing", name)
                     self._back_off(name, f"syncing failed: {error}")
+            try:
+                self._drop_stale_spools()
+            except OSError as error:
+                log.error("cannot remove stale resume spools: %s", error)
 
     async def _sync_imi(self, name: str) -> None:
         info = self.catalog.imis.get(name)
@@ -233,6 +239,23 @@ class Replica:
             if not await self._fetch(name, version, info.versions[version]):
                 return
         await self._prune(name)
+
+    def _drop_stale_spools(self) -> None:
+        """Delete the resume spools of (version, parent) pairs this replica
+        would no longer ask for: an iMI no longer subscribed, a version held
+        or no longer wanted, a parent that is no longer the one it would use.
+        Each may be as large as a whole version."""
+        wanted = {
+            self.layout.resume_spool(name, version, self.choose_parent(name, version))
+            for name in self.catalog.imis
+            for version in self.wanted(name)
+            if version not in self.held.get(name, {})
+        }
+        for spool in self.layout.incoming.glob("*/*.stream"):
+            if spool not in wanted:
+                log.info("removing resume spool %s: that stream is no longer wanted", spool)
+                spool.unlink(missing_ok=True)
+                spool.with_suffix(".json").unlink(missing_ok=True)
 
     async def _check_uuid(self, info: ImiInfo) -> None:
         """Drop what this replica holds of an iMI the master has re-created
@@ -351,7 +374,7 @@ class Replica:
         record = self.held.get(name, {}).get(version)
         if record is None:
             return None
-        return self.layout.manifest_file(name, version).read_bytes(), record.digest
+        return read_capped(self.layout.manifest_file(name, version), MAX_MANIFEST), record.digest
 
     def routes(self) -> list[Route]:
         return [

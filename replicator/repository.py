@@ -27,8 +27,8 @@ import trio
 
 from icbdcore.catalog import Catalog, ImiInfo
 from icbdcore.layout import Layout
-from icbdcore.manifest import Manifest, VersionRecord
-from icbdcore.records import now_iso, read_json, write_bytes, write_json
+from icbdcore.manifest import MAX_MANIFEST, Manifest, VersionRecord
+from icbdcore.records import now_iso, read_capped, read_json, write_bytes, write_json
 from icbdcore.wire import InvalidInput, Refused, check_name, parse_version
 
 from . import btrfs
@@ -170,7 +170,7 @@ class Repository:
 
     def manifest_bytes(self, name: str, version: int) -> bytes:
         self.version(name, version)
-        return self.layout.manifest_file(name, version).read_bytes()
+        return read_capped(self.layout.manifest_file(name, version), MAX_MANIFEST)
 
     def manifest(self, name: str, version: int) -> Manifest:
         record = self.version(name, version)

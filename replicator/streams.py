@@ -50,6 +50,21 @@ class StreamFailed(Exception):
     pass
 
 
+# `btrfs send` runs a minute for a large full stream and spools it to disk;
+# a node could otherwise start one for every (version, parent) pair at once.
+MAX_SENDS = 8  # running at once on the master
+MAX_SENDS_PER_NODE = 2  # of those, started by one node (a replica needs one at a time)
+SENDS_RETRY_AFTER = 5  # seconds: what a refused node is told
+
+
+class SendsBusy(Exception):
+    """No new send may start now; ask again in `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = SENDS_RETRY_AFTER):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 _RANGE = re.compile(r"bytes=([0-9]{1,18})-\Z")
 
 
@@ -78,6 +93,7 @@ class Spool:
     error: str | None = None
     last_used: float = field(default_factory=time.monotonic)
     readers: int = 0
+    started_by: str = ""  # the node whose request started the send
     # The newest chunks, by offset: every chunk not yet on disk, and a few
     # more, so readers right behind the sender (the usual case in a fan-out)
     # need not read the file back.
@@ -170,9 +186,12 @@ class Spool:
 class SendSpools:
     """Spools keyed by (iMI, version, parent)."""
 
-    def __init__(self, layout: Layout, ttl: float = 600.0):
+    def __init__(self, layout: Layout, ttl: float = 600.0, max_sends: int = MAX_SENDS,
+                 max_sends_per_node: int = MAX_SENDS_PER_NODE):
         self.layout = layout
         self.ttl = ttl
+        self.max_sends = max_sends
+        self.max_sends_per_node = max_sends_per_node
         self._spools: dict[tuple[str, int, int | None], Spool] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -230,23 +249,36 @@ class SendSpools:
                 spool._finish(error="iMI deleted")
             self._drop(key)
 
-    def get(self, name: str, version: int, parent: int | None, snapshot: Path, parent_snapshot: Path | None) -> Spool:
-        """The spool of this stream, started now if there is none (or it failed)."""
+    def get(self, name: str, version: int, parent: int | None, snapshot: Path, parent_snapshot: Path | None,
+            node: str = "") -> Spool:
+        """The spool of this stream, started now if there is none (or it
+        failed). Raises SendsBusy if starting one would pass a cap: MAX_SENDS
+        running, or MAX_SENDS_PER_NODE started by `node`."""
         key = (name, version, parent)
         spool = self._spools.get(key)
         if spool is not None and spool.error is None:
             spool.last_used = time.monotonic()
             return spool
+        self._check_caps(node)
         if spool is not None:
             self._drop(key)
         assert self._nursery is not None, "SendSpools.run() is not running"
-        spool = Spool(name, version, parent, self.layout.stream_spool(name, version, parent))
+        spool = Spool(name, version, parent, self.layout.stream_spool(name, version, parent), started_by=node)
         spool.path.parent.mkdir(parents=True, exist_ok=True)
         spool.meta_path.unlink(missing_ok=True)
         spool.path.write_bytes(b"")  # readers may open it before the first byte arrives
         self._spools[key] = spool
         self._nursery.start_soon(self._generate, spool, snapshot, parent_snapshot)
         return spool
+
+    def _check_caps(self, node: str) -> None:
+        running = [s for s in self._spools.values() if not s.complete and s.error is None]
+        if len(running) >= self.max_sends:
+            raise SendsBusy(f"{len(running)} streams are being made, the most at once; retry later")
+        mine = sum(1 for s in running if s.started_by == node)
+        if mine >= self.max_sends_per_node:
+            raise SendsBusy(f"{mine} streams started by {node or 'this caller'} are being made, "
+                            "the most for one node; retry later")
 
     async def _generate(self, spool: Spool, snapshot: Path, parent_snapshot: Path | None) -> None:
         """Run one send into its spool. Whatever fails here fails this spool's
