@@ -80,7 +80,7 @@ class CacheServer:
         self._job_ids = itertools.count(1)
 
     async def run(self, shutdown: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self.data.mkdir(parents=True, exist_ok=True)
+        Layout(self.data).make_private_root()
         self.id = node_id(Layout(self.data), "cache", self.given_name)
         async with SiteCache.open(self.data, self.master_url, self.token, self.site, self.size) as cache:
             self.cache = cache

@@ -161,14 +161,19 @@ def load_spec(mount: Path, name: str, version: int | None = None,
 def _read_config(root: Path) -> dict[str, str]:
     path = root / CONFIG_FILE
     try:
-        with open(path, "rb") as f:
+        # Read only what lies inside the iMI: a symlink to /etc/... or to
+        # another version would choose the kernel and its command line.
+        real = path.resolve(strict=True)
+        if not real.is_relative_to(root.resolve()):
+            raise CliError(f"{path} leads out of the iMI through a symlink: make it a file in the iMI")
+        with open(real, "rb") as f:
             config = tomllib.load(f)
     except FileNotFoundError:
         return {}
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise CliError(f"{path} is not valid TOML ({error}): fix it or override with flags") from None
-    except OSError as error:
-        raise CliError(f"cannot read {path}: {error.strerror}") from None
+    except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop
+        raise CliError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
     unknown = sorted(set(config) - set(CONFIG_KEYS))
     if unknown:
         raise CliError(f"{path}: unknown key {unknown[0]!r}; the keys are {', '.join(CONFIG_KEYS)}")

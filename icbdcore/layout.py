@@ -7,6 +7,7 @@ the network is joined into a path unchecked.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .wire import check_name, parse_version
@@ -35,6 +36,12 @@ class Layout:
         self.cached_profiles = root / "profiles"
         self.upstreams_file = root / "upstreams.json"
         self.mount_log = root / "mount.log"  # a mount in the background logs here by default
+
+    def make_private_root(self) -> None:
+        """Create the data folder if needed and keep it mode 0700: it holds
+        every file of every version (secrets included) and the node's records."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.root, 0o700)
 
     def make_dirs(self) -> None:
         for path in (self.imis, self.work, self.incoming, self.meta, self.streams):

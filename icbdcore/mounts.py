@@ -53,3 +53,14 @@ def mounts_under(folder: str | os.PathLike) -> list[str]:
     """Mount points strictly below `folder`."""
     prefix = os.path.realpath(folder).rstrip("/") + "/"
     return [m.mountpoint for m in mounts() if m.mountpoint.startswith(prefix)]
+
+
+def containing_mount(path: str | os.PathLike) -> MountEntry | None:
+    """The mount that holds `path` (the deepest mount point above it, or at it)."""
+    target = os.path.realpath(path)
+    found = None
+    for entry in mounts():
+        point = entry.mountpoint.rstrip("/") + "/"
+        if (target + "/").startswith(point) and (found is None or len(entry.mountpoint) >= len(found.mountpoint)):
+            found = entry
+    return found

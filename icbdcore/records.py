@@ -3,6 +3,7 @@ the old or the new version of a file, never a torn one."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from datetime import UTC, datetime
@@ -11,32 +12,47 @@ from pathlib import Path
 
 def write_json(path: Path, doc: object) -> None:
     """Atomically replace `path` with `doc` (tmp file, fsync, rename, fsync dir)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    data = json.dumps(doc, indent=1, sort_keys=True).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _replace(path, json.dumps(doc, indent=1, sort_keys=True).encode(), sync_dir=True)
 
 
 def write_bytes(path: Path, data: bytes) -> None:
     """Atomically replace `path` with `data`."""
+    _replace(path, data, sync_dir=False)
+
+
+def _replace(path: Path, data: bytes, *, sync_dir: bool) -> None:
+    """Write `data` whole to a tmp file beside `path`, fsync it and rename it
+    over `path`; or fail, leaving `path` as it was and no tmp file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if sync_dir:
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """All of `data` to `fd`: a write may take only part of it (a signal, a
+    nearly full disk); the rest is written again, and an error is raised."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.EIO, "a write made no progress", str(fd))
+        view = view[written:]
 
 
 def read_capped(path: Path, limit: int) -> bytes:

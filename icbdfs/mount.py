@@ -27,7 +27,12 @@ from .fs import MountOptions, Operations
 
 log = logging.getLogger(__name__)
 
-FUSE_OPTIONS = frozenset({"fsname=icbd", "subtype=icbd", "ro", "default_permissions", "allow_other"})
+# nosuid, nodev: the iMIs' setuid binaries and device nodes are for the
+# desktops that boot them, not for the host that mounts them (fusermount3
+# adds both for an unprivileged user, but a mount made as root gets only
+# what it asks for).
+FUSE_OPTIONS = frozenset({"fsname=icbd", "subtype=icbd", "ro", "nosuid", "nodev", "default_permissions",
+                          "allow_other"})
 
 
 async def serve(

@@ -22,7 +22,7 @@ from pathlib import Path
 import trio
 
 from icbdcore.layout import Layout
-from icbdcore.mounts import is_mountpoint
+from icbdcore.mounts import containing_mount, is_mountpoint, mounted_at
 
 log = logging.getLogger(__name__)
 
@@ -239,16 +239,24 @@ def start_receive(target_dir: Path) -> subprocess.Popen:
 # --- a node's data folder on btrfs ------------------------------------------
 
 
-async def ensure_btrfs(data: Path, image_size: int) -> None:
-    """Make sure `data` is on btrfs.
+# The loop mount of a node's image. A node holds every version of every iMI it
+# serves, setuid binaries and device nodes included; nosuid and nodev make
+# them inert on the node's host (they matter only inside a booted desktop).
+IMAGE_MOUNT_OPTIONS = "loop,noatime,nosuid,nodev"
+SAFE_MOUNT_OPTIONS = frozenset({"nosuid", "nodev"})
 
-    If it is not, the node keeps its repository in DATA/btrfs.img (sparse),
-    formatted and loop-mounted on DATA itself, so DATA/imis, DATA/work and
-    DATA/incoming all live on one btrfs (snapshots and receives need that).
-    A later start finds the image and mounts it again.
+
+async def ensure_btrfs(data: Path, image_size: int) -> None:
+    """Make sure `data` is on btrfs, mounted nosuid,nodev, and private (0700).
+
+    If it is not on btrfs, the node keeps its repository in DATA/btrfs.img
+    (sparse), formatted and loop-mounted on DATA itself, so DATA/imis,
+    DATA/work and DATA/incoming all live on one btrfs (snapshots and receives
+    need that). A later start finds the image and mounts it again.
     """
-    data.mkdir(parents=True, exist_ok=True)
+    Layout(data).make_private_root()
     if is_btrfs(data):
+        await _keep_safe(data)
         return
     if is_mountpoint(data):
         raise BtrfsError(f"{data} is a mount point but not btrfs; give a btrfs folder or an empty one")
@@ -261,10 +269,30 @@ async def ensure_btrfs(data: Path, image_size: int) -> None:
                 "give an empty folder (icbd then keeps a btrfs image in it) or a btrfs folder"
             )
         log.info("creating %s (%d bytes, sparse) as this node's btrfs", image, image_size)
-        with open(image, "wb") as f:
-            f.truncate(image_size)
+        fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, image_size)
+        finally:
+            os.close(fd)
         await _run("mkfs.btrfs", "-q", "-L", "icbd", str(image))
     log.info("loop-mounting %s on %s", image, data)
-    await _run("mount", "-o", "loop,noatime", str(image), str(data))
+    await _run("mount", "-o", IMAGE_MOUNT_OPTIONS, str(image), str(data))
     if not is_btrfs(data):
         raise BtrfsError(f"mounting {image} on {data} did not give a btrfs")
+    Layout(data).make_private_root()  # the new filesystem's root is 0755
+
+
+async def _keep_safe(data: Path) -> None:
+    """A btrfs already mounted on DATA (an earlier start, or the admin) is
+    remounted nosuid,nodev if it lacks them. A DATA inside a larger btrfs
+    mount is the admin's to mount so: it is only warned about."""
+    entry = mounted_at(data)
+    if entry is not None:
+        if not entry.options >= SAFE_MOUNT_OPTIONS:
+            log.info("remounting %s nosuid,nodev", data)
+            await _run("mount", "-o", "remount,nosuid,nodev", str(data))
+        return
+    outer = containing_mount(data)
+    if outer is not None and not outer.options >= SAFE_MOUNT_OPTIONS:
+        log.warning("%s is on %s, mounted without nosuid,nodev: setuid files and devices in the versions "
+                    "this node holds are live on this host; mount it with nosuid,nodev", data, outer.mountpoint)

@@ -11,7 +11,13 @@
 3. Records are written, then the subvolume moves to DATA/imis/NAME/V (one
    rename), so nothing partial is ever visible there.
 4. On failure the partial subvolume is deleted; the spool is kept only when
-   the stream itself was fine but cut short.
+   the stream itself was fine but cut short, or the replica is stopping.
+
+The stream is copied in a worker thread, which trio cannot interrupt. When
+the receive is cancelled (the replica stops), the thread is stopped at once
+instead of running to the end of the stream: its requests are cut off
+(icbdcore.cutoff), `btrfs receive` is killed, and the receive waits the
+moment it takes the thread to end, then keeps the spool for the next start.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 import threading
 import time
 from collections.abc import Mapping
@@ -31,6 +38,7 @@ import trio
 import urllib3
 
 from icbdcore.clients import Credentials, pool
+from icbdcore.cutoff import Cutoff
 from icbdcore.layout import Layout
 from icbdcore.manifest import MAX_MANIFEST, Manifest, VersionRecord
 from icbdcore.records import now_iso, read_json, write_bytes, write_json
@@ -48,6 +56,7 @@ from . import btrfs
 log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20  # see streams.READ_SIZE
+STOP_WAIT = 10.0  # the longest a stopping receive waits for its thread (it takes milliseconds)
 MAX_DIGEST_DOC = 1 << 20  # a stream's digest document is a few hundred bytes
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)\Z")
 _UNSATISFIED = re.compile(r"bytes \*/(\d+)\Z")
@@ -93,6 +102,36 @@ def next_step(status: int, headers: Mapping[str, str], have: int) -> Step:
         complete = match.group(3) != "*" and int(match.group(2)) + 1 == int(match.group(3))
         return Step("continue", complete=complete)
     return Step("failed", resumable=status >= 500)
+
+
+class Stop:
+    """Stops a transfer's worker thread from the trio thread: its requests are
+    cut off, its `btrfs receive` killed, and it checks `is_set()` between chunks."""
+
+    def __init__(self) -> None:
+        self.cutoff = Cutoff()
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen | None = None
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def set(self) -> None:
+        with self._lock:
+            self._event.set()
+            process = self._process
+        self.cutoff.cut()
+        if process is not None and process.poll() is None:
+            process.kill()
+
+    def watch(self, process: subprocess.Popen) -> None:
+        """The worker's `btrfs receive`: killed at once if the stop came first."""
+        with self._lock:
+            self._process = process
+            stopped = self._event.is_set()
+        if stopped:
+            process.kill()
 
 
 class ReceiveFailed(Exception):
@@ -255,26 +294,49 @@ class Receiver:
         spool.parent.mkdir(parents=True, exist_ok=True)
         await btrfs.remove_tree(target)
         target.mkdir()
-        stop = threading.Event()
         try:
-            try:
-                digest = await trio.to_thread.run_sync(
-                    self._stream_blocking, name, version, parent, spool, spool_meta, target, transfer, stop,
-                    limiter=self._limiter,
-                )
-            finally:
-                stop.set()
+            digest = await self._in_thread(
+                self._stream_blocking, name, version, parent, spool, spool_meta, target, transfer)
             manifest = await self._accept(name, version, record, target, digest)
         except BaseException as error:
+            # Cancelled: the replica is stopping; what arrived stays for the next start.
+            keep = isinstance(error, trio.Cancelled) or (isinstance(error, ReceiveFailed) and error.resumable)
             with trio.CancelScope(shield=True):
                 await btrfs.remove_tree(target)
-                if not (isinstance(error, ReceiveFailed) and error.resumable):
+                if not keep:
                     spool.unlink(missing_ok=True)
                     spool_meta.unlink(missing_ok=True)
             raise
         spool.unlink(missing_ok=True)
         spool_meta.unlink(missing_ok=True)
         return manifest
+
+    async def _in_thread(self, work, *args):
+        """`work(*args, stop)` in a worker thread. If the caller is cancelled,
+        the thread is stopped (see Stop) and waited for, so nothing it does
+        outlives the call, and the call does not outlive it by more than a
+        moment (at most STOP_WAIT)."""
+        stop = Stop()
+        started, finished = threading.Event(), threading.Event()
+
+        def run():
+            started.set()
+            try:
+                if stop.is_set():  # cancelled before the thread began
+                    raise ReceiveFailed("stopped", resumable=True)
+                return work(*args, stop)
+            finally:
+                finished.set()
+
+        try:
+            return await trio.to_thread.run_sync(run, limiter=self._limiter, abandon_on_cancel=True)
+        except trio.Cancelled:
+            stop.set()
+            if started.is_set():
+                with trio.CancelScope(shield=True), trio.move_on_after(STOP_WAIT):
+                    while not finished.is_set():
+                        await trio.sleep(0.01)
+            raise
 
     async def _accept(self, name: str, version: int, record: VersionRecord, target: Path, digest: str) -> Manifest:
         received = target / str(version)
@@ -296,14 +358,18 @@ class Receiver:
     async def fetch_manifest(self, name: str, version: int, record: VersionRecord) -> tuple[bytes, Manifest]:
         """A version's manifest from the master, refused unread past
         MAX_MANIFEST bytes, checked against the record; its bytes and itself."""
-        raw = await trio.to_thread.run_sync(self._get_blocking, manifest_path(name, version), MAX_MANIFEST)
+        raw = await self._in_thread(self._get_blocking, manifest_path(name, version), MAX_MANIFEST)
         # Raises if it does not match the record; parsing a large manifest is CPU work.
         manifest = await trio.to_thread.run_sync(Manifest.from_bytes, raw, record.digest)
         return raw, manifest
 
-    def _get_blocking(self, path: str, limit: int) -> bytes:
+    def _get_blocking(self, path: str, limit: int, stop: Stop) -> bytes:
         """The body of a GET to the master, at most `limit` bytes of it: a
         longer one is refused as soon as it says so or passes the limit."""
+        with stop.cutoff:
+            return self._get_capped(path, limit, stop)
+
+    def _get_capped(self, path: str, limit: int, stop: Stop) -> bytes:
         try:
             response = self.pool.request(
                 "GET", self.master_url + path, preload_content=False,
@@ -329,16 +395,25 @@ class Receiver:
         finally:
             if not complete:
                 response.close()  # unread bytes on it: never reuse the connection
+            stop.cutoff.release()
             response.release_conn()
 
     # --- the stream (blocking; runs in a worker thread) -------------------------------
 
     def _stream_blocking(
         self, name: str, version: int, parent: int | None, spool_path: Path, spool_meta: Path,
-        target: Path, transfer: Transfer, stop: threading.Event,
+        target: Path, transfer: Transfer, stop: Stop,
+    ) -> str:
+        with stop.cutoff:
+            return self._stream(name, version, parent, spool_path, spool_meta, target, transfer, stop)
+
+    def _stream(
+        self, name: str, version: int, parent: int | None, spool_path: Path, spool_meta: Path,
+        target: Path, transfer: Transfer, stop: Stop,
     ) -> str:
         spool = ResumeSpool(spool_path, spool_meta, self.spool_policy)
         process = btrfs.start_receive(target)
+        stop.watch(process)
         hasher = content_hasher()
 
         def feed(data: bytes) -> None:
@@ -378,6 +453,7 @@ class Receiver:
                 finally:
                     with contextlib.suppress(urllib3.exceptions.HTTPError, OSError):
                         response.drain_conn()  # e.g. a 416's body, before the next request on it
+                    stop.cutoff.release()
                     response.release_conn()
                 if complete:
                     break
@@ -386,7 +462,7 @@ class Receiver:
             stderr = process.stderr.read().decode(errors="replace").strip()
             if code != 0:
                 raise ReceiveFailed(f"btrfs receive failed: {_last_line(stderr, code)}")
-            expected = digest or self._stream_digest(name, version, parent, spool.stream_id)
+            expected = digest or self._stream_digest(name, version, parent, spool.stream_id, stop)
             if hasher.hexdigest() != expected:
                 raise ReceiveFailed(f"stream digest mismatch: got {hasher.hexdigest()}, master says {expected}")
             return expected
@@ -422,8 +498,9 @@ class Receiver:
             raise ReceiveFailed(f"stream cut off at byte {have}: {error}", resumable=True) from None
         return have
 
-    def _stream_digest(self, name: str, version: int, parent: int | None, stream_id: str | None) -> str:
-        raw = self._get_blocking(stream_digest_path(name, version, parent), MAX_DIGEST_DOC)
+    def _stream_digest(self, name: str, version: int, parent: int | None, stream_id: str | None,
+                       stop: Stop) -> str:
+        raw = self._get_capped(stream_digest_path(name, version, parent), MAX_DIGEST_DOC, stop)
         doc = json.loads(raw)
         if doc.get("stream_id") != stream_id:
             raise ReceiveFailed("the master's stream changed during the transfer")

@@ -115,6 +115,23 @@ def test_bad_boot_config_is_a_cli_error(tmp_path, toml, message):
         boot(tmp_path, "bad", 1, accel="tcg")
 
 
+@pytest.mark.parametrize("target", ["outside", "../2/icbd-boot.toml"])
+def test_a_boot_config_that_leads_out_of_the_imi_is_not_read(tmp_path, target):
+    """icbd-boot.toml as a symlink out of the version (to a file of the host,
+    or of another version) is refused, not read; one within it is read."""
+    outside = tmp_path / "outside"
+    outside.write_text('kernel = "vmlinuz"\nappend = "console=ttyS0 init=/bin/sh"\n')
+    write_imi(tmp_path, 2, 'kernel = "vmlinuz"\nappend = "from version 2"\n')
+    folder = write_imi(tmp_path, 1, None)
+    (folder / "icbd-boot.toml").symlink_to(outside if target == "outside" else target)
+    with pytest.raises(CliError, match="leads out of the iMI"):
+        load_spec(tmp_path, "bad", 1)
+    (folder / "icbd-boot.toml").unlink()
+    (folder / "boot.toml").write_text('kernel = "vmlinuz"\nappend = "inside"\n')
+    (folder / "icbd-boot.toml").symlink_to("boot.toml")
+    assert load_spec(tmp_path, "bad", 1).append == "inside"
+
+
 def test_flags_override_the_config(tmp_path):
     write_imi(tmp_path, 1, 'kernel = "vmlinuz"\nappend = "console=ttyS0"\nmemory = "256M"',
               files=("vmlinuz", "other"))
