@@ -15,7 +15,9 @@ how extents are shared, never what a file holds.
 A chunk whose digest the parent lacks is compared page by page with the
 parent's chunk at the same path and offset, and the runs of equal pages are
 shared: a guest filesystem changes 4 KiB blocks, so a one-block change
-in a rebuilt image then costs that block, not a whole chunk.
+in a rebuilt image then costs that block, not a whole chunk. When many pages
+are left over (a rebuilt filesystem image whose files moved by whole
+blocks), the parent's file is scanned for them at every page-aligned offset.
 
 Measured on this project's 2-core test host, a 256 MiB image copied over
 with two small changes: with no sharing the delta is the whole file; shared
@@ -40,6 +42,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import xxhash
+
 from icbdcore.manifest import FILE, Manifest
 
 from . import fiemap
@@ -51,6 +55,8 @@ _RANGE = struct.Struct("=QQHHI")  # src_offset, src_length, dest_count, reserved
 _INFO = struct.Struct("=qQQiI")  # dest_fd, dest_offset, bytes_deduped, status, reserved
 SAME, DIFFERS = 0, 1
 PAGE = 4096  # the sub-chunk unit: a guest filesystem's block
+SCAN_AT_LEAST = 1 << 20  # pages left after the same-offset pass that pay for reading the parent's file
+SCAN_READ = 4 << 20
 
 
 @dataclass
@@ -125,6 +131,7 @@ def share_with_parent(
         for index, digest in enumerate(entry.chunks):
             where.setdefault(digest, (entry.path, *entry.chunk_span(index, size)))
     by_path = {e.path: e for e in parent.files()}
+    changed: dict[str, list[tuple[int, int]]] = {}  # path -> (offset, length) of chunks left to share
     new_files, old_files = _Files(root, os.O_RDWR), _Files(parent_root, os.O_RDONLY)
     try:
         for path, index in fresh:
@@ -141,10 +148,10 @@ def share_with_parent(
                     stats.bytes_shared += done
                     continue
                 stats.refused += 1
-            old = by_path.get(path)
-            if old is not None and index < len(old.chunks):
-                _share_pages(old_files.fd(path), new_files.fd(path), offset,
-                             min(length, old.chunk_span(index, size)[1]), page, stats)
+            if path in by_path:
+                changed.setdefault(path, []).append((offset, length))
+        for path, chunks in changed.items():
+            _share_pages(old_files.fd(path), new_files.fd(path), chunks, page, stats)
     finally:
         new_files.close()
         old_files.close()
@@ -153,23 +160,74 @@ def share_with_parent(
     return stats
 
 
-def _share_pages(old_fd: int, new_fd: int, offset: int, length: int, page: int, stats: DedupeStats) -> None:
-    """Share the runs of equal pages of one chunk at the same offset in both files."""
-    old = os.pread(old_fd, length, offset)
-    new = os.pread(new_fd, length, offset)
-    run = None
-    for start in range(0, length + page, page):
-        equal = start < length and old[start:start + page] == new[start:start + page]
-        if equal and run is None:
-            run = start
-        elif not equal and run is not None:
-            done = share_range(old_fd, offset + run, start - run, new_fd, offset + run)
-            if done:
-                stats.pages_shared += -(-done // page)
-                stats.bytes_shared += done
-            else:
-                stats.refused += 1
-            run = None
+def _share_pages(old_fd: int, new_fd: int, chunks: list[tuple[int, int]], page: int, stats: DedupeStats) -> None:
+    """Share the pages of a file's changed chunks with equal pages of the
+    parent's file: first at the same offset (cheap: one chunk of the parent
+    read per chunk), then, for what is left, anywhere in the parent's file at
+    a page-aligned offset. The second needs a read of the parent's whole
+    file, so it runs only when enough is left to pay for it: a rebuilt
+    filesystem image (mke2fs -d, as image builders use it) moves every file
+    after a grown one by whole blocks, and a chunk-by-chunk comparison then
+    finds almost nothing (measured with Python's standard library in ext4,
+    one file grown by 3000 bytes: 41 MB unmatched at the same offsets, 0.24
+    MB at any aligned offset, 0.65 MB with content-defined chunks)."""
+    left: list[int] = []  # offsets of pages not shared at the same offset
+    for offset, length in chunks:
+        old = os.pread(old_fd, length, offset)
+        new = os.pread(new_fd, length, offset)
+        equal = [start < len(old) and old[start:start + page] == new[start:start + page]
+                 for start in range(0, length, page)]
+        for start, end in _runs(equal):
+            _share_run(old_fd, offset + start * page, new_fd, offset + start * page,
+                       min(end * page, length) - start * page, page, stats)
+        left += [offset + i * page for i, same in enumerate(equal) if not same and (i + 1) * page <= length]
+    if len(left) * page < SCAN_AT_LEAST:
+        return
+    wanted: dict[int, list[int]] = {}
+    for start in left:
+        wanted.setdefault(xxhash.xxh3_64_intdigest(os.pread(new_fd, page, start)), []).append(start)
+    found: dict[int, int] = {}  # new offset -> an old offset whose page hashes alike
+    size = os.fstat(old_fd).st_size
+    for base in range(0, size, SCAN_READ):
+        data = os.pread(old_fd, SCAN_READ, base)
+        for at in range(0, len(data) - page + 1, page):
+            for start in wanted.pop(xxhash.xxh3_64_intdigest(data[at:at + page]), ()):
+                found[start] = base + at
+        if not wanted:
+            break
+    # Runs where both the new and the old offsets advance page by page share in one call.
+    run_new = run_old = prev = None
+    for start in sorted(found):
+        if prev is not None and start == prev + page and found[start] == found[prev] + page:
+            prev = start
+            continue
+        if run_new is not None:
+            _share_run(old_fd, run_old, new_fd, run_new, prev + page - run_new, page, stats)
+        run_new, run_old, prev = start, found[start], start
+    if run_new is not None:
+        _share_run(old_fd, run_old, new_fd, run_new, prev + page - run_new, page, stats)
+
+
+def _runs(flags: list[bool]) -> list[tuple[int, int]]:
+    """[start, end) of each run of True."""
+    runs, start = [], None
+    for i, flag in enumerate([*flags, False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def _share_run(old_fd: int, old_offset: int, new_fd: int, new_offset: int, length: int, page: int,
+               stats: DedupeStats) -> None:
+    done = share_range(old_fd, old_offset, length, new_fd, new_offset)
+    if done:
+        stats.pages_shared += -(-done // page)
+        stats.bytes_shared += done
+    else:
+        stats.refused += 1
 
 
 def shares_extents(a: Path, b: Path, offset: int, length: int) -> bool:

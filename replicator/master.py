@@ -182,7 +182,7 @@ class Master:
         record = await self.repo.publish(name, message)
         self.blocks.add(name, record.version, self.repo.manifest(name, record.version))
         self._notify(self.names.subscribers(name), name)
-        return json_response(record.to_json(), status=201)
+        return json_response({**record.to_json(), "publish": self.repo.last_publish.get(name)}, status=201)
 
     async def get_version(self, request: Request) -> Response:
         record = self.repo.version(request.path_params["name"], parse_version(request.path_params["version"]))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,13 @@ class PublishProgress:
     bytes_done: int = 0
     bytes_total: int = 0
     phase: str = "reading the new version"
+    seconds: dict[str, float] = field(default_factory=dict)  # by phase, as they end
+    _lap: float = field(default_factory=time.perf_counter)
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self._lap, 3)
+        self._lap = now
 
     def to_json(self) -> dict:
         return {"version": self.version, "bytes_done": self.bytes_done, "bytes_total": self.bytes_total,
@@ -87,6 +95,7 @@ class Repository:
         self.imis: dict[str, Imi] = {}
         self.publishing: dict[str, PublishProgress] = {}
         self.updating: dict[str, UpdateProgress] = {}
+        self.last_publish: dict[str, dict] = {}  # where the time of each iMI's last publish went
         self._locks: dict[str, trio.Lock] = {}
 
     def _lock(self, name: str) -> trio.Lock:
@@ -238,6 +247,7 @@ class Repository:
                 # not a version before its record exists, and nobody else
                 # writes into imis/.
                 await btrfs.snapshot(self.layout.work_dir(name), snapshot, readonly=False)
+                progress.lap("snapshot")
                 parent = None
                 if imi.versions:
                     newest = max(imi.versions)
@@ -250,11 +260,14 @@ class Repository:
                     manifest, stats = await trio.to_thread.run_sync(
                         build_manifest, snapshot, self.chunk_size, parent, report
                     )
+                    progress.lap("manifest")
+                    shared = None
                     if parent is not None and stats.fresh:
                         progress.phase = "sharing extents with the parent"
-                        await trio.to_thread.run_sync(
+                        shared = await trio.to_thread.run_sync(
                             share_with_parent, snapshot, manifest, parent.root, parent.manifest, stats.fresh
                         )
+                    progress.lap("dedupe")
                     btrfs.set_readonly(snapshot, True)
                 except BaseException:
                     with trio.CancelScope(shield=True):
@@ -274,6 +287,11 @@ class Repository:
                 if imi.pinned is not None:
                     imi.pinned = None
                     write_json(self.layout.imi_record(name), imi.record())
+                progress.lap("commit")
+                self.last_publish[name] = {
+                    "seconds": progress.seconds, "bytes_total": stats.bytes_total,
+                    "bytes_hashed": stats.bytes_hashed, "dedupe": shared.to_json() if shared else None,
+                }
             finally:
                 self.publishing.pop(name, None)
         _log_publish(name, record, stats)

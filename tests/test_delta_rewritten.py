@@ -200,3 +200,21 @@ def test_imi_update_from_a_tree_and_from_an_image_file(cluster, tmp_path):
     bad = cluster.icbd("imi", "update", "demo", "--from", str(tmp_path / "missing"), check=False)
     assert bad.returncode == 1 and "no such file or directory" in bad.stderr
     assert cluster.icbd("imi", "update", "nosuch", "--from", str(build), check=False).returncode == 1
+
+
+@pytest.mark.btrfs
+def test_pages_that_moved_by_whole_blocks_are_found(btrfs_dir):
+    """A rebuilt filesystem image moves what follows a grown file by whole
+    blocks: the parent's file is scanned for those pages at every aligned
+    offset, so the delta stays the size of what is new."""
+    original = os.urandom(8 * MIB)
+    work, parent, child = _versions(btrfs_dir, original)
+    inserted = os.urandom(PAGE)
+    moved = original[:3 * MIB] + inserted + original[3 * MIB:-PAGE]  # same size, a page inserted
+    (work / "image.bin").write_bytes(moved)
+    _, manifest, shared = _publish_like(work, parent, child)
+    assert (child / "image.bin").read_bytes() == moved
+    assert shared.bytes_shared >= len(moved) - 2 * MIB  # all but the chunk that holds the new page
+    size = _send_size(parent, child)
+    print(f"\none page inserted at 3 MiB of 8 MiB: delta {size} bytes")
+    assert size < 64 << 10
