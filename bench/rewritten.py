@@ -33,7 +33,8 @@ def _new_build(old: Path, new: Path, pages: int) -> int:
     return pages * PAGE
 
 
-def _write(way: str, build: Path, target: Path) -> None:
+def write_build(way: str, build: Path, target: Path) -> None:
+    """Put `build` at `target` the way an admin would (one of WAYS)."""
     if way == "cp over it":
         subprocess.run(["cp", str(build), str(target)], check=True)
     elif way == "new file renamed over it":
@@ -81,7 +82,7 @@ def delta_rewritten(ctx: BenchContext) -> list[Result]:
         if way == "in place":
             _in_place_edit(source / "disk.img", target, build)
         else:
-            _write(way, build, target)
+            write_build(way, build, target)
         ctx.step(f"rewritten images: the change, {way}")
         by_way[way] = _publish(cluster, name, replica, 2)
         rsync_dir = ctx.scratch / "rsync"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from trees import describe
 
+from bench.rewritten import WAYS, write_build
 from icbdcore.manifest import Manifest
 from replicator import btrfs
 from replicator.dedupe import share_range, share_with_parent, shares_extents
@@ -136,9 +137,11 @@ def test_a_forged_digest_is_never_shared(btrfs_dir):
 
 
 @pytest.mark.btrfs
-def test_dedupe_leaves_the_manifest_and_every_byte_as_they_were(cluster, tmp_path):
+@pytest.mark.parametrize("way", WAYS)
+def test_each_write_pattern_replicates_within_budget_with_identical_trees(cluster, tmp_path, way):
     """Published through a real master: the record's digest is the digest of
-    a manifest built from scratch, and the replica's tree is the source's."""
+    a manifest built from scratch, the delta is within budget, and the
+    replica's tree is the new build's."""
     cluster.master()
     r1 = cluster.replica("r1")
     tree = tmp_path / "tree"
@@ -152,8 +155,9 @@ def test_dedupe_leaves_the_manifest_and_every_byte_as_they_were(cluster, tmp_pat
     work = Path(cluster.icbd("imi", "path", "img").stdout.strip())
     changed = _pages(image, [5 * MIB, 12 * MIB + PAGE])
     (tmp_path / "new.img").write_bytes(image)
-    subprocess.run(["cp", str(tmp_path / "new.img"), str(work / "disk.img")], check=True)
+    write_build(way, tmp_path / "new.img", work / "disk.img")
     record = cluster.icbd_json("imi", "publish", "img")
+    assert record["publish"]["dedupe"]["chunks_shared"] == 14
     status = cluster.wait_held(r1, "img", [1, 2])
     published = cluster.master_node.data / "imis" / "img" / "2"
     assert build_manifest(published, CHUNK)[0].digest == record["digest"]
