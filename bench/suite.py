@@ -65,6 +65,9 @@ BENCHMARKS = (
     Benchmark("delta_transfer", "bench.transfer:delta_transfer",
               ("delta_transfer", "delta_vs_rsync_seconds"), 1.0),
     Benchmark("fanout", "bench.transfer:fanout", ("fanout",), 1.0),
+    Benchmark("delta_rewritten", "bench.rewritten:delta_rewritten",
+              ("delta_rewritten", "delta_rewritten_publish"), 1.5),
+    Benchmark("chunking", "bench.chunking:chunking", ("chunking_ext4_image", "chunking_tar", "chunking_cpio_gz"), 0.5),
     Benchmark("publish_small_change", "bench.transfer:publish_small_change", ("publish_small_change",), 0.7),
     # Network namespaces and tbf qdiscs: reported as not available where
     # this machine cannot make them.

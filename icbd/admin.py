@@ -128,6 +128,34 @@ def imi_create(args) -> int:
     return 0
 
 
+def imi_update(args) -> int:
+    api = _master(args)
+    name = _name(args.name)
+    source = os.path.abspath(args.source)
+    bar = tqdm(desc=f"updating {name}", total=100, unit="%", disable=not _interactive(),
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}")
+
+    def show_progress() -> None:
+        try:
+            progress = api.call("GET", wire.imi_path(name), timeout=5).get("updating")
+        except CliError:
+            return
+        if progress:
+            bar.n = progress["percent"]
+            bar.refresh()
+
+    try:
+        doc = _in_background(lambda: api.call("POST", wire.update_path(name), {"from": source}), show_progress)
+        bar.n = 100
+    finally:
+        bar.close()
+    if args.json:
+        _print_json(doc)
+    else:
+        print(f"updated the working copy of {name} from {source}; publish it with `icbd imi publish {name}`")
+    return 0
+
+
 def imi_publish(args) -> int:
     api = _master(args)
     name = _name(args.name)

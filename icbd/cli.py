@@ -136,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source", required=True, metavar="PATH",
                    help="absolute path on the master host: a directory tree or an image file")
     p.set_defaults(handler="icbd.admin:imi_create")
+    p = imi.add_parser("update", help="bring the working copy to a new build's content, in place",
+                       description="Bring NAME's working copy on the master to PATH's content, writing only "
+                       "what differs, so the next publish reads and sends only what changed. PATH is a tree "
+                       "(the working copy becomes it) or an image file (it replaces the file of the same name). "
+                       "Publishing is left to you.")
+    p.add_argument("name")
+    p.add_argument("--from", dest="source", required=True, metavar="PATH",
+                   help="absolute path on the master host: a directory tree or an image file")
+    p.set_defaults(handler="icbd.admin:imi_update")
     p = imi.add_parser("publish", help="publish the working copy as the next version")
     p.add_argument("name")
     p.add_argument("--message", "-m", default="", metavar="TEXT")

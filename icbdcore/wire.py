@@ -116,6 +116,7 @@ IMIS_ROUTE = API + "/imis"
 IMI_ROUTE = IMIS_ROUTE + "/{name}"
 PUBLISH_ROUTE = IMI_ROUTE + "/versions"
 ROLLBACK_ROUTE = IMI_ROUTE + "/rollback"
+UPDATE_ROUTE = IMI_ROUTE + "/update"
 VERSION_ROUTE = IMI_ROUTE + "/versions/{version}"
 MANIFEST_ROUTE = VERSION_ROUTE + "/manifest"
 STREAM_ROUTE = VERSION_ROUTE + "/stream"
@@ -137,6 +138,10 @@ def imi_path(name: str) -> str:
 
 def publish_path(name: str) -> str:
     return PUBLISH_ROUTE.format(name=check_name(name))
+
+
+def update_path(name: str) -> str:
+    return UPDATE_ROUTE.format(name=check_name(name))
 
 
 def rollback_path(name: str) -> str:

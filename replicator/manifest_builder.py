@@ -13,7 +13,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from icbdcore.manifest import DIR, FILE, SYMLINK, Entry, Manifest, type_of_mode
@@ -31,6 +31,9 @@ class BuildStats:
     files: int = 0
     bytes_total: int = 0
     bytes_hashed: int = 0  # read and hashed; the rest was taken from the parent
+    # (path, chunk index) of every chunk read and hashed: the ones that do not
+    # share the parent's extents, which deduplication (dedupe.py) looks at.
+    fresh: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,8 @@ def build_manifest(
             stats.files += 1
             old = parent_entries.get(rel) if reusable else None
             chunks, hashed = _file_chunks(path, st, chunk_size, old, parent, zeros)
-            stats.bytes_hashed += hashed
+            stats.bytes_hashed += sum(length for _, length in hashed)
+            stats.fresh.extend((rel, index) for index, _ in hashed)
             done += st.st_size
             if progress:
                 progress(done, stats.bytes_total)
@@ -121,11 +125,11 @@ def _file_chunks(
     old: Entry | None,
     parent: Parent | None,
     zeros: _ZeroDigests,
-) -> tuple[tuple[str, ...], int]:
-    """The chunk digests of one file and how many bytes had to be hashed."""
+) -> tuple[tuple[str, ...], list[tuple[int, int]]]:
+    """The chunk digests of one file, and (index, length) of the chunks that had to be read and hashed."""
     count = -(-st.st_size // chunk_size)
     if count == 0:
-        return (), 0
+        return (), []
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         old_extents = new_extents = None
@@ -140,11 +144,11 @@ def _file_chunks(
                 and (old_st.st_ino, old_st.st_size, old_st.st_mtime_ns, old_st.st_ctime_ns)
                 == (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             ):
-                return old.chunks, 0
+                return old.chunks, []
             if old_st is not None and stat.S_ISREG(old_st.st_mode):
                 old_extents, new_extents = _extent_maps(old_path, fd)
         digests = []
-        hashed = 0
+        hashed = []
         for index in range(count):
             start = index * chunk_size
             length = min(chunk_size, st.st_size - start)
@@ -156,7 +160,7 @@ def _file_chunks(
                 if len(data) != length:
                     raise OSError(f"{path} changed size while it was read")
                 digest = content_digest(data)
-                hashed += length
+                hashed.append((index, length))
             digests.append(digest)
         return tuple(digests), hashed
     finally:

@@ -35,6 +35,7 @@ from icbdcore.wire import (
     STREAM_ID_HEADER,
     STREAM_ROUTE,
     SUBSCRIPTIONS_ROUTE,
+    UPDATE_ROUTE,
     VERSION_ROUTE,
     Refused,
     check_digest,
@@ -134,6 +135,8 @@ class Master:
         doc["subscribers"] = [n.id for n in self.names.subscribers(name)]
         progress = self.repo.publishing.get(name)
         doc["publishing"] = progress.to_json() if progress else None
+        updating = self.repo.updating.get(name)
+        doc["updating"] = updating.to_json() if updating else None
         return doc
 
     async def list_imis(self, request: Request) -> Response:
@@ -147,6 +150,15 @@ class Master:
             raise Refused(400, "'from' must be a path on the master host")
         await self.repo.create(name, Path(source))
         return json_response(self._imi_doc(name), status=201)
+
+    async def update_imi(self, request: Request) -> Response:
+        name = check_name(request.path_params["name"])
+        body = await json_body(request)
+        source = body.get("from")
+        if not isinstance(source, str) or not source or "\0" in source:
+            raise Refused(400, "'from' must be a path on the master host")
+        await self.repo.update(name, Path(source))
+        return json_response(self._imi_doc(name))
 
     async def get_imi(self, request: Request) -> Response:
         return json_response(self._imi_doc(request.path_params["name"]))
@@ -170,7 +182,7 @@ class Master:
         record = await self.repo.publish(name, message)
         self.blocks.add(name, record.version, self.repo.manifest(name, record.version))
         self._notify(self.names.subscribers(name), name)
-        return json_response(record.to_json(), status=201)
+        return json_response({**record.to_json(), "publish": self.repo.last_publish.get(name)}, status=201)
 
     async def get_version(self, request: Request) -> Response:
         record = self.repo.version(request.path_params["name"], parse_version(request.path_params["version"]))
@@ -377,6 +389,7 @@ class Master:
             Route(IMI_ROUTE, self.delete_imi, methods=["DELETE"]),
             Route(PUBLISH_ROUTE, self.publish, methods=["POST"]),
             Route(ROLLBACK_ROUTE, self.rollback, methods=["POST"]),
+            Route(UPDATE_ROUTE, self.update_imi, methods=["POST"]),
             Route(VERSION_ROUTE, self.get_version, methods=["GET"]),
             Route(STREAM_ROUTE, self.get_stream, methods=["GET"]),
             Route(STREAM_DIGEST_ROUTE, self.get_stream_digest, methods=["GET"]),

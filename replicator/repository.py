@@ -6,9 +6,11 @@ Commit points, so that a crash at any moment leaves a consistent repository
 
 - create: the copy is made in work/.NAME.creating, renamed to work/NAME, and
   the iMI exists once meta/NAME/imi.json is written.
-- publish: the working copy is snapshotted read-only to imis/NAME/V (complete
-  at once), its manifest is built and written, and the version exists once
-  meta/NAME/V.json is written. A snapshot without a record is deleted.
+- publish: the working copy is snapshotted to imis/NAME/V (complete at
+  once), its manifest is built, the chunks that equal the parent's are made
+  to share its extents (dedupe.py), the snapshot is made read-only, its
+  manifest is written, and the version exists once meta/NAME/V.json is
+  written. A snapshot without a record is deleted at the next start.
 - delete: removing imi.json is the commit; the rest is cleanup.
 - `latest` is the newest version unless a rollback pinned an older one, so a
   publish needs no second record to move it.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +35,9 @@ from icbdcore.records import now_iso, read_capped, read_json, write_bytes, write
 from icbdcore.wire import InvalidInput, Refused, check_name, parse_version
 
 from . import btrfs
+from .dedupe import share_with_parent
 from .manifest_builder import BuildStats, Parent, build_manifest
+from .working_copy import UpdateFailed, UpdateProgress, bring_to
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +74,18 @@ class PublishProgress:
     version: int
     bytes_done: int = 0
     bytes_total: int = 0
+    phase: str = "reading the new version"
+    seconds: dict[str, float] = field(default_factory=dict)  # by phase, as they end
+    _lap: float = field(default_factory=time.perf_counter)
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self._lap, 3)
+        self._lap = now
 
     def to_json(self) -> dict:
-        return {"version": self.version, "bytes_done": self.bytes_done, "bytes_total": self.bytes_total}
+        return {"version": self.version, "bytes_done": self.bytes_done, "bytes_total": self.bytes_total,
+                "phase": self.phase}
 
 
 class Repository:
@@ -80,6 +94,8 @@ class Repository:
         self.chunk_size = chunk_size
         self.imis: dict[str, Imi] = {}
         self.publishing: dict[str, PublishProgress] = {}
+        self.updating: dict[str, UpdateProgress] = {}
+        self.last_publish: dict[str, dict] = {}  # where the time of each iMI's last publish went
         self._locks: dict[str, trio.Lock] = {}
 
     def _lock(self, name: str) -> trio.Lock:
@@ -184,12 +200,7 @@ class Repository:
 
     async def create(self, name: str, source: Path) -> Imi:
         check_name(name)
-        if not source.is_absolute():
-            raise RepositoryError(400, f"--from must be an absolute path on the master host, not {source}")
-        if not source.exists():
-            raise RepositoryError(400, f"no such file or directory on the master host: {source}")
-        if not (source.is_dir() or source.is_file()):
-            raise RepositoryError(400, f"{source} is neither a directory nor a regular file")
+        _check_source(source)
         async with self._lock(name):
             if name in self.imis:
                 raise RepositoryError(409, f"iMI {name!r} exists already")
@@ -209,6 +220,20 @@ class Repository:
             log.info("created iMI %s from %s", name, source)
             return imi
 
+    async def update(self, name: str, source: Path) -> None:
+        """Bring the working copy to `source`'s content in place (working_copy.py)."""
+        self.get(name)
+        _check_source(source)
+        async with self._lock(name):
+            progress = self.updating[name] = UpdateProgress()
+            try:
+                await bring_to(source, self.layout.work_dir(name), progress)
+            except UpdateFailed as error:
+                raise RepositoryError(400, f"updating {name} from {source} failed: {error}") from None
+            finally:
+                self.updating.pop(name, None)
+        log.info("updated the working copy of %s from %s", name, source)
+
     async def publish(self, name: str, message: str = "") -> VersionRecord:
         imi = self.get(name)
         async with self._lock(name):
@@ -217,7 +242,12 @@ class Repository:
             snapshot.parent.mkdir(parents=True, exist_ok=True)
             progress = self.publishing[name] = PublishProgress(version)
             try:
-                await btrfs.snapshot(self.layout.work_dir(name), snapshot, readonly=True)
+                # Writable until its extents are shared with the parent (the
+                # kernel refuses to dedupe into a read-only subvolume); it is
+                # not a version before its record exists, and nobody else
+                # writes into imis/.
+                await btrfs.snapshot(self.layout.work_dir(name), snapshot, readonly=False)
+                progress.lap("snapshot")
                 parent = None
                 if imi.versions:
                     newest = max(imi.versions)
@@ -230,6 +260,15 @@ class Repository:
                     manifest, stats = await trio.to_thread.run_sync(
                         build_manifest, snapshot, self.chunk_size, parent, report
                     )
+                    progress.lap("manifest")
+                    shared = None
+                    if parent is not None and stats.fresh:
+                        progress.phase = "sharing extents with the parent"
+                        shared = await trio.to_thread.run_sync(
+                            share_with_parent, snapshot, manifest, parent.root, parent.manifest, stats.fresh
+                        )
+                    progress.lap("dedupe")
+                    btrfs.set_readonly(snapshot, True)
                 except BaseException:
                     with trio.CancelScope(shield=True):
                         await btrfs.delete_subvolume(snapshot)
@@ -248,6 +287,11 @@ class Repository:
                 if imi.pinned is not None:
                     imi.pinned = None
                     write_json(self.layout.imi_record(name), imi.record())
+                progress.lap("commit")
+                self.last_publish[name] = {
+                    "seconds": progress.seconds, "bytes_total": stats.bytes_total,
+                    "bytes_hashed": stats.bytes_hashed, "dedupe": shared.to_json() if shared else None,
+                }
             finally:
                 self.publishing.pop(name, None)
         _log_publish(name, record, stats)
@@ -280,6 +324,15 @@ def _log_publish(name: str, record: VersionRecord, stats: BuildStats) -> None:
         "published %s version %d: %d files, %d bytes (%d hashed), digest %s",
         name, record.version, stats.files, stats.bytes_total, stats.bytes_hashed, record.digest,
     )
+
+
+def _check_source(source: Path) -> None:
+    if not source.is_absolute():
+        raise RepositoryError(400, f"--from must be an absolute path on the master host, not {source}")
+    if not source.exists():
+        raise RepositoryError(400, f"no such file or directory on the master host: {source}")
+    if not (source.is_dir() or source.is_file()):
+        raise RepositoryError(400, f"{source} is neither a directory nor a regular file")
 
 
 async def _copy_into(source: Path, dest: Path) -> None:
