@@ -52,6 +52,14 @@ class HostFailure(FetchFailure):
     kind = "host"
 
 
+class GatewayFailure(HostFailure):
+    """An HTTP cache (a cache server, a proxy) answered but could not get the
+    block from its own upstreams: it is up, so there is no point in backing
+    off from it, but another source may still have the block."""
+
+    kind = "gateway"
+
+
 class UpstreamTimeout(HostFailure):
     kind = "timeout"
 
@@ -150,6 +158,8 @@ class BlockClient:
                     raise NotHeld(url, "does not hold the block")
                 if status in (401, 403):
                     raise HostFailure(url, f"refused our token ({status}); check --token / ICBD_TOKEN")
+                if status in (502, 503, 504):
+                    raise GatewayFailure(url, f"answered {status}: it could not get the block itself")
                 raise HostFailure(url, f"answered {status}")
             length = response.headers.get("Content-Length")
             if length is not None and (not length.isdigit() or int(length) > limit):

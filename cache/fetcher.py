@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 LATENCY_SAMPLES = 4096  # the most recent get() latencies kept for p50/p99
 # FetchFailure.kind -> the counter it bumps
-_COUNTER = {"not_held": "not_held", "host": "host_failures", "timeout": "timeouts", "corrupt": "corrupt"}
+_COUNTER = {"not_held": "not_held", "host": "host_failures", "gateway": "host_failures", "timeout": "timeouts",
+            "corrupt": "corrupt"}
 
 
 @dataclass
@@ -60,11 +61,15 @@ class PrefetchProgress:
 
 
 class Fetcher:
-    """Use as `async with Fetcher(store, upstreams, client) as fetcher:`."""
+    """Use as `async with Fetcher(store, upstreams, client) as fetcher:`.
+
+    With no store (None), blocks are fetched and handed over but not kept: a
+    mount that reads straight from the replicas when no cache server answers.
+    """
 
     def __init__(
         self,
-        store: BlockStore,
+        store: BlockStore | None,
         upstreams: Upstreams,
         client: BlockClient,
         *,
@@ -205,6 +210,8 @@ class Fetcher:
     # --- the store, in worker threads ---------------------------------------------
 
     async def _store_get(self, digest: str) -> bytes | None:
+        if self.store is None:
+            return None
         try:
             return await trio.to_thread.run_sync(self.store.get, digest, limiter=self._store_limiter)
         except STORE_ERRORS as error:
@@ -213,6 +220,8 @@ class Fetcher:
             return None
 
     async def _in_store(self, digest: str) -> bool:
+        if self.store is None:
+            return False
         try:
             return await trio.to_thread.run_sync(self.store.__contains__, digest, limiter=self._store_limiter)
         except STORE_ERRORS:
@@ -220,6 +229,8 @@ class Fetcher:
             return False
 
     async def _store_put(self, digest: str, data: bytes) -> None:
+        if self.store is None:
+            return
         try:
             await trio.to_thread.run_sync(self.store.put, digest, data, limiter=self._store_limiter)
         except STORE_ERRORS as error:
@@ -247,7 +258,8 @@ class Fetcher:
         todo = [d for d in wanted if d not in self._inflight]
         progress.in_flight += len(wanted) - len(todo)
         try:
-            missing = await trio.to_thread.run_sync(self.store.missing, todo, limiter=self._store_limiter)
+            missing = todo if self.store is None else await trio.to_thread.run_sync(
+                self.store.missing, todo, limiter=self._store_limiter)
         except STORE_ERRORS:
             self.counts["store_errors"] += 1
             missing = todo

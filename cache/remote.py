@@ -59,14 +59,35 @@ class RemoteCache:
 
     async def catalog(self) -> Catalog:
         try:
+            return await self.fresh_catalog()
+        except Unavailable as error:
+            if self._catalog is None:
+                raise
+            log.debug("cache server unreachable (%s); keeping the last catalogue", error)
+        return self._catalog
+
+    async def fresh_catalog(self) -> Catalog:
+        """The cache server's catalogue now; raises Unavailable if it does not answer."""
+        try:
             response = await self.http.get(IMIS_ROUTE)
             response.raise_for_status()
             self._catalog = Catalog.from_json(response.json())
         except (httpx.HTTPError, ValueError, KeyError) as error:
-            if self._catalog is None:
-                raise Unavailable(f"cannot reach the cache server at {self.url}: {error}") from None
-            log.debug("cache server unreachable (%s); keeping the last catalogue", error)
+            raise Unavailable(f"cannot reach the cache server at {self.url}: {error}") from None
         return self._catalog
+
+    async def upstream_list(self) -> list[dict]:
+        """The replicas (and master) the cache server fills from, from its status."""
+        response = await self.http.get("/")
+        response.raise_for_status()
+        fetcher = response.json().get("fetcher")
+        upstreams = fetcher.get("upstreams") if isinstance(fetcher, dict) else None
+        if not isinstance(upstreams, list):
+            raise ValueError("the cache server's status lists no upstreams")
+        return upstreams
+
+    def status(self) -> dict:
+        return {"cache": self.url}
 
     async def manifest(self, imi: str, version: int) -> Manifest:
         catalog = self._catalog or await self.catalog()

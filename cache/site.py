@@ -260,6 +260,9 @@ class SiteCache:
 
     # --- status ------------------------------------------------------------------------
 
+    def status(self) -> dict:
+        return {"embedded": str(self.data), **self.stats()}
+
     def stats(self) -> dict:
         return {
             "master_reachable": self.master_reachable,

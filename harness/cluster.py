@@ -222,15 +222,20 @@ class Cluster:
         ], **where)
         return node.start() if start else node
 
-    def mount(self, name: str, *, cache: Node | None = None, cache_dir: Path | None = None,
+    def mount(self, name: str, *, cache: Node | list[Node] | None = None, cache_dir: Path | None = None,
               site: str | None = None, timeout: float = 5.0, extra: list[str] = ()) -> MountProcess:
-        """A FUSE mount reading through `cache` (a cache server), or through an
-        embedded cache in `cache_dir` filled from the master's replicas."""
+        """A FUSE mount reading through `cache` (a cache server, or several),
+        or through an embedded cache in `cache_dir` filled from the master's
+        replicas. Its state folder is its own (`cache_dir`, by default NAME-cache)."""
         assert self.master_node is not None
-        source = ["--cache", cache.url] if cache else ["--master", self.master_node.url,
-                                                      "--cache-dir", str(cache_dir or self.root / f"{name}-cache")]
+        state = ["--cache-dir", str(cache_dir or self.root / f"{name}-cache")]
+        if cache is not None:
+            caches = cache if isinstance(cache, list) else [cache]
+            source = [arg for c in caches for arg in ("--cache", c.url)]
+        else:
+            source = ["--master", self.master_node.url]
         argv = [*ICBD, "mount", str(self.root / name), "--foreground", "--timeout", str(timeout),
-                "--refresh", "0.5", *source, *(["--site", site] if site else []), *extra]
+                "--refresh", "0.5", *source, *state, *(["--site", site] if site else []), *extra]
         mount = MountProcess(self.root / name, argv, self.root / f"{name}.log", self.env)
         self.mounts.append(mount)
         return mount.start()

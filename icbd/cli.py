@@ -105,8 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mount", help="mount every iMI read-only at MOUNTPOINT")
     p.add_argument("mountpoint")
     _connection_options(p)
-    p.add_argument("--cache", metavar="URL", help="read through this site cache server")
-    p.add_argument("--cache-dir", metavar="DIR", help="with --master: keep blocks here (embedded cache)")
+    p.add_argument("--cache", metavar="URL", action="append",
+                   help="read through this site cache server; repeat it for several: blocks are spread "
+                   "over them by digest, and a reader fails over to the others when one stops answering")
+    p.add_argument("--no-replica-fallback", dest="replica_fallback", action="store_false",
+                   help="with --cache: never read from the replicas, even when no cache server answers")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="with --master: keep blocks here (embedded cache); with --cache: keep the list of "
+                   "replicas to fall back on here (default /var/cache/icbd/mount)")
     p.add_argument("--cache-size", type=_size, default=_size("10G"), metavar="BYTES",
                    help="with --cache-dir: bound on cached bytes (default 10G)")
     p.add_argument("--site", help="prefer replicas of this site")

@@ -2,9 +2,11 @@
 
     icbd mount MOUNTPOINT (--cache URL | --master URL [--cache-dir DIR]) [--site SITE]
 
-`--cache URL` reads through a site cache server (cache.remote.RemoteCache);
-`--master URL` embeds the cache in the mount process, its blocks under
---cache-dir (cache.site.SiteCache). The filesystem itself is icbdfs.
+`--cache URL` (repeatable) reads through the site's cache servers, spread
+by digest with failover, and from the replicas when none answers
+(cache.group.CacheGroup); `--master URL` embeds the cache in the mount
+process, its blocks under --cache-dir (cache.site.SiteCache). The
+filesystem itself is icbdfs.
 
 By default the command returns once the mount answers and keeps serving in
 the background: it forks before trio starts (a process with threads must not
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import trio
 
-from cache.remote import RemoteCache
+from cache.group import CacheGroup
 from cache.site import SiteCache
 from icbdcore.errors import CliError
 from icbdcore.layout import Layout
@@ -121,15 +123,16 @@ def _options(args) -> MountOptions:
 
 def _source_opener(args) -> SourceOpener:
     token = args.token or ""
+    data_dir = Path(args.cache_dir or DEFAULT_CACHE_DIR).absolute()
     if args.cache:
-        url, timeout = args.cache, args.timeout
-        return lambda: RemoteCache.open(url, token, timeout)
+        urls, timeout, site, fallback = list(dict.fromkeys(args.cache)), args.timeout, args.site, args.replica_fallback
+        return lambda: CacheGroup.open(urls, token, timeout, state_dir=data_dir, site=site,
+                                       replica_fallback=fallback)
     if args.master:
-        data_dir = Path(args.cache_dir or DEFAULT_CACHE_DIR).absolute()
         master, site, size = args.master, args.site, args.cache_size
         return lambda: SiteCache.open(data_dir, master, token, site, size)
     raise CliError(
-        "say where to read iMIs from: --cache URL (the site cache server) "
+        "say where to read iMIs from: --cache URL (a site cache server; repeat it for several) "
         "or --master URL (embedded cache, blocks kept in --cache-dir)"
     )
 

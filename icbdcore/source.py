@@ -34,6 +34,10 @@ class ImageSource(Protocol):
         """The recorded boot profile for this version or the nearest older
         one, or None if there is none."""
 
+    def status(self) -> dict:
+        """What the source says of itself for the mount's status (which
+        server it reads through, failovers, ...)."""
+
     async def save_profile(self, imi: str, version: int, digests: list[str]) -> bool:
         """Store a recorded boot profile where every site can find it; False
         if one was recorded on this version already (the first one stays)."""

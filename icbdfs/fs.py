@@ -173,6 +173,7 @@ class Operations(pyfuse3.Operations):
                 name: {"latest": imi.info.latest, "versions": sorted(imi.info.versions)}
                 for name, imi in sorted(self.namespace.imis.items())
             },
+            source=self._source.status(),
         )
         return out
 

@@ -251,9 +251,10 @@ class Readers:
 @pytest.mark.fuse
 def test_cache_server_restarts_under_load(site):
     """Readers through a mount and straight over HTTP while the cache server
-    is stopped and started twice and killed with -9 once: errors at worst,
-    never wrong data; afterwards its store is whole (audit) and still serves
-    what it held without asking the replica."""
+    is stopped and started twice and killed with -9 once: never wrong data,
+    errors at worst for the readers straight at it and none through the
+    mount (it reads from the replica meanwhile); afterwards its store is
+    whole (audit) and still serves what it held without asking the replica."""
     cluster, cache = site.cluster, site.cache
     # A small memory cache in the mount, so its reads keep reaching the cache server.
     mount = cluster.mount("mnt-cache-restarts", cache=cache, timeout=5, extra=["--memory-cache", "16M"])
@@ -274,8 +275,10 @@ def test_cache_server_restarts_under_load(site):
         print(f"\ncache restarts under load: {counts}; errors {via_mount.errnos} {via_http.errnos}")
         assert not via_mount.wrong and not via_http.wrong, via_mount.wrong + via_http.wrong
         assert via_mount.counts["ok"] > 50 and via_http.counts["ok"] > 50
-        assert via_mount.counts["errors"] + via_mount.counts["short"] > 0 and via_http.counts["errors"] > 0, \
-            "the restarts were not felt"
+        # Readers straight at the cache server feel its restarts; the mount
+        # reads from the replica meanwhile (cache/group.py), so its readers do not.
+        assert via_http.counts["errors"] > 0, "the restarts were not felt"
+        assert via_mount.counts["errors"] == 0, via_mount.errnos
     finally:
         mount.stop()
     wait_for(lambda: not cache.status()["store"]["recovering"], what="the store's recovery after kill -9")

@@ -71,6 +71,9 @@ class TreeSource:
     def _switch(self, name: str) -> bool:
         return self.control is not None and (self.control / name).exists()
 
+    def status(self) -> dict:
+        return {"tree": str(self.root)}
+
     async def _gate(self) -> None:
         """Apply the delay/fail/hang switches to one call."""
         if self.hang or self._switch("hang"):
