@@ -174,6 +174,9 @@ class Operations(pyfuse3.Operations):
                 for name, imi in sorted(self.namespace.imis.items())
             },
         )
+        freshness = getattr(self._source, "freshness", None)  # the serial and age of a signed catalogue
+        if freshness is not None:
+            out.update(freshness())
         return out
 
     # --- catalogue -----------------------------------------------------------
