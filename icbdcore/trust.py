@@ -145,7 +145,8 @@ class Trust:
                 pinned = PublicKey.parse(doc["key"])
             except Untrusted as error:
                 log.error("ignoring the key in %s: %s", self.path, error)
-        self.serial = doc.get("serial", 0) if pinned else 0
+        serial = doc.get("serial")
+        self.serial = serial if pinned and isinstance(serial, int) and not isinstance(serial, bool) else 0
         self._digest = doc.get("catalog_digest") if pinned else None
         self.how = doc.get("how", "first contact")
         self.key = pinned
