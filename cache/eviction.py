@@ -3,8 +3,8 @@
 The index has three LMDB databases, changed only inside the store's write
 transactions (one writer at a time):
 
-    entries  digest(16 bytes) -> size, tick, segment
-    order    segment(1) | tick(8, big-endian) | digest(16) -> b""
+    entries  digest(32 bytes) -> size, tick, segment, check (xxh3-64 of the bytes)
+    order    segment(1) | tick(8, big-endian) | digest(32) -> b""
     meta     the totals, the tick counter, the format and the clean flag
 
 `order` sorts probation before protected and old before new, so its first key
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import lmdb
 
@@ -26,8 +27,15 @@ PROBATION, PROTECTED = 0, 1
 PROTECTED_SHARE = 0.8
 ALLOCATION = 4096  # a tiny block still costs a filesystem block
 
-_ENTRY = struct.Struct("<QQB")  # size, tick, segment
+_ENTRY = struct.Struct("<QQBQ")  # size, tick, segment, check
 _U64 = struct.Struct("<Q")
+
+
+class Entry(NamedTuple):
+    size: int
+    tick: int
+    segment: int
+    check: int  # xxh3-64 of the block's bytes: the store's cheap re-check on every read
 
 
 def footprint(size: int) -> int:
@@ -35,10 +43,10 @@ def footprint(size: int) -> int:
     return max(ALLOCATION, -(-size // ALLOCATION) * ALLOCATION)
 
 
-def parse_entry(raw: bytes) -> tuple[int, int, int] | None:
-    """(size, tick, segment) of an index value; None if malformed (only a
-    power loss under NOSYNC could leave one; it is treated as absent)."""
-    return _ENTRY.unpack(raw) if len(raw) == _ENTRY.size else None
+def parse_entry(raw: bytes) -> Entry | None:
+    """The Entry of an index value; None if malformed (only a power loss
+    under NOSYNC could leave one; it is treated as absent)."""
+    return Entry(*_ENTRY.unpack(raw)) if len(raw) == _ENTRY.size else None
 
 
 def order_key(segment: int, tick: int, key: bytes) -> bytes:
@@ -89,9 +97,9 @@ class SegmentedLRU:
     def totals(self, txn: lmdb.Transaction) -> Totals:
         return Totals(txn, self.meta)
 
-    def insert(self, txn: lmdb.Transaction, totals: Totals, key: bytes, size: int, tick: int,
+    def insert(self, txn: lmdb.Transaction, totals: Totals, key: bytes, size: int, check: int, tick: int,
                segment: int = PROBATION) -> None:
-        txn.put(key, _ENTRY.pack(size, tick, segment), db=self.entries)
+        txn.put(key, _ENTRY.pack(size, tick, segment, check), db=self.entries)
         txn.put(order_key(segment, tick, key), b"", db=self.order)
         totals.add(size, segment)
 
@@ -105,9 +113,8 @@ class SegmentedLRU:
         if entry is None:  # size and order key unknown
             self.malformed_seen = True
         else:
-            size, tick, segment = entry
-            txn.delete(order_key(segment, tick, key), db=self.order)
-            totals.add(size, segment, -1)
+            txn.delete(order_key(entry.segment, entry.tick, key), db=self.order)
+            totals.add(entry.size, entry.segment, -1)
         return True
 
     def evict(self, txn: lmdb.Transaction, totals: Totals) -> Iterator[tuple[bytes, int]]:
@@ -122,10 +129,9 @@ class SegmentedLRU:
             entry = None if raw is None else parse_entry(raw)
             if entry is None or order_key(entry[2], entry[1], key) != order:
                 continue  # a stray order key; the entry's own key comes up in turn
-            size, _, segment = entry
             txn.delete(key, db=self.entries)
-            totals.add(size, segment, -1)
-            yield key, size
+            totals.add(entry.size, entry.segment, -1)
+            yield key, entry.size
 
     def hits(self, txn: lmdb.Transaction, totals: Totals, touched: dict[bytes, int]) -> None:
         """Write hits noted since the last flush (key -> tick of the latest):
@@ -135,11 +141,11 @@ class SegmentedLRU:
             entry = None if raw is None else parse_entry(raw)
             if entry is None:
                 continue  # evicted or dropped since the hit
-            size, old_tick, segment = entry
+            size, old_tick, segment, check = entry
             txn.delete(order_key(segment, old_tick, key), db=self.order)
             if segment == PROBATION:
                 totals.protected += footprint(size)
-            txn.put(key, _ENTRY.pack(size, tick, PROTECTED), db=self.entries)
+            txn.put(key, _ENTRY.pack(size, tick, PROTECTED, check), db=self.entries)
             txn.put(order_key(PROTECTED, tick, key), b"", db=self.order)
         cursor = txn.cursor(db=self.order)
         while totals.protected > self.protected_cap and cursor.set_range(bytes((PROTECTED,))):
@@ -149,9 +155,9 @@ class SegmentedLRU:
             entry = None if raw is None else parse_entry(raw)
             if entry is None:
                 continue
-            size = entry[0]
+            size = entry.size
             tick = self.next_tick()
-            txn.put(key, _ENTRY.pack(size, tick, PROBATION), db=self.entries)
+            txn.put(key, _ENTRY.pack(size, tick, PROBATION, entry.check), db=self.entries)
             txn.put(order_key(PROBATION, tick, key), b"", db=self.order)
             totals.protected -= footprint(size)
 
@@ -171,7 +177,6 @@ class SegmentedLRU:
             entry = parse_entry(raw)
             if entry is None:
                 continue
-            size, tick, segment = entry
-            totals.add(size, segment)
-            txn.put(order_key(segment, tick, key), b"", db=self.order, overwrite=False)
+            totals.add(entry.size, entry.segment)
+            txn.put(order_key(entry.segment, entry.tick, key), b"", db=self.order, overwrite=False)
         return totals

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Iterable
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import trio
 
@@ -232,7 +233,9 @@ class Fetcher:
         if self.store is None:
             return
         try:
-            await trio.to_thread.run_sync(self.store.put, digest, data, limiter=self._store_limiter)
+            # The client checked `data` against `digest` (BLAKE3) as it arrived: once is enough.
+            await trio.to_thread.run_sync(partial(self.store.put, digest, data, verified=True),
+                                          limiter=self._store_limiter)
         except STORE_ERRORS as error:
             self.counts["store_errors"] += 1
             log.error("block store write of %s failed (%s); served it without keeping it", digest, error)

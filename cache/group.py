@@ -48,12 +48,13 @@ import xxhash
 from icbdcore.catalog import Catalog, Profile
 from icbdcore.layout import Layout
 from icbdcore.manifest import MAX_MANIFEST, Manifest
+from icbdcore.signing import PublicKey
 from icbdcore.source import Unavailable
 from icbdcore.wire import check_name, manifest_path, parse_version
 
 from .blockclient import BlockClient, FetchFailure
 from .fetcher import Fetcher
-from .remote import RemoteCache
+from .remote import CatalogRefused, RemoteCache, open_trust
 from .upstreams import Upstreams
 
 log = logging.getLogger(__name__)
@@ -116,12 +117,17 @@ class CacheGroup:
     @classmethod
     @asynccontextmanager
     async def open(cls, urls: list[str], token: str, timeout: float, *, state_dir: Path,
-                   site: str | None = None, replica_fallback: bool = True) -> AsyncIterator[CacheGroup]:
+                   site: str | None = None, replica_fallback: bool = True,
+                   master_key: PublicKey | None = None) -> AsyncIterator[CacheGroup]:
         """A group over the caches at `urls`; `timeout` is the mount's read
-        deadline, of which each try may take a third."""
+        deadline, of which each try may take a third. One trust for them all
+        (kept in `state_dir`): the newest catalogue serial seen through any
+        cache is the floor for every other."""
         attempt = max(0.5, timeout / 3)
+        trust = await open_trust(state_dir, master_key)
         async with AsyncExitStack() as stack:
-            remotes = [await stack.enter_async_context(RemoteCache.open(url, token, attempt)) for url in urls]
+            remotes = [await stack.enter_async_context(RemoteCache.open(url, token, attempt, trust=trust))
+                       for url in urls]
             fallback = upstreams = None
             if replica_fallback:
                 state_dir.mkdir(parents=True, exist_ok=True)
@@ -218,6 +224,8 @@ class CacheGroup:
         for member in self.order("catalog"):
             try:
                 self._catalog = await member.remote.fresh_catalog()
+            except CatalogRefused:
+                continue  # up, but behind (or not the master's): another may have the current one
             except Unavailable as error:
                 self._failed(member, error)
                 continue
@@ -228,22 +236,24 @@ class CacheGroup:
         return self._catalog  # every cache is down: the mount keeps what it showed
 
     async def manifest(self, imi: str, version: int) -> Manifest:
+        catalog = self._catalog or await self.catalog()
+        record = catalog.record(check_name(imi), parse_version(version))
+        if record is None:
+            raise Unavailable(f"{imi} has no version {version}")
         errors = []
         for member in self.order(f"{imi}@{version}"):
             try:
-                manifest = await member.remote.manifest(imi, version)
+                manifest = await member.remote.manifest(imi, version, record)
             except Unavailable as error:
                 errors.append(f"{member.url}: {error}")
                 continue
             self._answered(member)
             return manifest
-        if self.fallback is not None and self._catalog is not None:
-            record = self._catalog.record(check_name(imi), parse_version(version))
-            if record is not None:
-                raw = await self.fallback.fetch_object(manifest_path(imi, version), record.digest, imi=imi,
-                                                       version=version, limit=MAX_MANIFEST,
-                                                       attempt_timeout=60.0, deadline=120.0)
-                return await trio.to_thread.run_sync(Manifest.from_bytes, raw, record.digest)
+        if self.fallback is not None:
+            raw = await self.fallback.fetch_object(manifest_path(imi, version), record.digest, imi=imi,
+                                                   version=version, limit=MAX_MANIFEST,
+                                                   attempt_timeout=60.0, deadline=120.0)
+            return await trio.to_thread.run_sync(Manifest.from_bytes, raw, record.digest)
         raise Unavailable(f"manifest of {imi} v{version}: " + "; ".join(errors))
 
     async def prefetch(self, digests: list[str], imi: str, version: int) -> None:
@@ -300,6 +310,10 @@ class CacheGroup:
                 self.upstreams.update(nodes)
                 break
             await trio.sleep(UPSTREAMS_EVERY)
+
+    def freshness(self) -> dict:
+        """How old the catalogue is (now - when the master signed it) and its serial."""
+        return self.members[0].remote.trust.freshness()
 
     def status(self) -> dict:
         now = self.clock()

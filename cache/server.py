@@ -21,10 +21,13 @@ from icbdcore.http import immutable_response, json_body, json_response
 from icbdcore.layout import Layout
 from icbdcore.logs import setup_logging
 from icbdcore.node import Membership, node_id, require_token, run_until_signal
+from icbdcore.signing import PublicKey, Untrusted
 from icbdcore.source import Unavailable
+from icbdcore.trust import master_key_argument
 from icbdcore.wire import (
     BLOCK_ROUTE,
     IMIS_ROUTE,
+    KEY_ROUTE,
     MANIFEST_ROUTE,
     PREFETCH_JOB_ROUTE,
     PREFETCH_ROUTE,
@@ -64,7 +67,8 @@ class PrefetchJob:
 
 class CacheServer:
     def __init__(self, data: Path, listen: str, master_url: str, token: str, site: str, size: int,
-                 *, name: str | None = None, url: str | None = None, heartbeat: float = 2.0):
+                 *, name: str | None = None, url: str | None = None, heartbeat: float = 2.0,
+                 master_key: PublicKey | None = None):
         self.data = data
         self.listen = listen
         self.master_url = master_url
@@ -74,6 +78,7 @@ class CacheServer:
         self.given_name = name
         self.url = url or http.url_for_listen(listen)
         self.heartbeat = heartbeat
+        self.master_key = master_key
         self.id = ""
         self.cache: SiteCache | None = None
         self.jobs: dict[int, PrefetchJob] = {}
@@ -82,7 +87,8 @@ class CacheServer:
     async def run(self, shutdown: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         Layout(self.data).make_private_root()
         self.id = node_id(Layout(self.data), "cache", self.given_name)
-        async with SiteCache.open(self.data, self.master_url, self.token, self.site, self.size) as cache:
+        async with SiteCache.open(self.data, self.master_url, self.token, self.site, self.size,
+                                  master_key=self.master_key) as cache:
             self.cache = cache
             master = async_client(Credentials(self.token, self.id), self.master_url)
             membership = Membership(master, self.id, "cache", self.site, self.url, self.status_doc,
@@ -110,8 +116,21 @@ class CacheServer:
         return json_response(self.status_doc())
 
     async def list_imis(self, request: Request) -> Response:
+        """The newest catalogue the master signed, passed on as it was signed
+        (mounts check it themselves)."""
         assert self.cache is not None
-        return json_response((await self.cache.catalog()).to_json())
+        await self.cache.catalog()
+        if self.cache.signed is None:
+            raise Refused(504, "this site has no catalogue yet: the master has not been reached "
+                               "(or sent nothing its key signed)")
+        return json_response(self.cache.signed.doc)
+
+    async def get_key(self, request: Request) -> Response:
+        """The master key this cache trusts: a mount's first contact is its cache."""
+        assert self.cache is not None
+        if self.cache.trust.key is None:
+            raise Refused(504, "this site does not know the master's key yet: the master has not been reached")
+        return json_response({"key": self.cache.trust.key.text})
 
     async def get_manifest(self, request: Request) -> Response:
         assert self.cache is not None
@@ -184,6 +203,9 @@ class CacheServer:
             profile = await self.cache.profile(imi, version)
         except httpx.HTTPError as error:
             raise Refused(504, f"cannot reach the master for the boot profile: {error}") from None
+        except (Untrusted, ValueError) as error:
+            log.error("refusing the boot profile of %s version %d: %s", imi, version, error)
+            raise Refused(504, f"the boot profile the master sent is refused: {error}") from None
         if profile is None:
             raise Refused(404, f"no boot profile recorded for {imi} version {version} or older")
         return profile
@@ -200,7 +222,7 @@ class CacheServer:
         name = check_name(request.path_params["name"])
         version = parse_version(request.path_params["version"])
         profile = await self._profile(name, version)
-        return json_response({"imi": name, "version": version, **profile.to_json()})
+        return json_response(profile.to_json())  # as the master signed it
 
     async def put_profile(self, request: Request) -> Response:
         assert self.cache is not None
@@ -222,6 +244,7 @@ class CacheServer:
         return [
             Route("/", self.status, methods=["GET"]),
             Route(IMIS_ROUTE, self.list_imis, methods=["GET"]),
+            Route(KEY_ROUTE, self.get_key, methods=["GET"]),
             Route(MANIFEST_ROUTE, self.get_manifest, methods=["GET"]),
             Route(BLOCK_ROUTE, self.get_block, methods=["GET"]),
             Route(PREFETCH_ROUTE, self.prefetch, methods=["POST"]),
@@ -245,6 +268,6 @@ def run(args) -> int:
         raise CliError("a cache server needs --master URL (or ICBD_MASTER)")
     server = CacheServer(
         Path(args.data).resolve(), args.listen, args.master, token, args.site, args.size,
-        name=args.name, url=args.advertise, heartbeat=args.heartbeat,
+        name=args.name, url=args.advertise, heartbeat=args.heartbeat, master_key=master_key_argument(args),
     )
     return run_until_signal(server.run)

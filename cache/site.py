@@ -3,13 +3,17 @@
 One SiteCache serves a site cache server (cache/server.py) or, embedded, a
 single host's FUSE mount. It puts together
 
-- the catalogue of iMIs and versions, polled from the master and kept on
-  disk, so a site cut off from the master keeps the last one it saw;
+- the catalogue of iMIs and versions, polled from the master, believed
+  only if the master's key signed it and it is no older than one seen
+  (icbdcore/trust.py), and kept on disk, so a site cut off from the master
+  keeps the last one it saw (and says how old it is);
 - manifests, fetched once from a replica holding the version (or the
-  master), with the same failover as blocks, checked against the
-  catalogue's digest and kept on disk;
-- blocks: the BlockStore, filled by the Fetcher from the Upstreams;
-- boot profiles, read from and recorded to the master, kept on disk too.
+  master), with the same failover as blocks, checked against the digest in
+  the signed version record and kept on disk;
+- blocks: the BlockStore, filled by the Fetcher from the Upstreams, each
+  checked against its digest (from a manifest checked as above) on arrival;
+- boot profiles, read from and recorded to the master, signed by it, kept
+  on disk too (and checked again when read from there).
 
 It implements icbdcore.source.ImageSource.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager
@@ -29,11 +34,12 @@ import trio
 from icbdcore.catalog import Catalog, Profile
 from icbdcore.clients import Credentials, async_client
 from icbdcore.flights import Flights
-from icbdcore.layout import Layout
+from icbdcore.layout import DATA_FORMAT, Layout
 from icbdcore.manifest import MAX_MANIFEST, Manifest
 from icbdcore.node import describe_error
-from icbdcore.records import read_json, write_json
+from icbdcore.signing import PublicKey, Untrusted
 from icbdcore.source import Unavailable
+from icbdcore.trust import SignedCatalog, Trust
 from icbdcore.wire import (
     IMIS_ROUTE,
     NODES_ROUTE,
@@ -63,23 +69,27 @@ CONTROL_TIMEOUT = 5.0
 
 class SiteCache:
     def __init__(self, data: Path, master_url: str, token: str, site: str | None, size_bound: int,
-                 *, refresh: float = 2.0):
+                 *, refresh: float = 2.0, master_key: PublicKey | None = None):
         self.data = data
         self.master_url = master_url.rstrip("/")
         self.site = site or ""
         self.refresh = refresh
         self.layout = Layout(data)
+        _prepare_folder(self.layout)
         # --size bounds blocks and documents together: the documents (manifests,
         # profiles) get a share, the block store the rest.
         share = size_bound // META_SHARE
         self.store = BlockStore(self.layout.blocks, size_bound - share)
         self.meta = MetaStore([self.layout.cached_manifests, self.layout.cached_profiles], share)
+        self.trust = Trust(self.layout, master_key)
         self.upstreams = Upstreams(self.site, self.layout.upstreams_file, master_url=self.master_url)
         self.client = BlockClient(token)
         self.http = async_client(Credentials(token), self.master_url, timeout=CONTROL_TIMEOUT)
         self.fetcher: Fetcher | None = None
         self._catalog = Catalog()
+        self.signed: SignedCatalog | None = None  # what _catalog was taken from, as the master signed it
         self._catalog_at = 0.0  # time.monotonic() of the last answer from the master
+        self._refusal: str | None = None  # the last reason a catalogue was refused, logged once
         self._manifests: OrderedDict[tuple[str, int], tuple[str, Manifest]] = OrderedDict()  # (digest, manifest)
         # One load per manifest digest, however many mounts ask at once.
         self._manifest_loads: Flights[str, bytes] = Flights()
@@ -90,10 +100,10 @@ class SiteCache:
     @classmethod
     @asynccontextmanager
     async def open(cls, data_dir: Path, master_url: str, token: str, site: str | None, size_bound: int,
-                   *, refresh: float = 2.0):
+                   *, refresh: float = 2.0, master_key: PublicKey | None = None):
         Layout(data_dir).make_private_root()
         cache = await trio.to_thread.run_sync(lambda: cls(data_dir, master_url, token, site, size_bound,
-                                                          refresh=refresh))
+                                                          refresh=refresh, master_key=master_key))
         try:
             cache._load()
             async with Fetcher(cache.store, cache.upstreams, cache.client) as fetcher, trio.open_nursery() as nursery:
@@ -112,12 +122,9 @@ class SiteCache:
     # --- the catalogue and the upstream list ---------------------------------------
 
     def _load(self) -> None:
-        doc = read_json(self.layout.catalog_file)
-        if doc is not None:
-            try:
-                self._catalog = Catalog.from_json(doc)
-            except InvalidInput as error:
-                log.warning("ignoring %s (%s); waiting for the master's catalogue", self.layout.catalog_file, error)
+        self.signed = self.trust.saved_catalog()
+        if self.signed is not None:
+            self._catalog = self.signed.catalog
         self.upstreams.load()
 
     async def poll_master(self) -> bool:
@@ -127,38 +134,52 @@ class SiteCache:
             return await self._poll_master()
 
     async def _poll_master(self) -> bool:
+        where = f"the master at {self.master_url}"
         try:
+            await self.trust.fetch_key(self.http, where)  # at first contact only, without --master-key
             imis = await self.http.get(IMIS_ROUTE)
             imis.raise_for_status()
             nodes = await self.http.get(NODES_ROUTE)
             nodes.raise_for_status()
-            catalog = Catalog.from_json(imis.json())
-            node_list = _node_list(nodes.json())
+            doc, node_list = imis.json(), _node_list(nodes.json())
+        except Untrusted as error:  # a key other than the one pinned
+            await self._refused(str(error))
+            return False
         except (httpx.HTTPError, ValueError, KeyError, TypeError, RecursionError) as error:
             if self.master_reachable or not self._warned:
                 log.warning("master unreachable (%s); serving the last catalogue", describe_error(error))
             self.master_reachable = False
             self._warned = True
             return False
-        if not self.master_reachable:
-            log.info("master reachable: %d iMIs", len(catalog.imis))
         self.master_reachable = True
         self._warned = False
         self._catalog_at = time.monotonic()
+        try:
+            signed = await trio.to_thread.run_sync(self.trust.catalog, doc)
+        except (Untrusted, InvalidInput) as error:
+            await self._refused(str(error))
+            return False
+        if self._refusal is not None or self.signed is None:
+            log.info("master reachable: catalogue serial %d, %d iMIs", signed.serial, len(signed.catalog.imis))
+        self._refusal = None
         self.upstreams.update(node_list)
-        if catalog != self._catalog:
-            self._catalog = catalog
-            try:
-                await trio.to_thread.run_sync(write_json, self.layout.catalog_file, catalog.to_json())
-            except OSError as error:  # a full disk: serve it from memory, keep it next time
-                log.warning("cannot save the catalogue to %s: %s", self.layout.catalog_file, error)
+        self.signed, self._catalog = signed, signed.catalog
         return True
+
+    async def _refused(self, why: str) -> None:
+        """Log a refusal once per reason (a poll every 2 s would repeat it)."""
+        if why != self._refusal:
+            explained = await self.trust.explain(self.http, f"the master at {self.master_url}")
+            log.error("refusing what the master sent: %s%s; serving catalogue serial %s", why,
+                      f" ({explained})" if explained else "", self.signed.serial if self.signed else "none")
+        self._refusal = why
 
     async def _keep_polling(self) -> None:
         while True:
             await trio.sleep(self.refresh)
             try:
                 await self.poll_master()
+                self.trust.freshness()  # logs when the catalogue turns stale, and fresh again
             except Exception:  # whatever the master answers, the site keeps serving
                 log.exception("polling the master failed; trying again in %g s", self.refresh)
 
@@ -237,20 +258,22 @@ class SiteCache:
 
     async def profile(self, imi: str, version: int) -> Profile | None:
         """The master's profile for this version (or the nearest older one);
-        the last one seen when the master is unreachable."""
+        the last one seen when the master is unreachable. Raises Untrusted
+        for one the master's key did not sign."""
         path = self.layout.cached_profile(imi, version)
         try:
             response = await self.http.get(profile_path(imi, version))
             if response.status_code == 404:
                 return None
             response.raise_for_status()
-            profile = Profile.from_json(response.json())
+            doc = response.json()
         except httpx.HTTPError:
             raw = await trio.to_thread.run_sync(self.meta.read, path, MAX_PROFILE)
             if raw is not None:
-                return Profile.from_json(json.loads(raw))
+                return self.trust.profile(json.loads(raw), imi, version)
             raise
-        await self._keep(path, json.dumps(profile.to_json()).encode())
+        profile = self.trust.profile(doc, imi, version)
+        await self._keep(path, json.dumps(doc).encode())
         return profile
 
     async def save_profile(self, imi: str, version: int, digests: list[str]) -> bool:
@@ -263,10 +286,15 @@ class SiteCache:
     def status(self) -> dict:
         return {"embedded": str(self.data), **self.stats()}
 
+    def freshness(self) -> dict:
+        """How old the catalogue is (now - when the master signed it) and its serial."""
+        return self.trust.freshness()
+
     def stats(self) -> dict:
         return {
             "master_reachable": self.master_reachable,
-            "catalog_age_s": None if not self._catalog_at else round(time.monotonic() - self._catalog_at, 1),
+            "master_heard_s": None if not self._catalog_at else round(time.monotonic() - self._catalog_at, 1),
+            **self.freshness(),
             "store": self.store.stats(),
             "documents": self.meta.stats(),
             "fetcher": self.fetcher.stats() if self.fetcher else {},
@@ -278,6 +306,22 @@ def _node_list(doc: object) -> list:
     if not isinstance(doc, dict) or not isinstance(doc.get("nodes"), list):
         raise InvalidInput("the master's node list is not an object with a list of 'nodes'")
     return doc["nodes"]
+
+
+def _prepare_folder(layout: Layout) -> None:
+    """A folder of data format 1 (xxh3 names, unsigned documents) is emptied
+    of what it kept: it is a cache. (The block store empties itself.)"""
+    found = layout.data_format()
+    if found == 1:
+        log.warning("%s holds a cache of the old data format 1; dropping its manifests, profiles and "
+                    "catalogue (they are fetched again)", layout.root)
+        for folder in (layout.cached_manifests, layout.cached_profiles):
+            shutil.rmtree(folder, ignore_errors=True)
+        layout.catalog_file.unlink(missing_ok=True)
+    elif found is not None and found != DATA_FORMAT:
+        raise OSError(f"{layout.root} holds data of format {found}; this icbd reads format {DATA_FORMAT}")
+    if found != DATA_FORMAT:
+        layout.mark_format()
 
 
 def _read_if_matches(meta: MetaStore, path: Path, digest: str) -> bytes | None:

@@ -1,6 +1,11 @@
 """Real icbd nodes for tests: processes on loopback ports, each with its own
 data folder (a loop-mounted btrfs image when the node needs one), stopped by
-pid and unmounted on teardown."""
+pid and unmounted on teardown.
+
+Once the master has started, its public key (read from its data folder) is
+in the cluster's environment as ICBD_MASTER_KEY, so every replica, cache and
+mount started afterwards checks it, as an admin would set them up; a node or
+mount made with `tofu=True` gets no key and trusts the master at first contact."""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from pathlib import Path
 import requests
 
 from icbdcore.clients import Credentials
+from icbdcore.layout import Layout
 from icbdcore.mounts import is_mountpoint
 from icbdcore.wire import NODES_ROUTE
 
@@ -185,16 +191,38 @@ class Cluster:
         self.mounts: list[MountProcess] = []
 
     def _node(self, role: str, name: str, args: list[str], port: int | None = None,
-              host: str = "127.0.0.1") -> Node:
+              host: str = "127.0.0.1", tofu: bool = False) -> Node:
         """A node listening on host:port (to run it in a network namespace,
         see harness.netns.Site.adopt)."""
         port = port or free_port()
         data = self.root / name
         data.mkdir(parents=True, exist_ok=True)
         argv = [*ICBD, role, "--data", str(data), "--listen", f"{host}:{port}", *args]
-        node = Node(role, argv, data, port, self.root / f"{name}.log", self.env, id=name, host=host)
+        node = Node(role, argv, data, port, self.root / f"{name}.log", self._env(tofu), id=name, host=host)
         self.nodes.append(node)
         return node
+
+    def _env(self, tofu: bool) -> dict:
+        """The environment of a new process: the cluster's own (which gets the
+        master's key once the master has started), or, for a process that is
+        to trust the master at first contact, a copy without the key."""
+        self.learn_master_key()
+        if not tofu:
+            return self.env
+        return {k: v for k, v in self.env.items() if k != "ICBD_MASTER_KEY"}
+
+    def learn_master_key(self) -> str | None:
+        """The master's public key, from its data folder once it has started
+        (None before); put in the cluster's environment for later processes."""
+        if self.master_node is None:
+            return None
+        try:
+            key = Layout(self.master_node.data).master_public_key.read_text().strip()
+        except OSError:
+            return None
+        if self.env.get("ICBD_MASTER_KEY") != key:
+            self.env["ICBD_MASTER_KEY"] = key
+        return key
 
     def master(self, image_size: str = "2G", start: bool = True, extra: list[str] = (), **where) -> Node:
         node = self._node("master", "master", [
@@ -202,41 +230,47 @@ class Cluster:
             "--down-after", str(self.down_after), "--heartbeat", str(self.heartbeat), *extra,
         ], **where)
         self.master_node = node
-        return node.start() if start else node
+        if start:
+            node.start()
+            self.learn_master_key()
+        return node
 
     def replica(self, name: str, site: str = "a", image_size: str = "2G", start: bool = True,
-                extra: list[str] = (), **where) -> Node:
+                extra: list[str] = (), tofu: bool = False, **where) -> Node:
         assert self.master_node is not None
         node = self._node("replica", name, [
             "--master", self.master_node.url, "--site", site, "--name", name,
             "--image-size", image_size, "--heartbeat", str(self.heartbeat), *extra,
-        ], **where)
+        ], tofu=tofu, **where)
         return node.start() if start else node
 
     def cache(self, name: str, site: str = "a", size: str = "1G", start: bool = True, extra: list[str] = (),
-              **where) -> Node:
+              tofu: bool = False, **where) -> Node:
         assert self.master_node is not None
         node = self._node("cache", name, [
             "--master", self.master_node.url, "--site", site, "--name", name,
             "--size", size, "--heartbeat", str(self.heartbeat), *extra,
-        ], **where)
+        ], tofu=tofu, **where)
         return node.start() if start else node
 
     def mount(self, name: str, *, cache: Node | list[Node] | None = None, cache_dir: Path | None = None,
-              site: str | None = None, timeout: float = 5.0, extra: list[str] = ()) -> MountProcess:
+              site: str | None = None, timeout: float = 5.0, extra: list[str] = (),
+              tofu: bool = False) -> MountProcess:
         """A FUSE mount reading through `cache` (a cache server, or several),
         or through an embedded cache in `cache_dir` filled from the master's
-        replicas. Its state folder is its own (`cache_dir`, by default NAME-cache)."""
+        replicas. Either way `cache_dir` (default ROOT/NAME-cache) keeps its
+        key and catalogue (and, over caches, the replicas to fall back on)."""
         assert self.master_node is not None
-        state = ["--cache-dir", str(cache_dir or self.root / f"{name}-cache")]
+        cache_dir = cache_dir or self.root / f"{name}-cache"
         if cache is not None:
             caches = cache if isinstance(cache, list) else [cache]
             source = [arg for c in caches for arg in ("--cache", c.url)]
         else:
             source = ["--master", self.master_node.url]
         argv = [*ICBD, "mount", str(self.root / name), "--foreground", "--timeout", str(timeout),
-                "--refresh", "0.5", *source, *state, *(["--site", site] if site else []), *extra]
-        mount = MountProcess(self.root / name, argv, self.root / f"{name}.log", self.env)
+                "--refresh", "0.5", *source, "--cache-dir", str(cache_dir), *(["--site", site] if site else []),
+                *extra]
+        mount = MountProcess(self.root / name, argv, self.root / f"{name}.log", self._env(tofu))
         self.mounts.append(mount)
         return mount.start()
 
@@ -244,6 +278,7 @@ class Cluster:
 
     def icbd(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
         assert self.master_node is not None
+        self.learn_master_key()
         result = subprocess.run(
             [*ICBD, "--master", self.master_node.url, *args],
             capture_output=True, text=True, env=self.env, cwd=REPO, timeout=timeout,

@@ -14,9 +14,10 @@ import sys
 from icbdcore.errors import CliError
 
 EPILOG = """\
-environment: ICBD_MASTER (for --master), ICBD_TOKEN (for --token)
+environment: ICBD_MASTER (for --master), ICBD_TOKEN (for --token), ICBD_MASTER_KEY (for --master-key)
 examples:
   icbd master --data /srv/icbd --listen 0.0.0.0:7400
+  icbd --master http://master:7400 key show
   icbd --master http://master:7400 imi create desktop --from /srv/trees/desktop
   icbd --master http://master:7400 imi publish desktop --message "security fixes"
   icbd --master http://master:7400 subscribe desktop --node site-a-1
@@ -44,6 +45,13 @@ def _connection_options(p: argparse.ArgumentParser, *, master: bool = True) -> N
     p.add_argument("--token", default=argparse.SUPPRESS, metavar="T", help="the shared token (env ICBD_TOKEN)")
 
 
+def _trust_options(p: argparse.ArgumentParser) -> None:
+    """--master-key is global, but also accepted after the subcommand."""
+    p.add_argument("--master-key", default=argparse.SUPPRESS, metavar="KEY|FILE",
+                   help="the master's public key, or a file holding it (env ICBD_MASTER_KEY; "
+                   "default: trust the key presented at first contact and keep it)")
+
+
 def _node_options(p: argparse.ArgumentParser, *, needs_master: bool) -> None:
     _connection_options(p, master=needs_master)
     p.add_argument("--data", required=True, metavar="DIR", help="the node's data folder")
@@ -67,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the master's URL (env ICBD_MASTER)")
     parser.add_argument("--token", default=os.environ.get("ICBD_TOKEN"), metavar="T",
                         help="the shared token (env ICBD_TOKEN)")
+    parser.add_argument("--master-key", default=os.environ.get("ICBD_MASTER_KEY"), metavar="KEY|FILE",
+                        help="replicas, caches and mounts: the master's public key (`icbd key show`), "
+                        "or a file holding it (env ICBD_MASTER_KEY)")
     parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -85,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("replica", help="run a replica node that holds subscribed iMIs")
     _node_options(p, needs_master=True)
+    _trust_options(p)
     p.add_argument("--name", metavar="ID", help="node id (default: generated once and kept in DATA)")
     p.add_argument("--image-size", type=_size, default=_size("64G"), metavar="BYTES",
                    help="size of DATA/btrfs.img when DATA is not on btrfs (sparse; default 64G)")
@@ -97,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cache", help="run a site cache server")
     _node_options(p, needs_master=True)
+    _trust_options(p)
     p.add_argument("--name", metavar="ID", help="node id (default: generated once and kept in DATA)")
     p.add_argument("--size", type=_size, default=_size("10G"), metavar="BYTES",
                    help="bound on cached block bytes (default 10G)")
@@ -105,14 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mount", help="mount every iMI read-only at MOUNTPOINT")
     p.add_argument("mountpoint")
     _connection_options(p)
+    _trust_options(p)
     p.add_argument("--cache", metavar="URL", action="append",
                    help="read through this site cache server; repeat it for several: blocks are spread "
                    "over them by digest, and a reader fails over to the others when one stops answering")
     p.add_argument("--no-replica-fallback", dest="replica_fallback", action="store_false",
                    help="with --cache: never read from the replicas, even when no cache server answers")
     p.add_argument("--cache-dir", metavar="DIR",
-                   help="with --master: keep blocks here (embedded cache); with --cache: keep the list of "
-                   "replicas to fall back on here (default /var/cache/icbd/mount)")
+                   help="with --master: keep blocks here (embedded cache); always: the master's key and the "
+                   "newest catalogue seen, and with --cache the replicas to fall back on "
+                   "(default /var/cache/icbd/mount)")
     p.add_argument("--cache-size", type=_size, default=_size("10G"), metavar="BYTES",
                    help="with --cache-dir: bound on cached bytes (default 10G)")
     p.add_argument("--site", help="prefer replicas of this site")
@@ -130,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", metavar="FILE", help="log to FILE (rotated)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(handler="icbd.mounting:main")
+
+    key = sub.add_parser("key", help="the master's public key").add_subparsers(dest="action", metavar="ACTION")
+    key.required = True
+    p = key.add_parser("show", help="print the master's public key (give it to replicas, caches and mounts "
+                       "with --master-key)")
+    p.add_argument("--data", metavar="DIR", help="read it from the master's data folder on this host "
+                   "instead of asking the master")
+    p.set_defaults(handler="icbd.keys:show")
 
     p = sub.add_parser("umount", help="unmount an icbd mount")
     p.add_argument("mountpoint")

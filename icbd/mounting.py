@@ -6,7 +6,10 @@
 by digest with failover, and from the replicas when none answers
 (cache.group.CacheGroup); `--master URL` embeds the cache in the mount
 process, its blocks under --cache-dir (cache.site.SiteCache). The
-filesystem itself is icbdfs.
+filesystem itself is icbdfs. Either way the mount keeps the master's key
+and the newest catalogue it has seen in --cache-dir (see
+icbdcore/trust.py): `--master-key` (env ICBD_MASTER_KEY) names the key,
+else the source's key is pinned at first contact.
 
 By default the command returns once the mount answers and keeps serving in
 the background: it forks before trio starts (a process with threads must not
@@ -35,13 +38,14 @@ import trio
 
 from cache.group import CacheGroup
 from cache.site import SiteCache
-from icbdcore.errors import CliError
+from icbdcore.errors import CliError, plain_errors
 from icbdcore.layout import Layout
 from icbdcore.logs import setup_logging
 from icbdcore.mounts import mounted_at
 from icbdcore.source import ImageSource, Unavailable
+from icbdcore.trust import master_key_argument
 from icbdfs.fs import MountOptions
-from icbdfs.mount import plain_errors, serve
+from icbdfs.mount import serve
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +127,15 @@ def _options(args) -> MountOptions:
 
 def _source_opener(args) -> SourceOpener:
     token = args.token or ""
+    master_key = master_key_argument(args)
     data_dir = Path(args.cache_dir or DEFAULT_CACHE_DIR).absolute()
     if args.cache:
         urls, timeout, site, fallback = list(dict.fromkeys(args.cache)), args.timeout, args.site, args.replica_fallback
         return lambda: CacheGroup.open(urls, token, timeout, state_dir=data_dir, site=site,
-                                       replica_fallback=fallback)
+                                       replica_fallback=fallback, master_key=master_key)
     if args.master:
         master, site, size = args.master, args.site, args.cache_size
-        return lambda: SiteCache.open(data_dir, master, token, site, size)
+        return lambda: SiteCache.open(data_dir, master, token, site, size, master_key=master_key)
     raise CliError(
         "say where to read iMIs from: --cache URL (a site cache server; repeat it for several) "
         "or --master URL (embedded cache, blocks kept in --cache-dir)"

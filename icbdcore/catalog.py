@@ -86,17 +86,25 @@ class Catalog:
 class Profile:
     """A boot profile: the blocks a version's first boot read, in order.
     `recorded_on` is the version it was recorded on; it may be older than
-    the version asked for, whose unchanged blocks share its digests."""
+    the version asked for, whose unchanged blocks share its digests. The
+    master signs it when it stores it; `signed` is that document, passed on
+    as it is by caches (see icbdcore.trust)."""
 
     recorded_on: int
     digests: list[str]
+    imi: str = ""
+    signed: dict | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict:
-        return {"recorded_on": self.recorded_on, "digests": self.digests}
+        if self.signed is not None:
+            return self.signed
+        return {"imi": self.imi, "recorded_on": self.recorded_on, "digests": self.digests}
 
     @classmethod
     def from_json(cls, doc: object) -> Profile:
         if not isinstance(doc, dict) or not isinstance(doc.get("digests"), list):
             raise InvalidInput("a boot profile is an object with a list of 'digests'")
+        imi = doc.get("imi", "")
         return cls(recorded_on=parse_version(doc.get("recorded_on")),
-                   digests=[check_digest(d) for d in doc["digests"]])
+                   digests=[check_digest(d) for d in doc["digests"]],
+                   imi=check_name(imi) if imi else "")

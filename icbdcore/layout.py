@@ -10,7 +10,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .records import read_json, write_json
+from .signing import SigningKey
 from .wire import check_name, parse_version
+
+# The data format of this icbd: 2 names every object by BLAKE3-256 and keeps
+# signed records. Folders made before (format 1, xxh3-128 names, unsigned
+# records) have no format file; see DataFormat below and docs/LAYOUT.md.
+DATA_FORMAT = 2
 
 
 class Layout:
@@ -36,6 +43,12 @@ class Layout:
         self.cached_profiles = root / "profiles"
         self.upstreams_file = root / "upstreams.json"
         self.mount_log = root / "mount.log"  # a mount in the background logs here by default
+        # trust
+        self.format_file = root / "format.json"  # every node and mount cache: {"format": DATA_FORMAT}
+        self.keys = root / "keys"  # master: its Ed25519 key (master.key 0600, never sent; master.pub)
+        self.master_public_key = self.keys / SigningKey.PUBLIC
+        self.serial_file = root / "catalog-serial.json"  # master: the catalogue's serial, persisted before use
+        self.trust_file = root / "trust.json"  # replica, cache, mount: the master's key, the newest serial seen
 
     def make_private_root(self) -> None:
         """Create the data folder if needed and keep it mode 0700: it holds
@@ -46,6 +59,32 @@ class Layout:
     def make_dirs(self) -> None:
         for path in (self.imis, self.work, self.incoming, self.meta, self.streams):
             path.mkdir(parents=True, exist_ok=True)
+
+    # --- the data format -----------------------------------------------------------
+
+    def data_format(self) -> int | None:
+        """The format the folder's data is in: DATA_FORMAT or newer once
+        marked; 1 for a folder with data but no mark (made before formats
+        were marked); None for a folder with nothing in it yet."""
+        doc = read_json(self.format_file)
+        if isinstance(doc, dict) and isinstance(doc.get("format"), int):
+            return doc["format"]
+        return 1 if self._holds_data() else None
+
+    def mark_format(self) -> None:
+        write_json(self.format_file, {"format": DATA_FORMAT})
+
+    def _holds_data(self) -> bool:
+        """Anything a node or a mount cache of format 1 would have left."""
+        for folder in (self.imis, self.meta, self.streams, self.incoming, self.cached_manifests,
+                       self.cached_profiles, self.blocks / "index"):
+            try:
+                with os.scandir(folder) as entries:
+                    if next(entries, None) is not None:
+                        return True
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        return any(p.exists() for p in (self.catalog_file, self.nodes_file))
 
     # --- master and replicas -----------------------------------------------------
 

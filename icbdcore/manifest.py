@@ -19,7 +19,9 @@ from .wire import (
     parse_version,
 )
 
-MANIFEST_FORMAT = 1
+# 2: chunks and the manifest itself named by BLAKE3-256. Format 1 (xxh3-128)
+# is never read as a manifest: a master converts it (replicator/conversion.py).
+MANIFEST_FORMAT = 2
 # The largest manifest any tier takes. A tree of 100k files or a 1 TiB image in
 # 1 MiB chunks needs a few tens of MB; anything larger is refused before it is parsed.
 MAX_MANIFEST = 64 << 20
@@ -202,7 +204,9 @@ class Manifest:
 
 @dataclass(frozen=True)
 class VersionRecord:
-    """What the master records of a published version (its JSON shape is in docs/API.md)."""
+    """What the master records of a published version (its JSON shape is in
+    docs/API.md). The master signs it (`imi` and `signature`); a record from
+    anywhere else is believed only through icbdcore.trust."""
 
     version: int
     digest: str  # the manifest's digest: it names the version's content
@@ -210,9 +214,13 @@ class VersionRecord:
     created: str = ""  # ISO 8601
     message: str = ""
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    imi: str = ""  # the iMI it belongs to (signed with it: a record cannot be moved to another iMI)
+    signature: str = ""
 
     def to_json(self) -> dict:
-        return {
+        """The record as signed: to_json() of a record parsed from a signed
+        document is that document again, so its signature still holds."""
+        doc = {
             "version": self.version,
             "digest": self.digest,
             "bytes": self.bytes,
@@ -220,16 +228,25 @@ class VersionRecord:
             "message": self.message,
             "chunk_size": self.chunk_size,
         }
+        if self.imi:
+            doc["imi"] = self.imi
+        if self.signature:
+            doc["signature"] = self.signature
+        return doc
 
     @classmethod
     def from_json(cls, doc: dict) -> VersionRecord:
+        values = {"bytes": doc.get("bytes", 0), "chunk_size": doc.get("chunk_size", DEFAULT_CHUNK_SIZE)}
+        for key, value in values.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InvalidInput(f"a version record's {key!r} is not a number of bytes")
+        texts = {k: doc.get(k, "") for k in ("created", "message", "imi", "signature")}
+        for key, value in texts.items():
+            if not isinstance(value, str):
+                raise InvalidInput(f"a version record's {key!r} is not a string")
         return cls(
             version=parse_version(doc["version"]),
             digest=check_digest(doc["digest"]),
-            bytes=int(doc.get("bytes", 0)),
-            created=str(doc.get("created", "")),
-            message=str(doc.get("message", "")),
-            chunk_size=int(doc.get("chunk_size", DEFAULT_CHUNK_SIZE)),
+            **values,
+            **texts,
         )
-
-

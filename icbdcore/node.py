@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 import httpx
 import trio
 
-from .errors import CliError
+from .errors import CliError, plain_errors
 from .layout import Layout
 from .records import read_json, write_json
 from .wire import NODES_ROUTE, heartbeat_path
@@ -61,7 +61,8 @@ def run_until_signal(main: Callable[[trio.Event], Awaitable[None]]) -> int:
             nursery.cancel_scope.cancel()
 
     try:
-        trio.run(wrapper)
+        with plain_errors():  # a CliError from inside the nursery: one line, no traceback
+            trio.run(wrapper)
     except CliError:
         raise
     except OSError as error:

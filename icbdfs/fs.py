@@ -175,6 +175,9 @@ class Operations(pyfuse3.Operations):
             },
             source=self._source.status(),
         )
+        freshness = getattr(self._source, "freshness", None)  # the serial and age of a signed catalogue
+        if freshness is not None:
+            out.update(freshness())
         return out
 
     # --- catalogue -----------------------------------------------------------

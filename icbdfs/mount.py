@@ -12,14 +12,13 @@ import os
 import signal
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pyfuse3
 import trio
 
-from icbdcore.errors import CliError
+from icbdcore.errors import CliError, plain_errors
 from icbdcore.source import ImageSource
 
 from .filesystem import open_filesystem
@@ -77,21 +76,6 @@ async def _serve(source: ImageSource, mountpoint: str, options: MountOptions,
             # connection and skips the unmount.
             pyfuse3.close(unmount=True)
             log.info("unmounted %s; %s", mountpoint, dict(ops.stats))
-
-
-@contextmanager
-def plain_errors() -> Iterator[None]:
-    """Let a lone exception out of the nurseries' groups, so that a CliError
-    reaches the command line as one line."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        error: BaseException = group
-        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-            error = error.exceptions[0]
-        if error is group:
-            raise
-        raise error from None
 
 
 async def _first_catalog(ops: Operations, timeout: float) -> None:

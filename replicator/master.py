@@ -1,5 +1,10 @@
 """The master node: repository, name server, keep-alive, version streams,
-fan-out to subscribed replicas, and the admin API."""
+fan-out to subscribed replicas, and the admin API.
+
+It holds the Ed25519 key every other tier checks (DATA/keys/, made at first
+start) and signs with it the catalogue (catalogue.py), every version record
+(repository.py), every stream record (streams.py) and every boot profile it
+stores (here)."""
 
 from __future__ import annotations
 
@@ -14,15 +19,18 @@ from starlette.routing import Route
 
 from icbdcore import http
 from icbdcore.clients import Credentials, async_client
+from icbdcore.errors import CliError
 from icbdcore.http import json_body, json_response
-from icbdcore.layout import Layout
+from icbdcore.layout import DATA_FORMAT, Layout
 from icbdcore.logs import setup_logging
 from icbdcore.node import require_token, run_until_signal
 from icbdcore.records import read_json, write_json
+from icbdcore.signing import SigningKey
 from icbdcore.wire import (
     HEARTBEAT_ROUTE,
     IMI_ROUTE,
     IMIS_ROUTE,
+    KEY_ROUTE,
     NODE_HEADER,
     NODE_ROUTE,
     NODES_ROUTE,
@@ -45,6 +53,8 @@ from icbdcore.wire import (
 
 from . import btrfs
 from .blockindex import BlockIndex
+from .catalogue import SignedCatalogue
+from .conversion import convert_format1
 from .nameserver import ALIVE, NameServer, UnknownNode
 from .readroutes import read_routes
 from .repository import Repository, RepositoryError
@@ -78,16 +88,27 @@ class Master:
         self.site = site
         self.image_size = image_size
         self.layout = Layout(data)
-        self.repo = Repository(self.layout, chunk_size)
+        self.chunk_size = chunk_size
         self.names = NameServer(self.layout.nodes_file, suspect_after, down_after)
-        self.spools = SendSpools(self.layout)
         self.blocks = BlockIndex(self.layout)
+        # Made in run(), once DATA (perhaps a btrfs image mounted on it) is there.
+        self.key: SigningKey
+        self.repo: Repository
+        self.spools: SendSpools
+        self.catalogue: SignedCatalogue
         self._nursery: trio.Nursery | None = None
         self._http: httpx.AsyncClient | None = None
 
     async def run(self, shutdown: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await btrfs.ensure_btrfs(self.data, self.image_size)
+        self.layout.make_dirs()
+        self.key = SigningKey.load_or_create(self.layout.keys)
+        await self._check_format()
+        self.repo = Repository(self.layout, self.chunk_size, self.key)
+        self.spools = SendSpools(self.layout, key=self.key)
         await self.repo.open()
+        self.catalogue = SignedCatalogue(self.layout, self.key, self.repo.catalog)
+        self.catalogue.bump("started")
         self.names.load()
         self.spools.load()
         for imi in self.repo.imis.values():
@@ -99,11 +120,22 @@ class Master:
             self._nursery = nursery
             await nursery.start(self.spools.run)
             nursery.start_soon(self.names.watch)
-            log.info("master on %s (data %s)", self.listen, self.data)
+            nursery.start_soon(self.catalogue.keep_fresh)
+            log.info("master on %s (data %s, key %s)", self.listen, self.data, self.key.public.text)
             # serve() returns once SIGINT/SIGTERM closed the server; then stop the rest.
             await http.serve(http.build_app(self.routes(), self.token), self.listen, shutdown, task_status=task_status)
             nursery.cancel_scope.cancel()
         log.info("master stopped")
+
+    async def _check_format(self) -> None:
+        found = self.layout.data_format()
+        if found == 1:
+            await convert_format1(self.layout, self.key)
+        elif found is not None and found != DATA_FORMAT:
+            raise CliError(f"{self.data} holds data of format {found}; this icbd reads format {DATA_FORMAT}: "
+                           f"run the icbd that made it")
+        if found != DATA_FORMAT:
+            self.layout.mark_format()
 
     # --- status --------------------------------------------------------------
 
@@ -118,6 +150,7 @@ class Master:
             "versions": {n: sorted(i.versions) for n, i in sorted(self.repo.imis.items())},
             "transfers": transfers,
             "served": {"blocks": self.blocks.served_blocks, "bytes": self.blocks.served_bytes},
+            "catalog_serial": self.catalogue.serial,
         }
 
     async def status(self, request: Request) -> Response:
@@ -140,7 +173,10 @@ class Master:
         return doc
 
     async def list_imis(self, request: Request) -> Response:
-        return json_response(self.repo.catalog().to_json())
+        return json_response(self.catalogue.doc)
+
+    async def get_key(self, request: Request) -> Response:
+        return json_response({"key": self.key.public.text})
 
     async def create_imi(self, request: Request) -> Response:
         body = await json_body(request)
@@ -149,6 +185,7 @@ class Master:
         if not isinstance(source, str) or not source or "\0" in source:
             raise Refused(400, "'from' must be a path on the master host")
         await self.repo.create(name, Path(source))
+        self.catalogue.bump("created " + name)
         return json_response(self._imi_doc(name), status=201)
 
     async def update_imi(self, request: Request) -> Response:
@@ -167,6 +204,7 @@ class Master:
         name = check_name(request.path_params["name"])
         subscribers = self.names.subscribers(name)
         await self.repo.delete(name)
+        self.catalogue.bump("deleted " + name)
         self.blocks.remove_imi(name)
         self.spools.drop_imi(name)
         self.names.drop_imi(name)
@@ -180,6 +218,7 @@ class Master:
         if not isinstance(message, str) or len(message) > 4096:
             raise Refused(400, "'message' must be a string of at most 4096 characters")
         record = await self.repo.publish(name, message)
+        self.catalogue.bump(f"published {name} version {record.version}")
         self.blocks.add(name, record.version, self.repo.manifest(name, record.version))
         self._notify(self.names.subscribers(name), name)
         return json_response({**record.to_json(), "publish": self.repo.last_publish.get(name)}, status=201)
@@ -193,6 +232,7 @@ class Master:
         body = await json_body(request)
         version = parse_version(body.get("version"))
         await self.repo.rollback(name, version)
+        self.catalogue.bump(f"rolled {name} back to version {version}")
         self._notify(self.names.subscribers(name), name)
         return json_response(self._imi_doc(name))
 
@@ -294,7 +334,7 @@ class Master:
         for candidate in sorted((v for v in imi.versions if v <= version), reverse=True):
             doc = read_json(self.layout.profile_file(name, candidate))
             if isinstance(doc, dict):
-                return json_response({**doc, "imi": name, "version": version, "recorded_on": candidate})
+                return json_response(doc)  # as signed when stored
         raise Refused(404, f"no boot profile for {name} version {version} or older")
 
     async def put_profile(self, request: Request) -> Response:
@@ -310,7 +350,7 @@ class Master:
         path = self.layout.profile_file(name, version)
         if path.exists() and request.query_params.get("replace") != "1":
             return json_response({"stored": False, "reason": "a profile exists for this version"})
-        write_json(path, {"digests": digests})
+        write_json(path, self.key.sign({"imi": name, "recorded_on": version, "digests": digests}))
         log.info("stored a boot profile of %d blocks for %s version %d", len(digests), name, version)
         return json_response({"stored": True, "blocks": len(digests)}, status=201)
 
@@ -338,11 +378,14 @@ class Master:
             node = self.names.heartbeat(node_id, body)
         except UnknownNode:
             raise Refused(404, f"unknown node {node_id!r}: register first") from None
-        subscriptions = {}
-        for name in self.names.subscriptions_of(node.id):
-            if name in self.repo.imis:
-                subscriptions[name] = self.repo.imis[name].info().to_json()
-        return json_response({"state": self.names.state(node), "subscriptions": subscriptions})
+        # The subscribed names, and the signed catalogue unless the node says
+        # it has this one already (one copy per change or re-signing, not
+        # one per heartbeat): a replica takes its subscribed iMIs from it.
+        subscriptions = sorted(n for n in self.names.subscriptions_of(node.id) if n in self.repo.imis)
+        reply = {"state": self.names.state(node), "subscriptions": subscriptions}
+        if body.get("catalog_serial") != self.catalogue.serial:
+            reply["catalog"] = self.catalogue.doc
+        return json_response(reply)
 
     async def forget_node(self, request: Request) -> Response:
         node_id = request.path_params["node_id"]
@@ -385,6 +428,7 @@ class Master:
             Route("/", self.status, methods=["GET"]),
             Route(IMIS_ROUTE, self.list_imis, methods=["GET"]),
             Route(IMIS_ROUTE, self.create_imi, methods=["POST"]),
+            Route(KEY_ROUTE, self.get_key, methods=["GET"]),
             Route(IMI_ROUTE, self.get_imi, methods=["GET"]),
             Route(IMI_ROUTE, self.delete_imi, methods=["DELETE"]),
             Route(PUBLISH_ROUTE, self.publish, methods=["POST"]),

@@ -6,8 +6,10 @@
    resumes with an HTTP Range request for the rest: the local receive starts
    over from the spool, the network does not.
 2. It is accepted only if receive exited 0, the stream digest matches the
-   master's, the subvolume is read-only with a received UUID, and the manifest
-   matches the version record's digest.
+   one in the stream record the master signed (`GET .../stream/digest`,
+   checked by icbdcore.trust; never a digest from the stream's own response
+   headers), the subvolume is read-only with a received UUID, and the
+   manifest matches the digest of the version record the master signed.
 3. Records are written, then the subvolume moves to DATA/imis/NAME/V (one
    rename), so nothing partial is ever visible there.
 4. On failure the partial subvolume is deleted; the spool is kept only when
@@ -42,10 +44,12 @@ from icbdcore.cutoff import Cutoff
 from icbdcore.layout import Layout
 from icbdcore.manifest import MAX_MANIFEST, Manifest, VersionRecord
 from icbdcore.records import now_iso, read_json, write_bytes, write_json
+from icbdcore.signing import Untrusted
+from icbdcore.trust import Trust
 from icbdcore.wire import (
-    STREAM_DIGEST_HEADER,
     STREAM_ID_HEADER,
-    content_hasher,
+    InvalidInput,
+    StreamHasher,
     manifest_path,
     stream_digest_path,
     stream_path,
@@ -57,7 +61,9 @@ log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20  # see streams.READ_SIZE
 STOP_WAIT = 10.0  # the longest a stopping receive waits for its thread (it takes milliseconds)
-MAX_DIGEST_DOC = 1 << 20  # a stream's digest document is a few hundred bytes
+# A stream's signed record lists a digest per 4 MiB piece: 67 bytes each, so
+# 16 MiB holds the record of a stream of about 1 TB.
+MAX_STREAM_RECORD = 16 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)\Z")
 _UNSATISFIED = re.compile(r"bytes \*/(\d+)\Z")
 
@@ -258,7 +264,8 @@ class ResumeSpool:
 
 
 class Receiver:
-    def __init__(self, layout: Layout, master_url: str, token: str, node_id: str, spool_policy: str = "auto"):
+    def __init__(self, layout: Layout, master_url: str, token: str, node_id: str, spool_policy: str = "auto",
+                 trust: Trust | None = None):
         if spool_policy not in SPOOL_POLICIES:
             raise ValueError(f"resume spool policy must be one of {SPOOL_POLICIES}")
         self.spool_policy = spool_policy
@@ -266,6 +273,8 @@ class Receiver:
         self.master_url = master_url.rstrip("/")
         self.pool = pool(Credentials(token, node_id), maxsize=4, num_pools=4)
         self._limiter = trio.CapacityLimiter(2)
+        assert trust is not None, "a receiver believes only what the master signed"
+        self.trust = trust
 
     # --- start-up ---------------------------------------------------------------
 
@@ -414,7 +423,7 @@ class Receiver:
         spool = ResumeSpool(spool_path, spool_meta, self.spool_policy)
         process = btrfs.start_receive(target)
         stop.watch(process)
-        hasher = content_hasher()
+        hasher = StreamHasher()
 
         def feed(data: bytes) -> None:
             hasher.update(data)
@@ -427,7 +436,6 @@ class Receiver:
             if have:
                 log.info("resuming %s v%d from byte %d of the spooled stream", name, version, have)
             url = self.master_url + stream_path(name, version, parent)
-            digest = None
             while True:
                 headers = dict(self.pool.headers)  # per-request headers replace the pool's
                 if have:
@@ -445,7 +453,6 @@ class Receiver:
                         spool.begin(response.headers.get(STREAM_ID_HEADER, ""),
                                     {"imi": name, "version": version, "parent": parent})
                     complete = step.complete
-                    digest = response.headers.get(STREAM_DIGEST_HEADER) or digest
                     have = self._copy_body(response, spool, have, feed, transfer, stop)
                 except BaseException:
                     response.close()  # its body may be half read: never reuse the connection
@@ -462,10 +469,12 @@ class Receiver:
             stderr = process.stderr.read().decode(errors="replace").strip()
             if code != 0:
                 raise ReceiveFailed(f"btrfs receive failed: {_last_line(stderr, code)}")
-            expected = digest or self._stream_digest(name, version, parent, spool.stream_id, stop)
-            if hasher.hexdigest() != expected:
-                raise ReceiveFailed(f"stream digest mismatch: got {hasher.hexdigest()}, master says {expected}")
-            return expected
+            record = self._stream_record(name, version, parent, stop)
+            if hasher.hexdigest() != record.digest or have != record.bytes:
+                changed = " (the master's stream changed during the transfer)" if record.stream_id != spool.stream_id else ""
+                raise ReceiveFailed(f"stream digest mismatch: got {have} bytes, digest {hasher.hexdigest()}; "
+                                    f"the master signed {record.bytes} bytes, digest {record.digest}{changed}")
+            return record.digest
         except OSError as error:
             # ENOSPC and friends: fail this transfer, keep the node.
             raise ReceiveFailed(f"{error.strerror or error}", resumable=False) from None
@@ -498,13 +507,13 @@ class Receiver:
             raise ReceiveFailed(f"stream cut off at byte {have}: {error}", resumable=True) from None
         return have
 
-    def _stream_digest(self, name: str, version: int, parent: int | None, stream_id: str | None,
-                       stop: Stop) -> str:
-        raw = self._get_capped(stream_digest_path(name, version, parent), MAX_DIGEST_DOC, stop)
-        doc = json.loads(raw)
-        if doc.get("stream_id") != stream_id:
-            raise ReceiveFailed("the master's stream changed during the transfer")
-        return doc["digest"]
+    def _stream_record(self, name: str, version: int, parent: int | None, stop: Stop):
+        """The stream record the master signed: the only source of the digest a stream must have."""
+        raw = self._get_capped(stream_digest_path(name, version, parent), MAX_STREAM_RECORD, stop)
+        try:
+            return self.trust.stream_record(json.loads(raw), name, version, parent)
+        except (Untrusted, InvalidInput, ValueError) as error:
+            raise ReceiveFailed(f"refusing the stream record: {error}") from None
 
 
 def _feed(process, data: bytes) -> None:

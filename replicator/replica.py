@@ -1,6 +1,11 @@
 """The replica node: holds the versions of the iMIs it is subscribed to,
 receives new ones as deltas, serves manifests and blocks, and keeps working
-on what it holds while the master is unreachable."""
+on what it holds while the master is unreachable.
+
+It believes only what the master's key signed (icbdcore/trust.py): the
+catalogue in its heartbeat replies (never an older one than it has seen),
+each version record in it, and the stream record whose digest the received
+stream must have; the manifest must have the digest the record gives."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import shutil
 from collections import deque
 from pathlib import Path
 
+import httpx
 import trio
 from starlette.requests import Request
 from starlette.responses import Response
@@ -19,11 +25,13 @@ from icbdcore.catalog import Catalog, ImiInfo
 from icbdcore.clients import Credentials, async_client
 from icbdcore.errors import CliError
 from icbdcore.http import json_body, json_response
-from icbdcore.layout import Layout
+from icbdcore.layout import DATA_FORMAT, Layout
 from icbdcore.logs import setup_logging
 from icbdcore.manifest import MAX_MANIFEST, Manifest, VersionRecord
-from icbdcore.node import Membership, node_id, require_token, run_until_signal
+from icbdcore.node import Membership, describe_error, node_id, require_token, run_until_signal
 from icbdcore.records import read_capped, read_json, write_json
+from icbdcore.signing import PublicKey, Untrusted
+from icbdcore.trust import SignedCatalog, Trust, master_key_argument
 from icbdcore.wire import IMIS_ROUTE, NOTIFY_ROUTE, InvalidInput, check_name, check_site
 
 from . import btrfs
@@ -53,6 +61,7 @@ class Replica:
         image_size: int = 64 << 30,
         heartbeat: float = 2.0,
         resume_spool: str = "auto",
+        master_key: PublicKey | None = None,
     ):
         self.data = data
         self.listen = listen
@@ -66,8 +75,11 @@ class Replica:
         self.heartbeat_interval = heartbeat
         self.resume_spool = resume_spool
         self.layout = Layout(data)
+        self.master_key = master_key
         self.blocks = BlockIndex(self.layout)
         self.held: dict[str, dict[int, VersionRecord]] = {}  # name -> version -> record
+        self.trust: Trust | None = None  # made in run(), once DATA is there
+        self.signed: SignedCatalog | None = None  # the newest catalogue the master signed
         self.catalog = Catalog()  # the subscribed iMIs, as the master last said
         self.transfers: deque[Transfer] = deque(maxlen=TRANSFERS_KEPT)
         self.id = ""
@@ -75,23 +87,32 @@ class Replica:
         self._retry_at: dict[str, float] = {}
         self._retry_delay: dict[str, float] = {}
         self.membership: Membership | None = None
+        self._refusal: str | None = None  # the last reason a heartbeat reply was refused, logged once
 
     # --- start-up -----------------------------------------------------------------
 
     async def run(self, shutdown: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await btrfs.ensure_btrfs(self.data, self.image_size)
+        _check_format(self.layout)
         self.layout.make_dirs()
+        self.layout.mark_format()
         self.id = node_id(self.layout, "replica", self.given_name)
-        self.receiver = Receiver(self.layout, self.master_url, self.token, self.id, self.resume_spool)
+        self.trust = Trust(self.layout, self.master_key)
+        master = async_client(Credentials(self.token, self.id), self.master_url)
+        self.master = master
+        if self.trust.key is None and any(self.layout.imis.iterdir()):
+            await self._first_contact()  # the records held must be checked against some key
+        self.receiver = Receiver(self.layout, self.master_url, self.token, self.id, self.resume_spool, self.trust)
         await self.receiver.clean_incoming()
         await self._load_held()
-        self.catalog = _saved_catalog(self.layout)
+        self.signed = self.trust.saved_catalog()
+        if self.signed is not None:  # until the master says what is subscribed: what is held
+            self.catalog = Catalog({n: i for n, i in self.signed.catalog.imis.items() if n in self.held})
         self._drop_stale_spools()
         for doc in read_json(self.layout.transfers_file, []) or []:
             if doc.get("state") == "running":
                 doc["state"], doc["error"] = "failed", "interrupted by a restart"
             self.transfers.append(_transfer_from_json(doc))
-        master = async_client(Credentials(self.token, self.id), self.master_url)
         self.membership = Membership(
             master, self.id, "replica", self.site, self.url, self.status_doc,
             on_reply=self._on_heartbeat_reply, interval=self.heartbeat_interval,
@@ -117,9 +138,9 @@ class Replica:
                 if not path.name.isdigit():
                     continue
                 version = int(path.name)
-                record = _version_record(self.layout, name, version)
+                record = self._version_record(name, version)
                 if record is None or not btrfs.is_subvolume(path):
-                    log.warning("%s: version %d has no record; removing it", name, version)
+                    log.warning("%s: version %d has no record the master signed; removing it", name, version)
                     await btrfs.remove_tree(path)
                     continue
                 if not btrfs.get_readonly(path):
@@ -147,6 +168,7 @@ class Replica:
             "disk": dict(zip(("total", "used", "free"), shutil.disk_usage(self.data), strict=True)),
             "blocks": len(self.blocks),
             "served": {"blocks": self.blocks.served_blocks, "bytes": self.blocks.served_bytes},
+            **(self.trust.freshness() if self.trust else {}),
         }
 
     def _save_transfers(self) -> None:
@@ -162,20 +184,52 @@ class Replica:
 
     # --- what the master says -------------------------------------------------------------
 
-    async def _on_heartbeat_reply(self, reply: dict) -> None:
-        subscriptions = reply.get("subscriptions") if isinstance(reply, dict) else None
-        if not isinstance(subscriptions, dict):
-            log.warning("the master's heartbeat reply has no subscriptions; keeping the last catalogue")
-            return
+    async def _first_contact(self) -> None:
+        """Without --master-key: take the master's key now (trust on first use)."""
+        assert self.trust is not None
         try:
-            catalog = Catalog.from_json({"imis": list(subscriptions.values())})
-        except InvalidInput as error:
-            log.warning("the master's heartbeat reply is malformed (%s); keeping the last catalogue", error)
+            await self.trust.fetch_key(self.master, f"the master at {self.master_url}")
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as error:
+            raise CliError(f"no master key to check what this replica holds: give --master-key, or let it reach "
+                           f"the master ({describe_error(error)})") from None
+
+    async def _on_heartbeat_reply(self, reply: dict) -> None:
+        """The subscribed names, and perhaps a newer signed catalogue. A reply
+        whose catalogue the master's key did not sign, or older than one seen,
+        is ignored whole: nothing in it is believed."""
+        assert self.trust is not None
+        names = reply.get("subscriptions") if isinstance(reply, dict) else None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            log.warning("the master's heartbeat reply has no list of subscriptions; keeping the last catalogue")
             return
+        doc = reply.get("catalog")
+        if doc is not None:
+            try:
+                if self.trust.key is None:
+                    await self.trust.fetch_key(self.master, f"the master at {self.master_url}")
+                self.signed = await trio.to_thread.run_sync(self.trust.catalog, doc)
+            except (Untrusted, InvalidInput) as error:
+                await self._refused(str(error))
+                return
+            except (httpx.HTTPError, ValueError) as error:
+                log.warning("cannot get the master's key (%s); nothing it sends is believed yet", describe_error(error))
+                return
+        if self.signed is None:
+            return  # no catalogue yet: the next reply brings one
+        self._refusal = None
+        wanted = set(names)
+        catalog = Catalog({n: i for n, i in self.signed.catalog.imis.items() if n in wanted})
         if catalog != self.catalog:
             self.catalog = catalog
-            self._save(self.layout.catalog_file, catalog.to_json())
             self._wake.set()
+
+    async def _refused(self, why: str) -> None:
+        if why != self._refusal:
+            assert self.trust is not None
+            explained = await self.trust.explain(self.master, f"the master at {self.master_url}")
+            log.error("refusing the master's heartbeat reply: %s%s; keeping catalogue serial %s", why,
+                      f" ({explained})" if explained else "", self.signed.serial if self.signed else "none")
+        self._refusal = why
 
     def wanted(self, name: str) -> list[int]:
         """The versions this replica should hold: the newest `keep`, and latest."""
@@ -370,6 +424,15 @@ class Replica:
             })
         return json_response({"imis": imis})
 
+    def _version_record(self, name: str, version: int) -> VersionRecord | None:
+        assert self.trust is not None
+        doc = read_json(self.layout.version_record(name, version))
+        try:
+            return self.trust.version_record(doc, name) if isinstance(doc, dict) else None
+        except (Untrusted, InvalidInput) as error:
+            log.error("%s version %d: %s", name, version, error)
+            return None
+
     def _manifest(self, name: str, version: int) -> tuple[bytes, str] | None:
         record = self.held.get(name, {}).get(version)
         if record is None:
@@ -405,22 +468,17 @@ def run(args) -> int:
     replica = Replica(
         Path(args.data).resolve(), args.listen, args.master, token, args.site,
         name=args.name, url=args.advertise, keep=args.keep, image_size=args.image_size,
-        heartbeat=args.heartbeat, resume_spool=args.resume_spool,
+        heartbeat=args.heartbeat, resume_spool=args.resume_spool, master_key=master_key_argument(args),
     )
     return run_until_signal(replica.run)
 
 
-def _saved_catalog(layout: Layout) -> Catalog:
-    try:
-        return Catalog.from_json(read_json(layout.catalog_file, {"imis": []}))
-    except (InvalidInput, ValueError) as error:
-        log.warning("ignoring %s (%s); waiting for the master's catalogue", layout.catalog_file, error)
-        return Catalog()
-
-
-def _version_record(layout: Layout, name: str, version: int) -> VersionRecord | None:
-    doc = read_json(layout.version_record(name, version))
-    try:
-        return VersionRecord.from_json(doc) if isinstance(doc, dict) else None
-    except (KeyError, TypeError, ValueError):
-        return None
+def _check_format(layout: Layout) -> None:
+    """A replica never converts: what it holds is fetched again more simply."""
+    found = layout.data_format()
+    if found == 1:
+        raise CliError(f"{layout.root} holds versions in the old data format 1 (xxh3 digests, unsigned records): "
+                       f"stop this replica, empty {layout.root} (unmount it first if it is a loop-mounted "
+                       f"btrfs.img) and start it again; it fetches its versions anew")
+    if found is not None and found != DATA_FORMAT:
+        raise CliError(f"{layout.root} holds data of format {found}; this icbd reads format {DATA_FORMAT}")

@@ -14,6 +14,10 @@ Commit points, so that a crash at any moment leaves a consistent repository
 - delete: removing imi.json is the commit; the rest is cleanup.
 - `latest` is the newest version unless a rollback pinned an older one, so a
   publish needs no second record to move it.
+
+Every version record is signed with the master's key when it is written
+(icbdcore/signing.py); one found at start that this key did not sign (the key
+was replaced) is signed again.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from icbdcore.catalog import Catalog, ImiInfo
 from icbdcore.layout import Layout
 from icbdcore.manifest import MAX_MANIFEST, Manifest, VersionRecord
 from icbdcore.records import now_iso, read_capped, read_json, write_bytes, write_json
+from icbdcore.signing import SigningKey, Untrusted
 from icbdcore.wire import InvalidInput, Refused, check_name, parse_version
 
 from . import btrfs
@@ -89,9 +94,10 @@ class PublishProgress:
 
 
 class Repository:
-    def __init__(self, layout: Layout, chunk_size: int):
+    def __init__(self, layout: Layout, chunk_size: int, key: SigningKey):
         self.layout = layout
         self.chunk_size = chunk_size
+        self.key = key
         self.imis: dict[str, Imi] = {}
         self.publishing: dict[str, PublishProgress] = {}
         self.updating: dict[str, UpdateProgress] = {}
@@ -145,7 +151,14 @@ class Repository:
                 path.unlink()
                 self.layout.manifest_file(imi.name, version).unlink(missing_ok=True)
                 continue
-            imi.versions[version] = VersionRecord.from_json(read_json(path))
+            doc = read_json(path)
+            try:
+                self.key.public.verify(doc, "record")
+            except Untrusted:
+                log.warning("%s: signing the record of version %d with this master's key", imi.name, version)
+                doc = self.sign_record(VersionRecord.from_json(doc), imi.name)
+                write_json(path, doc)
+            imi.versions[version] = VersionRecord.from_json(doc)
         for version, path in snapshots.items():
             if version not in imi.versions:
                 log.warning("%s: snapshot of version %d was never published; deleting it", imi.name, version)
@@ -163,6 +176,12 @@ class Repository:
         shutil.rmtree(self.layout.meta_dir(name), ignore_errors=True)
 
     # --- queries -------------------------------------------------------------
+
+    def sign_record(self, record: VersionRecord, name: str) -> dict:
+        """The record as published: with the iMI's name, signed."""
+        unsigned = VersionRecord(record.version, record.digest, record.bytes, record.created, record.message,
+                                 record.chunk_size, imi=name)
+        return self.key.sign(unsigned.to_json())
 
     def catalog(self) -> Catalog:
         return Catalog({name: imi.info() for name, imi in self.imis.items()})
@@ -273,16 +292,17 @@ class Repository:
                     with trio.CancelScope(shield=True):
                         await btrfs.delete_subvolume(snapshot)
                     raise
-                record = VersionRecord(
+                signed = self.sign_record(VersionRecord(
                     version=version,
                     digest=manifest.digest,
                     bytes=manifest.bytes,
                     created=now_iso(),
                     message=message,
                     chunk_size=self.chunk_size,
-                )
+                ), name)
+                record = VersionRecord.from_json(signed)
                 write_bytes(self.layout.manifest_file(name, version), manifest.canonical())
-                write_json(self.layout.version_record(name, version), record.to_json())
+                write_json(self.layout.version_record(name, version), signed)
                 imi.versions[version] = record
                 if imi.pinned is not None:
                     imi.pinned = None

@@ -3,15 +3,20 @@ spooled to a file that any number of replicas read at once.
 
 Publishing to N replicas runs `btrfs send` once, not N times: the first
 request starts a spool, later ones read the same file, following it while it
-grows. The spool hashes as it goes; its xxh3 digest is the end-to-end check a
-replica makes before it accepts what `btrfs receive` built. A complete spool
-is kept (and named by a stream id) so a replica that was cut off can resume
-with an HTTP Range request instead of starting from zero; an incomplete one is
-deleted when the master starts, since `btrfs send` cannot resume.
+grows. A complete spool is kept (and named by a stream id) so a replica that
+was cut off can resume with an HTTP Range request instead of starting from
+zero; an incomplete one is deleted when the master starts, since `btrfs send`
+cannot resume.
 
-Every 4 MiB piece of a spool has its own digest (kept in the spool's record),
-and a piece read back from disk is checked before it is sent: a spool damaged
-on the master's disk is cut off and sent afresh, never served.
+Every 4 MiB piece of a spool has its BLAKE3 digest, taken in a worker thread
+as `btrfs send` produces it, and a piece read back from disk is checked
+before it is sent: a spool damaged on the master's disk is cut off and sent
+afresh, never served. The stream's digest is the digest of its pieces'
+digests (icbdcore.wire.stream_digest), so no byte is hashed twice. When the
+send ends, the master signs the stream record (iMI, version, parent, stream
+id, bytes, digest, pieces) and keeps it beside the spool: it is the end-to-end
+check a replica makes before it accepts what `btrfs receive` built
+(`GET .../stream/digest`), whatever the stream's response headers said.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ import trio
 
 from icbdcore.layout import Layout
 from icbdcore.records import read_json, write_json
-from icbdcore.wire import content_digest, content_hasher
+from icbdcore.signing import SigningKey, Untrusted
+from icbdcore.wire import STREAM_PIECE, content_digest, stream_digest
 
 from . import btrfs
 
@@ -40,7 +46,8 @@ log = logging.getLogger(__name__)
 
 # Chunks of 4 MiB: per-chunk costs (a thread hop, an HTTP chunk, a wake-up of
 # readers) dominate at 1 MiB; a pipe read gives at most 1 MiB, so reads are joined.
-READ_SIZE = 4 << 20
+# A chunk is also a piece of the stream's digest (the contract's STREAM_PIECE).
+READ_SIZE = STREAM_PIECE
 PIPE_READ = 1 << 20
 RECENT_CHUNKS = 16
 WRITE_BEHIND = 8  # chunks between the sender and the file, at most
@@ -91,6 +98,7 @@ class Spool:
     complete: bool = False
     digest: str | None = None
     error: str | None = None
+    record: dict | None = None  # the signed stream record, once complete
     last_used: float = field(default_factory=time.monotonic)
     readers: int = 0
     started_by: str = ""  # the node whose request started the send
@@ -105,17 +113,29 @@ class Spool:
         return self.path.with_suffix(".json")
 
     def describe(self) -> dict:
+        """The stream record: signed once the spool is complete."""
+        if self.record is not None:
+            return self.record
+        return self._record(self.complete, self.digest)
+
+    def _record(self, complete: bool, digest: str | None) -> dict:
         return {
+            "imi": self.name,
+            "version": self.version,
+            "parent": self.parent,
             "stream_id": self.stream_id,
             "bytes": self.size,
-            "complete": self.complete,
-            "digest": self.digest,
+            "complete": complete,
+            "digest": digest,
+            "piece_size": READ_SIZE,
+            "pieces": list(self.pieces),
         }
 
-    def _advance(self, data: bytes) -> None:
+    def _advance(self, data: bytes, digest: str | None = None) -> None:
+        """`data`, the next piece (whose digest the caller may have taken already)."""
         assert self.size % READ_SIZE == 0, "only the last piece may be short"
         self._recent[self.size] = data
-        self.pieces.append(content_digest(data))
+        self.pieces.append(digest or content_digest(data))
         self.size += len(data)
         self._wake()
 
@@ -184,12 +204,13 @@ class Spool:
 
 
 class SendSpools:
-    """Spools keyed by (iMI, version, parent)."""
+    """Spools keyed by (iMI, version, parent); their records signed with `key`."""
 
-    def __init__(self, layout: Layout, ttl: float = 600.0, max_sends: int = MAX_SENDS,
-                 max_sends_per_node: int = MAX_SENDS_PER_NODE):
+    def __init__(self, layout: Layout, ttl: float = 600.0, key: SigningKey | None = None,
+                 max_sends: int = MAX_SENDS, max_sends_per_node: int = MAX_SENDS_PER_NODE):
         self.layout = layout
         self.ttl = ttl
+        self.key = key
         self.max_sends = max_sends
         self.max_sends_per_node = max_sends_per_node
         self._spools: dict[tuple[str, int, int | None], Spool] = {}
@@ -206,10 +227,20 @@ class SendSpools:
                     path.unlink(missing_ok=True)
                     path.with_suffix(".json").unlink(missing_ok=True)
                     continue
+                try:
+                    if self.key is not None:
+                        self.key.public.verify(doc, "stream record")
+                    if doc.get("piece_size") != READ_SIZE:
+                        raise Untrusted(f"pieces of {doc.get('piece_size')} bytes")
+                except Untrusted as error:
+                    log.info("dropping stream spool %s: %s", path, error)
+                    path.unlink(missing_ok=True)
+                    path.with_suffix(".json").unlink(missing_ok=True)
+                    continue
                 spool = Spool(
-                    name=doc["name"], version=doc["version"], parent=doc["parent"], path=path,
+                    name=doc["imi"], version=doc["version"], parent=doc["parent"], path=path,
                     stream_id=doc["stream_id"], size=doc["bytes"], written=doc["bytes"], complete=True,
-                    digest=doc["digest"], pieces=doc["pieces"],
+                    digest=doc["digest"], pieces=doc["pieces"], record=doc,
                 )
                 self._spools[(spool.name, spool.version, spool.parent)] = spool
 
@@ -293,12 +324,12 @@ class SendSpools:
             spool._finish(error=f"btrfs send failed: {error}")
             log.error("stream %s v%s from %s: %s", spool.name, spool.version, spool.parent, spool.error)
             return
+        record = spool._record(True, digest)
+        if self.key is not None:
+            record = self.key.sign(record)
+        spool.record = record
         try:
-            write_json(spool.meta_path, {
-                "name": spool.name, "version": spool.version, "parent": spool.parent,
-                "stream_id": spool.stream_id, "bytes": spool.size, "digest": digest, "complete": True,
-                "pieces": spool.pieces,
-            })
+            write_json(spool.meta_path, record)
         except OSError as error:
             # A full disk: the spool is whole and its readers get it, but
             # without its record it does not outlive a restart of the master.
@@ -310,7 +341,7 @@ class SendSpools:
 
 
 async def _send_into(spool: Spool, snapshot: Path, parent_snapshot: Path | None) -> str:
-    """Run btrfs send into the spool file, hashing as it goes; return the digest."""
+    """Run btrfs send into the spool file, hashing each piece as it comes; return the stream's digest."""
     process = await trio.lowlevel.open_process(
         btrfs.send_argv(snapshot, parent_snapshot),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=btrfs.die_with_parent,
@@ -318,7 +349,6 @@ async def _send_into(spool: Spool, snapshot: Path, parent_snapshot: Path | None)
     with contextlib.suppress(OSError):
         # A 1 MiB pipe lets one read take 1 MiB instead of 64 KiB.
         fcntl.fcntl(process.stdout.fileno(), btrfs.F_SETPIPE_SZ, 1 << 20)
-    hasher = content_hasher()
     out = await trio.to_thread.run_sync(os.open, spool.path, os.O_WRONLY)
     stderr = bytearray()
     # The file is written by its own task, a few chunks behind, so btrfs send
@@ -342,8 +372,10 @@ async def _send_into(spool: Spool, snapshot: Path, parent_snapshot: Path | None)
             nursery.start_soon(write_behind)
             async with to_disk:
                 while data := await _read_up_to(process.stdout, READ_SIZE):
-                    hasher.update(data)
-                    spool._advance(data)
+                    # 4 MiB: ~0.5 ms of BLAKE3, in a thread (it lets go of the GIL),
+                    # so the trio thread keeps serving readers meanwhile.
+                    digest = await trio.to_thread.run_sync(content_digest, data)
+                    spool._advance(data, digest)
                     await to_disk.send(data)
                     if spool.error is not None:  # dropped while sending
                         raise StreamFailed(spool.error)
@@ -357,7 +389,7 @@ async def _send_into(spool: Spool, snapshot: Path, parent_snapshot: Path | None)
     if code != 0:
         text = stderr.decode(errors="replace").strip()
         raise StreamFailed(text.splitlines()[-1] if text else f"exit status {code}")
-    return hasher.hexdigest()
+    return stream_digest(spool.pieces)
 
 
 async def _read_up_to(stream, size: int) -> bytes:

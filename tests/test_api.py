@@ -10,7 +10,7 @@ MASTER_ROUTES = [
     ("GET", "/v1/imis"), ("POST", "/v1/imis"), ("GET", "/v1/imis/demo"), ("DELETE", "/v1/imis/demo"),
     ("POST", "/v1/imis/demo/versions"), ("POST", "/v1/imis/demo/rollback"),
     ("GET", "/v1/imis/demo/versions/1/stream"), ("GET", "/v1/imis/demo/versions/1/manifest"),
-    ("GET", "/v1/blocks/" + "0" * 32), ("GET", "/v1/nodes"), ("POST", "/v1/nodes"),
+    ("GET", "/v1/blocks/" + "0" * 64), ("GET", "/v1/nodes"), ("POST", "/v1/nodes"),
     ("POST", "/v1/nodes/r1/heartbeat"), ("POST", "/v1/subscriptions"), ("DELETE", "/v1/subscriptions"),
     ("PUT", "/v1/imis/demo/versions/1/profile"),
 ]
@@ -36,7 +36,7 @@ def test_every_route_needs_the_token(running):
         _is_json_error(requests.request(method, cluster.master_node.url + path, timeout=5), 401)
         wrong = {"Authorization": "Bearer not-the-token"}
         _is_json_error(requests.request(method, cluster.master_node.url + path, headers=wrong, timeout=5), 401)
-    for method, path in [("POST", "/v1/notify"), ("GET", "/v1/imis"), ("GET", "/v1/blocks/" + "0" * 32)]:
+    for method, path in [("POST", "/v1/notify"), ("GET", "/v1/imis"), ("GET", "/v1/blocks/" + "0" * 64)]:
         _is_json_error(requests.request(method, r1.url + path, timeout=5), 401)
     assert requests.get(cluster.master_node.url + "/", timeout=5).status_code == 200
 
@@ -96,7 +96,7 @@ def test_json_shapes(running):
     versions = cluster.icbd_json("imi", "versions", "demo")
     assert versions["name"] == "demo" and versions["latest"] == 1
     v = versions["versions"][0]
-    assert set(v) >= {"version", "digest", "bytes", "created", "message"} and len(v["digest"]) == 32
+    assert set(v) >= {"version", "digest", "bytes", "created", "message"} and len(v["digest"]) == 64
     status = cluster.icbd_json("status")
     nodes = {n["id"]: n for n in status["nodes"]}
     assert nodes["r1"]["role"] == "replica" and nodes["r1"]["site"] == "a"

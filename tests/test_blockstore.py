@@ -3,6 +3,7 @@ protection, concurrent use, and recovery after a real kill -9."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from cache.blockstore import BadBlock, BlockStore, StoreBusy
+from cache.blockstore import BadBlock, BlockStore, StoreBusy, local_check
+from cache.eviction import parse_entry
 from icbdcore.wire import content_digest
 
 MiB = 1 << 20
@@ -215,6 +217,76 @@ def test_running_out_of_descriptors_never_deletes_a_block(tmp_path):
     assert found["kept"] == 20 and found["dropped"] == 0 and found["blocks"] == 20
 
 
+def test_the_store_checks_its_local_xxh3_and_arrivals_check_blake3(store):
+    """Two checks, two jobs. A block enters by its BLAKE3 name (checked by
+    put(), or by the fetcher's client before put(verified=True)); reads check
+    the xxh3-64 kept in its index entry, so a file whose bytes changed on
+    this disk is caught without a BLAKE3 pass per read."""
+    (digest, data), (other, other_data) = make_blocks(2, 300_000)
+    assert store.put(digest, data, verified=True) is True
+    with lmdb_entries(store) as (txn, entries):
+        entry = parse_entry(txn.get(bytes.fromhex(digest), db=entries))
+    assert entry.size == len(data) and entry.check == local_check(data)
+    # The index holds the right xxh3 of the block; the file now holds other bytes of the same length.
+    path = store.path / digest[:2] / digest
+    path.write_bytes(other_data)
+    assert store.get(digest) is None and digest not in store
+    assert store.stats()["corrupt_dropped"] == 1
+    # Bytes that do not match their BLAKE3 name never enter, whatever their xxh3.
+    with pytest.raises(BadBlock):
+        store.put(digest, other_data)
+    assert store.put(other, other_data) is True and store.get(other) == other_data
+    assert_consistent(store)
+
+
+def test_recovery_adopts_a_file_only_by_its_blake3_name(tmp_path):
+    path = tmp_path / "blocks"
+    (good, good_data), (bad, _), (_, other_data) = make_blocks(3, 50_000)
+    with BlockStore(path, 64 * MiB):
+        pass
+    for name, data in ((good, good_data), (bad, other_data), ("0" * 32, good_data)):
+        (path / name[:2]).mkdir(exist_ok=True)
+        (path / name[:2] / name).write_bytes(data)
+    (path / "index" / "data.mdb").unlink()  # lost: rebuilt from the files
+    with BlockStore(path, 64 * MiB) as store:
+        assert store.wait_recovered(30)
+        assert store.get(good) == good_data
+        assert bad not in store and not (path / bad[:2] / bad).exists()
+        assert not (path / "00" / ("0" * 32)).exists()
+        assert_consistent(store)
+
+
+def test_a_store_of_format_1_is_emptied_with_a_log_line(tmp_path, caplog):
+    """Format 1 named blocks by xxh3-128 (16-byte keys): a cache, so emptied, not converted."""
+    import lmdb
+
+    path = tmp_path / "blocks"
+    old_name = "ab" * 16
+    (path / "ab").mkdir(parents=True)
+    (path / "ab" / old_name).write_bytes(b"an old block")
+    env = lmdb.open(str(path / "index"), max_dbs=3)
+    meta, entries = env.open_db(b"meta"), env.open_db(b"entries")
+    with env.begin(write=True) as txn:
+        txn.put(b"format", b"1", db=meta)
+        txn.put(b"clean", b"1", db=meta)
+        txn.put(bytes.fromhex(old_name), b"\0" * 17, db=entries)
+    env.close()
+    with caplog.at_level(logging.WARNING, logger="cache.blockstore"), BlockStore(path, 64 * MiB) as store:
+        assert "format 1" in caplog.text
+        assert store.stats()["blocks"] == 0 and not store.stats()["recovering"]
+        assert not (path / "ab" / old_name).exists()
+        (digest, data), = make_blocks(1, 1000)
+        assert store.put(digest, data) and store.get(digest) == data
+    with BlockStore(path, 64 * MiB) as store:
+        assert store.get(digest) == data  # format 2 from now on: kept
+
+
+@contextlib.contextmanager
+def lmdb_entries(store: BlockStore):
+    with store._env.begin(db=store._entries) as txn:
+        yield txn, store._entries
+
+
 def test_malformed_index_value_is_a_miss_and_dropped(store):
     (digest, data), = make_blocks(1, 5000)
     store.put(digest, data)
@@ -353,7 +425,7 @@ CHILD = textwrap.dedent("""
         real_unlink = Path.unlink
         def unlink(self, missing_ok=False):
             real_unlink(self, missing_ok=missing_ok)
-            if len(self.name) == 32 and random.random() < 0.2:
+            if len(self.name) == 64 and random.random() < 0.2:
                 os.kill(os.getpid(), signal.SIGKILL)
         Path.unlink = unlink
     store = BlockStore(Path(path), 2 << 20)

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import requests
-import xxhash
 from cluster_teardown import stop_and_remove
 
 from harness.cluster import TOKEN, Cluster, Node, fuse_unmount, wait_for
 from harness.data import write_image
 from icbdcore.manifest import Manifest
 from icbdcore.mounts import is_mountpoint
+from icbdcore.wire import content_digest
 
 MIB = 1 << 20
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
@@ -142,7 +142,7 @@ def _check_damaged_blocks(site: Site, victims: dict[str, str], path, marker: byt
     for what, digest in victims.items():
         answer = _block(site, digest)
         assert answer.status_code == 200, (what, answer.status_code, answer.text[:200])
-        assert xxhash.xxh3_128_hexdigest(answer.content) == digest, f"{what}: wrong bytes served"
+        assert content_digest(answer.content) == digest, f"{what}: wrong bytes served"
         assert marker not in answer.content
         results[what] = "refetched"
     refetched = _served(site.r1) - served
@@ -154,7 +154,7 @@ def _check_damaged_blocks(site: Site, victims: dict[str, str], path, marker: byt
     served = _served(site.r1)
     for digest in victims.values():
         answer = _block(site, digest)
-        assert answer.status_code == 200 and xxhash.xxh3_128_hexdigest(answer.content) == digest
+        assert answer.status_code == 200 and content_digest(answer.content) == digest
     unrepaired = [what for what, digest in victims.items() if not path(digest).is_file() or path(digest).is_symlink()]
     assert _served(site.r1) == served and not unrepaired, \
         f"the store was not repaired for: {unrepaired} ({_served(site.r1) - served} fetched again)"
@@ -286,7 +286,7 @@ def test_cache_server_restarts_under_load(site):
     assert held > 0
     served = _served(site.r1)
     for digest in sorted(site.manifest.digests()):
-        assert xxhash.xxh3_128_hexdigest(_block(site, digest).content) == digest
+        assert content_digest(_block(site, digest).content) == digest
     refetched = _served(site.r1) - served
     assert refetched <= len(site.manifest.digests()) - held, \
         f"{refetched} blocks fetched again though the store held {held} of {len(site.manifest.digests())}"

@@ -69,7 +69,7 @@ class BlockServer:
             if self.mode == "hang":
                 await trio.sleep_forever()
             path = self.folder / digest
-            if len(digest) != 32 or not path.is_file():
+            if len(digest) != 64 or not path.is_file():
                 return JSONResponse({"error": "not here"}, status_code=404)
             data = path.read_bytes()
             if self.mode == "corrupt":

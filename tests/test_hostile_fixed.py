@@ -49,8 +49,8 @@ SECRET_TARGETS = [
     b"/v1/blocks/..%2f..%2fsecret", b"/v1/blocks/..%2f..%2f..%2f..%2f..%2fetc%2fpasswd",
     b"/v1/imis/demo%00/versions/1/manifest", b"/v1/imis/demo/versions/1%00/manifest",
     b"/v1/imis/demo/versions/1/stream?parent=..%2f..%2fsecret", b"/v1/prefetch/..%2fsecret",
-    b"/v1/blocks/" + b"0" * 32 + b"?imi=..%2f..%2fsecret&version=1",
-    b"/v1/blocks/" + b"0" * 32 + b"?imi=demo&version=..%2f1",
+    b"/v1/blocks/" + b"0" * 64 + b"?imi=..%2f..%2fsecret&version=1",
+    b"/v1/blocks/" + b"0" * 64 + b"?imi=demo&version=..%2f1",
     b"/v1/imis/" + b"a" * 65 + b"/versions/1/manifest", b"/v1/imis/" + b"a" * 60000,
     b"/v1/imis/demo/versions/" + str(2**63).encode() + b"/manifest",
     b"/v1/imis/demo/versions/" + str(2**64 + 1).encode() + b"/stream",
@@ -91,7 +91,7 @@ BAD_BODIES = [
     b'"a string"', b"NaN", b'{"imi": NaN, "version": Infinity}', b'{"version": 1e400}',
     b'{"version": ' + b"9" * 5000 + b"}", b'{"version": -9223372036854775809}',
     b'{"imi": "' + b"a" * 100_000 + b'"}', b'{"id": "..", "role": "replica", "site": "a", "url": "http://x"}',
-    b'{"blocks": ["' + b"0" * 32 + b'", "../secret"]}', b'{"digests": ["..%2fsecret"]}',
+    b'{"blocks": ["' + b"0" * 64 + b'", "../secret"]}', b'{"digests": ["..%2fsecret"]}',
     b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
     b"\xef\xbb\xbf{}", b"{}" + b"\x00" * 10,
 ]
@@ -174,7 +174,7 @@ def test_requests_that_are_not_http(env, node):
 def test_unknown_routes_and_methods(env, node):
     n = 0
     for method in (b"PATCH", b"OPTIONS", b"TRACE", b"CONNECT", b"BREW", b"PROPFIND", b"M" * 100):
-        for target in (b"/", b"/v1/imis", b"/v1/blocks/" + b"0" * 32, b"/v1/nowhere", b"/etc/passwd"):
+        for target in (b"/", b"/v1/imis", b"/v1/blocks/" + b"0" * 64, b"/v1/nowhere", b"/etc/passwd"):
             reply = send_raw(env.urls[node], build_request(method, target, [auth()], b""))
             check_reply(env, node, reply, method=method, path_text=target.decode(), token_ok=True)
             assert reply.status in (404, 405), (node, method, target, reply.status)

@@ -79,8 +79,8 @@ VERSIONS = [
     "2147483647", "2147483648", "4294967296", str(2**63 - 1), str(2**63), str(2**64),
     str(2**1000), "9" * 5000, "latest", "NaN", "inf", "1", "2",
 ]
-ABSENT_DIGESTS = ["0" * 32, "f" * 32, "0123456789abcdef" * 2]
-BAD_DIGESTS = ["0" * 31, "0" * 33, "F" * 32, "g" * 32, "0" * 31 + "%00", "%20" + "0" * 31, "0" * 64]
+ABSENT_DIGESTS = ["0" * 64, "f" * 64, "0123456789abcdef" * 4]
+BAD_DIGESTS = ["0" * 63, "0" * 65, "F" * 64, "g" * 64, "0" * 63 + "%00", "%20" + "0" * 63, "0" * 32, "0" * 128]
 
 
 def _encoded(text: str) -> str:
@@ -119,7 +119,7 @@ def _path(draw, env_digests: list[str], mutating: bool) -> str:
         "name": draw(_segment(REAL_NAMES, ("ghost", "no-such-imi", "a" * 64), mutating)),
         "version": draw(_version(mutating)),
         "digest": draw(st.one_of(st.sampled_from(env_digests), st.sampled_from(ABSENT_DIGESTS),
-                                 st.sampled_from(BAD_DIGESTS), _segment((), ("0" * 32,), mutating))),
+                                 st.sampled_from(BAD_DIGESTS), _segment((), ("0" * 64,), mutating))),
         "node": draw(_segment(("r1", "cache", "master"), ("ghost-node", "Z" * 64, HOSTILE_NODE), mutating)),
         "job": draw(st.one_of(st.integers(-5, 2**70).map(str), _segment((), ("1",), mutating))),
     }
@@ -155,7 +155,7 @@ def _body_value(mutating: bool) -> st.SearchStrategy:
         st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=100),
         st.sampled_from(["ghost", HOSTILE_NODE, "../secret", "../../etc/passwd", "/no/such/dir",
                          "relative/dir", "a" * 65, "x\u0000y", "cache", "admin", "Replica", "\udcff",
-                         "http://127.0.0.1:9/", "file:///etc/passwd", "0" * 32, "demo", "r1", "1", "a"]),
+                         "http://127.0.0.1:9/", "file:///etc/passwd", "0" * 64, "demo", "r1", "1", "a"]),
     )
     if mutating:
         scalars = scalars.filter(lambda v: not (isinstance(v, str) and v in PROTECTED))

@@ -66,11 +66,11 @@ def test_small_change_rehashes_only_changed_chunks(btrfs_dir):
     assert [i for i, (a, b) in enumerate(zip(old, new[: len(old)], strict=True)) if a != b] == [10]
 
 
-def _doc(**changes):
-    doc = {"format": 1, "chunk_size": CHUNK, "entries": [
+def _doc(format=2, **changes):
+    doc = {"format": format, "chunk_size": CHUNK, "entries": [
         {"path": "", "type": "dir", "mode": 0o755, "uid": 0, "gid": 0, "size": 0, "mtime_ns": 0},
         {"path": "f", "type": "file", "mode": 0o644, "uid": 0, "gid": 0, "size": 3, "mtime_ns": 0,
-         "chunks": ["0" * 32]},
+         "chunks": ["0" * 64]},
     ]}
     doc["entries"][1].update(changes)
     return json.dumps(doc).encode()
@@ -79,7 +79,7 @@ def _doc(**changes):
 @pytest.mark.parametrize("changes", [
     {"path": "../escape"}, {"path": "a//b"}, {"path": "/abs"}, {"path": "a/./b"},
     {"chunks": []}, {"chunks": ["zz"]}, {"size": -1}, {"mode": 0o170000}, {"type": "weird"},
-    {"uid": "0"}, {"mtime_ns": True},
+    {"uid": "0"}, {"mtime_ns": True}, {"chunks": ["0" * 32]}, {"chunks": ["F" * 64]},
 ])
 def test_bad_manifests_are_refused(changes):
     with pytest.raises(InvalidInput):
@@ -88,9 +88,18 @@ def test_bad_manifests_are_refused(changes):
 
 def test_manifest_digest_is_checked():
     raw = _doc()
-    Manifest.from_bytes(raw)
+    Manifest.from_bytes(raw, expect_digest=content_digest(raw))
     with pytest.raises(InvalidInput):
-        Manifest.from_bytes(raw, expect_digest="f" * 32)
+        Manifest.from_bytes(raw, expect_digest="f" * 64)
+
+
+def test_a_manifest_of_format_1_is_never_read():
+    """Format 1 named chunks by xxh3-128 (32 hex digits): refused as such,
+    and refused even with digests of the new length."""
+    with pytest.raises(InvalidInput, match="format"):
+        Manifest.from_bytes(_doc(format=1, chunks=["0" * 32]))
+    with pytest.raises(InvalidInput, match="format"):
+        Manifest.from_bytes(_doc(format=1))
 
 
 def test_names_and_versions():

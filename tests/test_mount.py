@@ -320,7 +320,8 @@ def test_icbd_mount_in_the_background(cluster, tmp_path):
     mountpoint, log_file = tmp_path / "mnt", tmp_path / "log" / "mount.log"
     mountpoint.mkdir()
     try:
-        result = cluster.icbd("mount", str(mountpoint), "--cache", cache.url, "--log", str(log_file), check=False)
+        result = cluster.icbd("mount", str(mountpoint), "--cache", cache.url, "--log", str(log_file),
+                              "--cache-dir", str(tmp_path / "state"), check=False)
         assert result.returncode == 0, result.stderr
         assert is_mounted(mountpoint), "returned before the mount was ready"
         assert (mountpoint / "demo/latest/etc/hostname").read_text() == "desktop-1\n"
@@ -333,7 +334,8 @@ def test_icbd_mount_in_the_background(cluster, tmp_path):
             subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True)
 
     nowhere = f"http://127.0.0.1:{free_port()}"
-    result = cluster.icbd("mount", str(mountpoint), "--cache", nowhere, "--log", str(log_file), check=False)
+    result = cluster.icbd("mount", str(mountpoint), "--cache", nowhere, "--log", str(log_file),
+                          "--cache-dir", str(tmp_path / "state"), check=False)
     assert result.returncode == 1
     assert "cannot" in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
     assert not is_mounted(mountpoint)

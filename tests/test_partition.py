@@ -74,7 +74,7 @@ def _mount_in(site: Site, cluster: Cluster, name: str, cache: Node, timeout: flo
     """Cluster.mount, but the mount process runs in `site`'s network namespace
     (and in the root's mount namespace, so the test sees the mount)."""
     argv = [*ICBD, "mount", str(cluster.root / name), "--foreground", "--timeout", str(timeout),
-            "--refresh", "0.5", "--cache", cache.url]
+            "--refresh", "0.5", "--cache", cache.url, "--cache-dir", str(cluster.root / f"{name}-cache")]
     mount = MountProcess(cluster.root / name, site.command(argv), cluster.root / f"{name}.log", cluster.env)
     cluster.mounts.append(mount)
     return mount.start()

@@ -20,7 +20,8 @@ import trio.testing
 
 from icbdcore.layout import Layout
 from icbdcore.records import write_json
-from icbdcore.wire import content_digest
+from icbdcore.signing import SigningKey
+from icbdcore.wire import content_digest, stream_digest
 from replicator import streams
 from replicator.streams import SendSpools, Spool, StreamFailed, range_start
 
@@ -310,22 +311,29 @@ async def test_a_truncated_spool_is_refused(tmp_path):
 
 async def test_complete_spools_outlive_a_restart_and_incomplete_ones_do_not(tmp_path):
     layout = Layout(tmp_path)
+    key = SigningKey.load_or_create(layout.keys)
     kept = layout.stream_spool("demo", 2, 1)
     dropped = layout.stream_spool("demo", 3, 2)
     unrecorded = layout.stream_spool("other", 1, None)
-    for path in (kept, dropped, unrecorded):
+    unsigned = layout.stream_spool("demo", 4, 3)
+    foreign = layout.stream_spool("demo", 5, 4)
+    for path in (kept, dropped, unrecorded, unsigned, foreign):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(DATA)
     pieces = [content_digest(DATA[i:i + PIECE]) for i in range(0, len(DATA), PIECE)]
-    record = {"name": "demo", "parent": 1, "stream_id": "abc", "bytes": len(DATA),
-              "digest": content_digest(DATA), "pieces": pieces}
-    write_json(kept.with_suffix(".json"), {**record, "version": 2, "complete": True})
-    write_json(dropped.with_suffix(".json"), {**record, "version": 3, "parent": 2, "complete": False})
+    record = {"imi": "demo", "parent": 1, "stream_id": "abc", "bytes": len(DATA),
+              "digest": stream_digest(pieces), "pieces": pieces, "piece_size": PIECE}
+    write_json(kept.with_suffix(".json"), key.sign({**record, "version": 2, "complete": True}))
+    write_json(dropped.with_suffix(".json"), key.sign({**record, "version": 3, "parent": 2, "complete": False}))
+    write_json(unsigned.with_suffix(".json"), {**record, "version": 4, "parent": 3, "complete": True})
+    other_key = SigningKey.load_or_create(tmp_path / "other-keys")
+    write_json(foreign.with_suffix(".json"), other_key.sign({**record, "version": 5, "parent": 4, "complete": True}))
 
-    spools = SendSpools(layout)
+    spools = SendSpools(layout, key=key)
     spools.load()
     assert [(s.name, s.version, s.parent) for s in spools.all()] == [("demo", 2, 1)]
-    assert not dropped.exists() and not dropped.with_suffix(".json").exists() and not unrecorded.exists()
+    for gone in (dropped, unrecorded, unsigned, foreign):
+        assert not gone.exists() and not gone.with_suffix(".json").exists()
     spool = spools.find("demo", 2, 1)
     assert spool.complete and spool.stream_id == "abc" and spool.describe()["bytes"] == len(DATA)
     assert await read(spool, 9) == DATA[9:]
