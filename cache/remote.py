@@ -15,7 +15,7 @@ import httpx
 import trio
 
 from icbdcore.catalog import Catalog, Profile
-from icbdcore.clients import Credentials, async_client
+from icbdcore.clients import Credentials, async_client, tls_failure
 from icbdcore.manifest import Manifest
 from icbdcore.source import Unavailable
 from icbdcore.wire import (
@@ -35,21 +35,21 @@ CONTROL_TIMEOUT = 10.0
 
 
 class RemoteCache:
-    def __init__(self, url: str, token: str, timeout: float = 10.0):
+    def __init__(self, url: str, credentials: Credentials, timeout: float = 10.0):
         self.url = url.rstrip("/")
         self.timeout = timeout
-        self.http = async_client(Credentials(token), self.url, timeout=CONTROL_TIMEOUT)
+        self.http = async_client(credentials, self.url, timeout=CONTROL_TIMEOUT)
         # A fetch gives up at `timeout`, the mount's own bound, so the worker
         # thread (which trio cannot interrupt) frees its connection slot then too;
         # enough slots that reads stuck on an unreachable block do not starve
         # reads of blocks the cache server holds.
-        self.client = BlockClient(token, connections=64, read_timeout=timeout)
+        self.client = BlockClient(credentials, connections=64, read_timeout=timeout)
         self._catalog: Catalog | None = None
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, url: str, token: str, timeout: float = 10.0):
-        remote = cls(url, token, timeout)
+    async def open(cls, url: str, credentials: Credentials, timeout: float = 10.0):
+        remote = cls(url, credentials, timeout)
         try:
             yield remote
         finally:
@@ -63,7 +63,7 @@ class RemoteCache:
             self._catalog = Catalog.from_json(response.json())
         except (httpx.HTTPError, ValueError, KeyError) as error:
             if self._catalog is None:
-                raise Unavailable(f"cannot reach the cache server at {self.url}: {error}") from None
+                raise Unavailable(f"cannot reach the cache server at {self.url}: {_why(error)}") from None
             log.debug("cache server unreachable (%s); keeping the last catalogue", error)
         return self._catalog
 
@@ -104,3 +104,13 @@ class RemoteCache:
         response = await self.http.put(profile_path(imi, version), json={"digests": digests}, timeout=30)
         response.raise_for_status()
         return bool(response.json().get("stored"))
+
+
+def _why(error: Exception) -> str:
+    """One line on why the cache server did not answer as it should."""
+    if isinstance(error, httpx.HTTPStatusError):
+        status = error.response.status_code
+        hint = {401: ": unknown or revoked token (check --token-file)",
+                403: ": the token lacks the reader role"}.get(status, "")
+        return f"it answered {status}{hint}"
+    return tls_failure(error) or str(error) or type(error).__name__

@@ -59,7 +59,7 @@ CONTROL_TIMEOUT = 5.0
 
 
 class SiteCache:
-    def __init__(self, data: Path, master_url: str, token: str, site: str | None, size_bound: int,
+    def __init__(self, data: Path, master_url: str, credentials: Credentials, site: str | None, size_bound: int,
                  *, refresh: float = 2.0):
         self.data = data
         self.master_url = master_url.rstrip("/")
@@ -68,8 +68,8 @@ class SiteCache:
         self.layout = Layout(data)
         self.store = BlockStore(self.layout.blocks, size_bound)
         self.upstreams = Upstreams(self.site, self.layout.upstreams_file, master_url=self.master_url)
-        self.client = BlockClient(token)
-        self.http = async_client(Credentials(token), self.master_url, timeout=CONTROL_TIMEOUT)
+        self.client = BlockClient(credentials)
+        self.http = async_client(credentials, self.master_url, timeout=CONTROL_TIMEOUT)
         self.fetcher: Fetcher | None = None
         self._catalog = Catalog()
         self._catalog_at = 0.0  # time.monotonic() of the last answer from the master
@@ -81,10 +81,10 @@ class SiteCache:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, data_dir: Path, master_url: str, token: str, site: str | None, size_bound: int,
-                   *, refresh: float = 2.0):
+    async def open(cls, data_dir: Path, master_url: str, credentials: Credentials, site: str | None,
+                   size_bound: int, *, refresh: float = 2.0):
         data_dir.mkdir(parents=True, exist_ok=True)
-        cache = await trio.to_thread.run_sync(lambda: cls(data_dir, master_url, token, site, size_bound,
+        cache = await trio.to_thread.run_sync(lambda: cls(data_dir, master_url, credentials, site, size_bound,
                                                           refresh=refresh))
         try:
             cache._load()

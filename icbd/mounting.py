@@ -33,6 +33,7 @@ import trio
 
 from cache.remote import RemoteCache
 from cache.site import SiteCache
+from icbdcore.clients import Credentials
 from icbdcore.errors import CliError
 from icbdcore.layout import Layout
 from icbdcore.logs import setup_logging
@@ -120,14 +121,17 @@ def _options(args) -> MountOptions:
 
 
 def _source_opener(args) -> SourceOpener:
-    token = args.token or ""
+    # A reader token is all a mount needs (an embedded cache's boot profiles
+    # reach the master only with a node token; through a cache server they
+    # travel under the server's own).
+    credentials = Credentials(args.token or None, ca=args.ca)
     if args.cache:
         url, timeout = args.cache, args.timeout
-        return lambda: RemoteCache.open(url, token, timeout)
+        return lambda: RemoteCache.open(url, credentials, timeout)
     if args.master:
         data_dir = Path(args.cache_dir or DEFAULT_CACHE_DIR).absolute()
         master, site, size = args.master, args.site, args.cache_size
-        return lambda: SiteCache.open(data_dir, master, token, site, size)
+        return lambda: SiteCache.open(data_dir, master, credentials, site, size)
     raise CliError(
         "say where to read iMIs from: --cache URL (the site cache server) "
         "or --master URL (embedded cache, blocks kept in --cache-dir)"

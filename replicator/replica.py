@@ -12,17 +12,17 @@ from pathlib import Path
 import trio
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from icbdcore import http
+from icbdcore.auth import NODE, READER, NodeTokens
 from icbdcore.catalog import Catalog, ImiInfo
 from icbdcore.clients import Credentials, async_client
 from icbdcore.errors import CliError
-from icbdcore.http import json_body, json_response
+from icbdcore.http import OPEN, Endpoint, json_body, json_response
 from icbdcore.layout import Layout
 from icbdcore.logs import setup_logging
 from icbdcore.manifest import Manifest, VersionRecord
-from icbdcore.node import Membership, node_id, require_token, run_until_signal
+from icbdcore.node import Membership, advertised_url, node_id, require_token, run_until_signal
 from icbdcore.records import read_json, write_json
 from icbdcore.wire import IMIS_ROUTE, NOTIFY_ROUTE, InvalidInput, check_name, check_site
 
@@ -34,6 +34,9 @@ from .receiver import ReceiveFailed, Receiver, Transfer
 log = logging.getLogger(__name__)
 
 TRANSFERS_KEPT = 20
+# How long a first start waits for the master's token table before serving
+# (answering 503 to credentials until it comes).
+STARTUP_WAIT = 10.0
 RETRY_MIN, RETRY_MAX = 1.0, 60.0
 POLL = 10.0
 
@@ -44,7 +47,7 @@ class Replica:
         data: Path,
         listen: str,
         master_url: str,
-        token: str,
+        credentials: Credentials,
         site: str,
         *,
         name: str | None = None,
@@ -53,19 +56,22 @@ class Replica:
         image_size: int = 64 << 30,
         heartbeat: float = 2.0,
         resume_spool: str = "auto",
+        tls: http.ServerTls | None = None,
     ):
         self.data = data
         self.listen = listen
         self.master_url = master_url.rstrip("/")
-        self.token = token
+        self.credentials = credentials
         self.site = check_site(site)
         self.given_name = name
-        self.url = url or http.url_for_listen(listen)
+        self.tls = tls
+        self.url = url or http.url_for_listen(listen, tls)
         self.keep = max(1, keep)
         self.image_size = image_size
         self.heartbeat_interval = heartbeat
         self.resume_spool = resume_spool
         self.layout = Layout(data)
+        self.tokens = NodeTokens(self.layout.token_table_file)
         self.blocks = BlockIndex(self.layout)
         self.held: dict[str, dict[int, VersionRecord]] = {}  # name -> version -> record
         self.catalog = Catalog()  # the subscribed iMIs, as the master last said
@@ -82,7 +88,9 @@ class Replica:
         await btrfs.ensure_btrfs(self.data, self.image_size)
         self.layout.make_dirs()
         self.id = node_id(self.layout, "replica", self.given_name)
-        self.receiver = Receiver(self.layout, self.master_url, self.token, self.id, self.resume_spool)
+        self.tokens.load()
+        credentials = self.credentials.as_node(self.id)
+        self.receiver = Receiver(self.layout, self.master_url, credentials, self.resume_spool)
         await self.receiver.clean_incoming()
         await self._load_held()
         self.catalog = _saved_catalog(self.layout)
@@ -90,10 +98,10 @@ class Replica:
             if doc.get("state") == "running":
                 doc["state"], doc["error"] = "failed", "interrupted by a restart"
             self.transfers.append(_transfer_from_json(doc))
-        master = async_client(Credentials(self.token, self.id), self.master_url)
+        master = async_client(credentials, self.master_url)
         self.membership = Membership(
             master, self.id, "replica", self.site, self.url, self.status_doc,
-            on_reply=self._on_heartbeat_reply, interval=self.heartbeat_interval,
+            on_reply=self._on_heartbeat_reply, interval=self.heartbeat_interval, tokens=self.tokens,
         )
         try:
             async with trio.open_nursery() as nursery:
@@ -101,8 +109,9 @@ class Replica:
                 nursery.start_soon(self.membership.run)
                 self._wake.set()  # resume what an earlier run left unfinished, now
                 nursery.start_soon(self._sync_loop)
-                await http.serve(http.build_app(self.routes(), self.token), self.listen, shutdown,
-                                 task_status=task_status)
+                await self.membership.ready(STARTUP_WAIT, shutdown)
+                await http.serve(http.build_app(self.routes(), self.tokens.table), self.listen, shutdown,
+                                 tls=self.tls, task_status=task_status)
                 nursery.cancel_scope.cancel()
         finally:
             await master.aclose()
@@ -328,11 +337,12 @@ class Replica:
             return None
         return self.layout.manifest_file(name, version).read_bytes(), record.digest
 
-    def routes(self) -> list[Route]:
+    def routes(self) -> list[Endpoint]:
+        """Every route of a replica and the role it needs (docs/API.md)."""
         return [
-            Route("/", self.status, methods=["GET"]),
-            Route(NOTIFY_ROUTE, self.notify, methods=["POST"]),
-            Route(IMIS_ROUTE, self.list_imis, methods=["GET"]),
+            Endpoint("GET", "/", self.status, OPEN),
+            Endpoint("POST", NOTIFY_ROUTE, self.notify, NODE),
+            Endpoint("GET", IMIS_ROUTE, self.list_imis, READER),
             *read_routes(self._manifest, self.blocks),
         ]
 
@@ -354,10 +364,11 @@ def run(args) -> int:
     token = require_token(args.token)
     if not args.master:
         raise CliError("a replica needs --master URL (or ICBD_MASTER)")
+    tls = http.ServerTls.from_options(args.tls_cert, args.tls_key)
     replica = Replica(
-        Path(args.data).resolve(), args.listen, args.master, token, args.site,
-        name=args.name, url=args.advertise, keep=args.keep, image_size=args.image_size,
-        heartbeat=args.heartbeat, resume_spool=args.resume_spool,
+        Path(args.data).resolve(), args.listen, args.master, Credentials(token, ca=args.ca), args.site,
+        name=args.name, url=advertised_url(args.advertise, args.listen, tls), keep=args.keep,
+        image_size=args.image_size, heartbeat=args.heartbeat, resume_spool=args.resume_spool, tls=tls,
     )
     return run_until_signal(replica.run)
 
