@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 MASTER_ID = "master"
 MAX_PROFILE_BODY = 16 << 20
 NOTIFY_TIMEOUT = 3.0
+# Issued tokens are 43 characters (256 bits); the master's own is chosen by a person.
+STRONG_TOKEN = 32
 
 
 class Master:
@@ -441,6 +443,10 @@ def run(args) -> int:
     setup_logging(args.log, args.verbose)
     token = require_token(args.token, "the master's own token is the admin credential: choose a long random "
                           "one (e.g. `openssl rand -base64 32`) and give it to the admins")
+    if len(token) < STRONG_TOKEN:
+        log.warning("the admin token has only %d characters: every node holds its SHA-256, so whoever reads a "
+                    "node's token table can try to guess it offline; use %d or more random ones",
+                    len(token), STRONG_TOKEN)
     data = Path(args.data).resolve()
     tls = http.ServerTls.from_options(args.tls_cert, args.tls_key)
     master = Master(
