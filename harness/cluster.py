@@ -230,12 +230,16 @@ class Cluster:
         return self.tls.ca if self.tls else True
 
     def token(self, role: str) -> str:
-        """A token of `role` ("node", "reader"), issued by the master the first
-        time one is asked for, then shared by every process of that role."""
-        if role not in self._tokens:
-            response = self.api("POST", TOKENS_ROUTE, json={"role": role, "name": f"harness-{role}"})
-            response.raise_for_status()
-            self._tokens[role] = response.json()["token"]
+        """A token of `role` ("node", "reader"), shared by every process of that
+        role. Both are issued the first time one is asked for (as the first
+        replica or cache starts): a node admits a new token only from its next
+        heartbeat, so issuing the reader token before any cache server runs
+        lets a mount use it at once."""
+        if not self._tokens:
+            for kind in ("node", "reader"):
+                response = self.api("POST", TOKENS_ROUTE, json={"role": kind, "name": f"harness-{kind}"})
+                response.raise_for_status()
+                self._tokens[kind] = response.json()["token"]
         return self._tokens[role]
 
     def _node(self, role: str, name: str, args: list[str], port: int | None = None,

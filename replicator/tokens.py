@@ -30,8 +30,10 @@ from icbdcore.auth import (
     check_role,
     check_token_name,
     new_token,
+    parse_table,
     token_hash,
 )
+from icbdcore.errors import CliError
 from icbdcore.records import now_iso, read_json, write_json
 from icbdcore.wire import Refused
 
@@ -56,15 +58,18 @@ class TokenStore:
         self.table = TokenTable()
 
     def load(self) -> None:
-        doc = read_json(self.path)
-        if isinstance(doc, dict) and isinstance(doc.get("id"), str):
-            self._store_id = doc["id"]
-            self._serial = int(doc.get("serial", 0))
-            for item in doc.get("tokens", []):
-                entry = Entry.from_json(item)
-                self._issued[entry.name] = {"role": entry.role, "hash": entry.hash, "created": item.get("created", "")}
-        else:
-            self._store_id = uuid.uuid4().hex
+        try:
+            doc = read_json(self.path)
+            if doc is None:
+                self._store_id = uuid.uuid4().hex
+            else:
+                self._store_id, self._serial, entries = parse_table(doc)
+                created = {t["name"]: t.get("created", "") for t in doc["tokens"]}
+                for entry in entries:
+                    self._issued[entry.name] = {"role": entry.role, "hash": entry.hash, "created": created[entry.name]}
+        except (ValueError, TypeError) as error:
+            raise CliError(f"{self.path} is damaged ({error}): restore it from a backup, or move it away "
+                           "to start with no issued tokens") from None
         self._commit(self._issued)  # a new master-notify token at every start
         log.info("token store: %d issued tokens", len(self._issued))
 

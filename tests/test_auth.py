@@ -293,3 +293,13 @@ def test_a_daemon_given_a_token_in_argv_moves_it_to_its_environment(tmp_path):
     cmdline, token = result.stdout.rsplit(" ", 1)
     assert "s3cret-token-xyz" not in cmdline and "--token" not in cmdline
     assert token.strip() == "s3cret-token-xyz"
+
+
+def test_a_damaged_token_store_is_a_one_line_error(tmp_path):
+    from icbdcore.errors import CliError
+
+    path = tmp_path / "tokens.json"
+    for text in ("{not json", '{"id": "s", "serial": 1, "tokens": [{"name": "x"}]}', "[]"):
+        path.write_text(text)
+        with pytest.raises(CliError, match="damaged"):
+            TokenStore(path, "the-admin-token-123").load()
