@@ -47,7 +47,7 @@ from pathlib import Path
 
 import trio
 
-from harness.cluster import TOKEN, Cluster, MountProcess, Node, wait_for
+from harness.cluster import Cluster, MountProcess, Node, wait_for
 from harness.data import MIB, drop_caches, write_image
 from icbd.boot import BootResult, boot, boot_async, choose_accel
 from icbdcore.clients import Credentials, session
@@ -358,7 +358,8 @@ def boot_storm(ctx: BenchContext) -> list[Result]:
     ctx.step(f"{readers} readers replay the boot profile through one fresh cache server")
     cache = site.cluster.cache("cache-readers", site="a", size="4G")
     before_readers = site.served()
-    replay = _replay(cache, working["digests"], readers)
+    replay = _replay(cache, working["digests"], readers,
+                     Credentials(site.cluster.token("reader"), ca=site.cluster.tls.ca if site.cluster.tls else None))
     after_readers = site.served()
     reader_fetcher = _fetcher(cache)
     cache.stop()
@@ -418,14 +419,14 @@ async def _boot_all(roots: list[Path], overlays: Path, accel: str) -> list[tuple
     return [r for r in results if r is not None]
 
 
-def _replay(cache: Node, digests: list[str], readers: int) -> dict:
+def _replay(cache: Node, digests: list[str], readers: int, credentials: Credentials) -> dict:
     """`readers` threads, each GETting every block in order; their latencies."""
     latencies: list[list[float]] = [[] for _ in range(readers)]
     errors: list[str] = []
     start = threading.Barrier(readers)
 
     def read(index: int) -> None:
-        with session(Credentials(TOKEN)) as http:
+        with session(credentials) as http:
             start.wait()
             for digest in digests:
                 began = time.perf_counter()

@@ -29,6 +29,8 @@ class BenchContext:
     def cluster(self, name: str, **kwargs) -> Cluster:
         root = self.scratch / name
         root.mkdir(parents=True, exist_ok=True)
+        # Benchmarks build their source trees anywhere in the scratch area.
+        kwargs.setdefault("source_roots", [self.scratch])
         cluster = Cluster(root, **kwargs)
         self._clusters.append(cluster)
         return cluster

@@ -24,7 +24,7 @@ import time
 import trio
 import urllib3
 
-from icbdcore.clients import Credentials, pool
+from icbdcore.clients import Credentials, pool, tls_failure
 from icbdcore.cutoff import Cutoff
 from icbdcore.wire import DEFAULT_CHUNK_SIZE, block_path, content_digest
 
@@ -71,7 +71,7 @@ class CorruptBlock(FetchFailure):
 class BlockClient:
     def __init__(
         self,
-        token: str,
+        credentials: Credentials,
         *,
         connections: int = 32,
         connect_timeout: float = 3.0,
@@ -81,7 +81,7 @@ class BlockClient:
         self.read_timeout = read_timeout
         # One pool per upstream host, `connections` kept alive to each; more may
         # open under load (block=False) but are not kept.
-        self._pool = pool(Credentials(token), maxsize=connections)
+        self._pool = pool(credentials, maxsize=connections)
         self._limiter = trio.CapacityLimiter(connections)
 
     def close(self) -> None:
@@ -149,7 +149,7 @@ class BlockClient:
         except (urllib3.exceptions.TimeoutError, TimeoutError) as error:
             raise UpstreamTimeout(url, f"timed out ({type(error).__name__})") from None
         except (urllib3.exceptions.HTTPError, OSError) as error:
-            raise HostFailure(url, f"{type(error).__name__}: {_reason(error)}") from None
+            raise HostFailure(url, tls_failure(error) or f"{type(error).__name__}: {_reason(error)}") from None
         complete = False  # the whole answer read: the connection may be reused
         try:
             status = response.status
@@ -158,8 +158,10 @@ class BlockClient:
                 complete = True
                 if status == 404:
                     raise NotHeld(url, "does not hold the block")
-                if status in (401, 403):
-                    raise HostFailure(url, f"refused our token ({status}); check --token / ICBD_TOKEN")
+                if status == 401:
+                    raise HostFailure(url, "refused our token (401): unknown or revoked; check --token-file")
+                if status == 403:
+                    raise HostFailure(url, "refused our token (403): it lacks the role for this call")
                 if status in (502, 503, 504):
                     raise GatewayFailure(url, f"answered {status}: it could not get the block itself")
                 raise HostFailure(url, f"answered {status}")

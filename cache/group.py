@@ -46,6 +46,7 @@ import trio
 import xxhash
 
 from icbdcore.catalog import Catalog, Profile
+from icbdcore.clients import Credentials
 from icbdcore.layout import Layout
 from icbdcore.manifest import MAX_MANIFEST, Manifest
 from icbdcore.signing import PublicKey
@@ -116,7 +117,7 @@ class CacheGroup:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, urls: list[str], token: str, timeout: float, *, state_dir: Path,
+    async def open(cls, urls: list[str], credentials: Credentials, timeout: float, *, state_dir: Path,
                    site: str | None = None, replica_fallback: bool = True,
                    master_key: PublicKey | None = None) -> AsyncIterator[CacheGroup]:
         """A group over the caches at `urls`; `timeout` is the mount's read
@@ -126,13 +127,13 @@ class CacheGroup:
         attempt = max(0.5, timeout / 3)
         trust = await open_trust(state_dir, master_key)
         async with AsyncExitStack() as stack:
-            remotes = [await stack.enter_async_context(RemoteCache.open(url, token, attempt, trust=trust))
+            remotes = [await stack.enter_async_context(RemoteCache.open(url, credentials, attempt, trust=trust))
                        for url in urls]
             fallback = upstreams = None
             if replica_fallback:
                 state_dir.mkdir(parents=True, exist_ok=True)
                 upstreams = Upstreams(site, Layout(state_dir).upstreams_file)
-                client = BlockClient(token, connections=FALLBACK_CONCURRENCY * 2, read_timeout=attempt)
+                client = BlockClient(credentials, connections=FALLBACK_CONCURRENCY * 2, read_timeout=attempt)
                 stack.callback(client.close)
                 fallback = await stack.enter_async_context(
                     Fetcher(None, upstreams, client, attempt_timeout=attempt, deadline=timeout))

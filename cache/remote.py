@@ -26,7 +26,7 @@ import httpx
 import trio
 
 from icbdcore.catalog import Catalog, Profile
-from icbdcore.clients import Credentials, async_client
+from icbdcore.clients import Credentials, async_client, tls_failure
 from icbdcore.layout import Layout
 from icbdcore.manifest import MAX_MANIFEST, Manifest, VersionRecord
 from icbdcore.signing import PublicKey, Untrusted
@@ -63,23 +63,24 @@ async def open_trust(state_dir: Path, master_key: PublicKey | None) -> Trust:
 
 
 class RemoteCache:
-    def __init__(self, url: str, token: str, timeout: float = 10.0, *, trust: Trust):
+    def __init__(self, url: str, credentials: Credentials, timeout: float = 10.0, *, trust: Trust):
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.trust = trust
-        self.http = async_client(Credentials(token), self.url, timeout=CONTROL_TIMEOUT)
+        self.http = async_client(credentials, self.url, timeout=CONTROL_TIMEOUT)
         # A fetch gives up at `timeout`, the mount's own bound, so the worker
         # thread (which trio cannot interrupt) frees its connection slot then too;
         # enough slots that reads stuck on an unreachable block do not starve
         # reads of blocks the cache server holds.
-        self.client = BlockClient(token, connections=64, read_timeout=timeout)
+        self.client = BlockClient(credentials, connections=64, read_timeout=timeout)
         self._catalog: Catalog | None = None
         self._refusal: str | None = None
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, url: str, token: str, timeout: float = 10.0, *, state_dir: Path | None = None,
-                   master_key: PublicKey | None = None, trust: Trust | None = None):
+    async def open(cls, url: str, credentials: Credentials, timeout: float = 10.0, *,
+                   state_dir: Path | None = None, master_key: PublicKey | None = None,
+                   trust: Trust | None = None):
         """A client of the cache server at `url`. Its trust is `trust` (shared
         by a mount's cache servers), else one kept in `state_dir` (the mount's
         --cache-dir: the master's key and the highest serial seen)."""
@@ -87,7 +88,7 @@ class RemoteCache:
             if state_dir is None:
                 raise ValueError("a cache client needs a trust or a folder to keep one in")
             trust = await open_trust(state_dir, master_key)
-        remote = cls(url, token, timeout, trust=trust)
+        remote = cls(url, credentials, timeout, trust=trust)
         try:
             yield remote
         finally:
@@ -124,7 +125,7 @@ class RemoteCache:
             self._refusal = str(error)
             raise CatalogRefused(f"refusing the catalogue from {where}: {error}") from None
         except (httpx.HTTPError, ValueError, KeyError) as error:
-            raise Unavailable(f"cannot reach the cache server at {self.url}: {error}") from None
+            raise Unavailable(f"cannot reach the cache server at {self.url}: {_why(error)}") from None
         self.trust.freshness()  # logs when the catalogue turns stale, and fresh again
         return self._catalog
 
@@ -202,3 +203,13 @@ class RemoteCache:
         response = await self.http.put(profile_path(imi, version), json={"digests": digests}, timeout=30)
         response.raise_for_status()
         return bool(response.json().get("stored"))
+
+
+def _why(error: Exception) -> str:
+    """One line on why the cache server did not answer as it should."""
+    if isinstance(error, httpx.HTTPStatusError):
+        status = error.response.status_code
+        hint = {401: ": unknown or revoked token (check --token-file)",
+                403: ": the token lacks the reader role"}.get(status, "")
+        return f"it answered {status}{hint}"
+    return tls_failure(error) or str(error) or type(error).__name__

@@ -11,16 +11,16 @@ import httpx
 import trio
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from icbdcore import http
+from icbdcore.auth import READER, BadTable, NodeTokens
 from icbdcore.catalog import Profile
 from icbdcore.clients import Credentials, async_client
 from icbdcore.errors import CliError
-from icbdcore.http import immutable_response, json_body, json_response
+from icbdcore.http import OPEN, Endpoint, immutable_response, json_body, json_response
 from icbdcore.layout import Layout
 from icbdcore.logs import setup_logging
-from icbdcore.node import Membership, node_id, require_token, run_until_signal
+from icbdcore.node import Membership, advertised_url, node_id, require_token, run_until_signal
 from icbdcore.signing import PublicKey, Untrusted
 from icbdcore.source import Unavailable
 from icbdcore.trust import master_key_argument
@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 MAX_PREFETCH_BODY = 16 << 20
 JOBS_KEPT = 32
+# How long a first start waits for the master's token table before serving
+# (answering 503 to credentials until it comes).
+STARTUP_WAIT = 10.0
 
 
 class PrefetchJob:
@@ -66,39 +69,54 @@ class PrefetchJob:
 
 
 class CacheServer:
-    def __init__(self, data: Path, listen: str, master_url: str, token: str, site: str, size: int,
+    def __init__(self, data: Path, listen: str, master_url: str, credentials: Credentials, site: str, size: int,
                  *, name: str | None = None, url: str | None = None, heartbeat: float = 2.0,
-                 master_key: PublicKey | None = None):
+                 tls: http.ServerTls | None = None, master_key: PublicKey | None = None):
         self.data = data
         self.listen = listen
         self.master_url = master_url
-        self.token = token
+        self.credentials = credentials
         self.site = check_site(site)
         self.size = size
         self.given_name = name
-        self.url = url or http.url_for_listen(listen)
+        self.tls = tls
+        self.url = url or http.url_for_listen(listen, tls)
         self.heartbeat = heartbeat
         self.master_key = master_key
+        # The master's table of tokens, believed only with its signature.
+        self.tokens = NodeTokens(Layout(data).token_table_file, verify=self._verify_table)
         self.id = ""
         self.cache: SiteCache | None = None
         self.jobs: dict[int, PrefetchJob] = {}
         self._job_ids = itertools.count(1)
 
+    def _verify_table(self, doc: dict) -> dict:
+        key = self.cache.trust.key if self.cache is not None else None
+        if key is None:
+            raise BadTable("the master's key is not known yet")
+        return key.verify(doc, "token table")
+
     async def run(self, shutdown: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         Layout(self.data).make_private_root()
         self.id = node_id(Layout(self.data), "cache", self.given_name)
-        async with SiteCache.open(self.data, self.master_url, self.token, self.site, self.size,
+        # Everything this server asks of the master and the replicas, it asks
+        # with its own node credential: a boot profile a mount (a reader)
+        # recorded reaches the master that way.
+        credentials = self.credentials.as_node(self.id)
+        async with SiteCache.open(self.data, self.master_url, credentials, self.site, self.size,
                                   master_key=self.master_key) as cache:
             self.cache = cache
-            master = async_client(Credentials(self.token, self.id), self.master_url)
+            self.tokens.load()  # once the master's key is known
+            master = async_client(credentials, self.master_url)
             membership = Membership(master, self.id, "cache", self.site, self.url, self.status_doc,
-                                    interval=self.heartbeat)
+                                    interval=self.heartbeat, tokens=self.tokens)
             try:
                 async with trio.open_nursery() as nursery:
                     log.info("cache %s (site %s) on %s", self.id, self.site, self.listen)
                     nursery.start_soon(membership.run)
-                    await http.serve(http.build_app(self.routes(), self.token), self.listen, shutdown,
-                                     task_status=task_status)
+                    await membership.ready(STARTUP_WAIT, shutdown)
+                    await http.serve(http.build_app(self.routes(), self.tokens.table), self.listen, shutdown,
+                                     tls=self.tls, task_status=task_status)
                     nursery.cancel_scope.cancel()
             finally:
                 await master.aclose()
@@ -240,17 +258,21 @@ class CacheServer:
             raise Refused(504, f"cannot reach the master to store the profile: {error}") from None
         return json_response({"stored": stored}, status=201 if stored else 200)
 
-    def routes(self) -> list[Route]:
+    def routes(self) -> list[Endpoint]:
+        """Every route of a cache server and the role it needs (docs/API.md).
+        All of them serve mounts, which hold reader tokens: prefetch is how a
+        mount replays a boot profile, and a profile a mount uploads goes on to
+        the master under this server's node credential."""
         return [
-            Route("/", self.status, methods=["GET"]),
-            Route(IMIS_ROUTE, self.list_imis, methods=["GET"]),
-            Route(KEY_ROUTE, self.get_key, methods=["GET"]),
-            Route(MANIFEST_ROUTE, self.get_manifest, methods=["GET"]),
-            Route(BLOCK_ROUTE, self.get_block, methods=["GET"]),
-            Route(PREFETCH_ROUTE, self.prefetch, methods=["POST"]),
-            Route(PREFETCH_JOB_ROUTE, self.get_job, methods=["GET"]),
-            Route(PROFILE_ROUTE, self.get_profile, methods=["GET"]),
-            Route(PROFILE_ROUTE, self.put_profile, methods=["PUT", "POST"]),
+            Endpoint("GET", "/", self.status, OPEN),
+            Endpoint("GET", IMIS_ROUTE, self.list_imis, READER),
+            Endpoint("GET", KEY_ROUTE, self.get_key, READER),
+            Endpoint("GET", MANIFEST_ROUTE, self.get_manifest, READER),
+            Endpoint("GET", BLOCK_ROUTE, self.get_block, READER),
+            Endpoint("POST", PREFETCH_ROUTE, self.prefetch, READER),
+            Endpoint("GET", PREFETCH_JOB_ROUTE, self.get_job, READER),
+            Endpoint("GET", PROFILE_ROUTE, self.get_profile, READER),
+            Endpoint(("PUT", "POST"), PROFILE_ROUTE, self.put_profile, READER),
         ]
 
 
@@ -266,8 +288,10 @@ def run(args) -> int:
     token = require_token(args.token)
     if not args.master:
         raise CliError("a cache server needs --master URL (or ICBD_MASTER)")
+    tls = http.ServerTls.from_options(args.tls_cert, args.tls_key)
     server = CacheServer(
-        Path(args.data).resolve(), args.listen, args.master, token, args.site, args.size,
-        name=args.name, url=args.advertise, heartbeat=args.heartbeat, master_key=master_key_argument(args),
+        Path(args.data).resolve(), args.listen, args.master, Credentials(token, ca=args.ca), args.site, args.size,
+        name=args.name, url=advertised_url(args.advertise, args.listen, tls), heartbeat=args.heartbeat, tls=tls,
+        master_key=master_key_argument(args),
     )
     return run_until_signal(server.run)

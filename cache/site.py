@@ -68,7 +68,7 @@ CONTROL_TIMEOUT = 5.0
 
 
 class SiteCache:
-    def __init__(self, data: Path, master_url: str, token: str, site: str | None, size_bound: int,
+    def __init__(self, data: Path, master_url: str, credentials: Credentials, site: str | None, size_bound: int,
                  *, refresh: float = 2.0, master_key: PublicKey | None = None):
         self.data = data
         self.master_url = master_url.rstrip("/")
@@ -83,8 +83,8 @@ class SiteCache:
         self.meta = MetaStore([self.layout.cached_manifests, self.layout.cached_profiles], share)
         self.trust = Trust(self.layout, master_key)
         self.upstreams = Upstreams(self.site, self.layout.upstreams_file, master_url=self.master_url)
-        self.client = BlockClient(token)
-        self.http = async_client(Credentials(token), self.master_url, timeout=CONTROL_TIMEOUT)
+        self.client = BlockClient(credentials)
+        self.http = async_client(credentials, self.master_url, timeout=CONTROL_TIMEOUT)
         self.fetcher: Fetcher | None = None
         self._catalog = Catalog()
         self.signed: SignedCatalog | None = None  # what _catalog was taken from, as the master signed it
@@ -99,10 +99,10 @@ class SiteCache:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, data_dir: Path, master_url: str, token: str, site: str | None, size_bound: int,
-                   *, refresh: float = 2.0, master_key: PublicKey | None = None):
+    async def open(cls, data_dir: Path, master_url: str, credentials: Credentials, site: str | None,
+                   size_bound: int, *, refresh: float = 2.0, master_key: PublicKey | None = None):
         Layout(data_dir).make_private_root()
-        cache = await trio.to_thread.run_sync(lambda: cls(data_dir, master_url, token, site, size_bound,
+        cache = await trio.to_thread.run_sync(lambda: cls(data_dir, master_url, credentials, site, size_bound,
                                                           refresh=refresh, master_key=master_key))
         try:
             cache._load()

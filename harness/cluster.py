@@ -2,6 +2,12 @@
 data folder (a loop-mounted btrfs image when the node needs one), stopped by
 pid and unmounted on teardown.
 
+Each process holds the least credential its role needs, as in production:
+the master and the command line the admin token (TOKEN), replicas and cache
+servers a node token, mounts a reader token, both issued by the master the
+first time a node or mount starts. `Cluster(tls=True)` makes a CA and a
+certificate per node (trustme), so every hop speaks https and verifies.
+
 Once the master has started, its public key (read from its data folder) is
 in the cluster's environment as ICBD_MASTER_KEY, so every replica, cache and
 mount started afterwards checks it, as an admin would set them up; a node or
@@ -18,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +33,7 @@ import requests
 from icbdcore.clients import Credentials
 from icbdcore.layout import Layout
 from icbdcore.mounts import is_mountpoint
-from icbdcore.wire import NODES_ROUTE
+from icbdcore.wire import NODES_ROUTE, TOKENS_ROUTE
 
 REPO = Path(__file__).resolve().parent.parent
 ICBD = [sys.executable, "-m", "icbd.cli"]
@@ -77,10 +84,13 @@ class Node:
     process: subprocess.Popen | None = None
     extra: dict = field(default_factory=dict)
     host: str = "127.0.0.1"
+    scheme: str = "http"
+    verify: str | bool = True  # what requests verifies an https node against (the cluster's CA)
+    credential: Callable[[], str] | None = None  # the token it runs with, issued when it first starts
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -89,8 +99,9 @@ class Node:
 
     def start(self, wait: bool = True) -> Node:
         assert self.process is None or self.process.poll() is not None, "already running"
+        env = {**self.env, "ICBD_TOKEN": self.credential()} if self.credential else self.env
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
+            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         if wait:
             wait_for(self.ready, timeout=60, what=f"{self.role} {self.id or ''} to serve on {self.url}")
         return self
@@ -98,10 +109,10 @@ class Node:
     def ready(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
             raise AssertionError(f"{self.role} exited with {self.process.returncode}; log:\n{self.log.read_text()[-3000:]}")
-        return requests.get(self.url + "/", timeout=2).status_code == 200
+        return requests.get(self.url + "/", timeout=2, verify=self.verify).status_code == 200
 
     def status(self) -> dict:
-        return requests.get(self.url + "/", timeout=5).json()
+        return requests.get(self.url + "/", timeout=5, verify=self.verify).json()
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -178,17 +189,64 @@ class MountProcess:
             self.process.wait(10)
 
 
+class ClusterTls:
+    """A CA made for one cluster, and a certificate for each of its nodes."""
+
+    def __init__(self, folder: Path):
+        import trustme  # a test dependency: only TLS clusters need it
+
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.authority = trustme.CA()
+        self.ca = str(folder / "ca.pem")
+        self.authority.cert_pem.write_to_path(self.ca)
+
+    def issue(self, name: str, host: str) -> tuple[str, str]:
+        """(certificate chain, key) files for node `name` reachable at `host`."""
+        leaf = self.authority.issue_cert(host, "localhost", "127.0.0.1")
+        cert, key = self.folder / f"{name}.pem", self.folder / f"{name}.key"
+        cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+        leaf.private_key_pem.write_to_path(str(key))
+        key.chmod(0o600)
+        return str(cert), str(key)
+
+
 class Cluster:
-    def __init__(self, root: Path, suspect_after: float = 1.5, down_after: float = 3.0, heartbeat: float = 0.5):
+    def __init__(self, root: Path, suspect_after: float = 1.5, down_after: float = 3.0, heartbeat: float = 0.5,
+                 *, tls: bool = False, source_roots: list[Path] | None = None):
         self.root = root
         self.nodes: list[Node] = []
         self.env = {**os.environ, "ICBD_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
         self.env.pop("ICBD_MASTER", None)
+        self.env.pop("ICBD_CA", None)
+        self.tls = ClusterTls(root / "tls") if tls else None
+        if self.tls:
+            self.env["ICBD_CA"] = self.tls.ca
+        # Where `imi create --from` may copy from: the tests' trees are made in the root.
+        self.source_roots = [root] if source_roots is None else source_roots
         self.suspect_after = suspect_after
         self.down_after = down_after
         self.heartbeat = heartbeat
         self.master_node: Node | None = None
         self.mounts: list[MountProcess] = []
+        self._tokens: dict[str, str] = {}
+
+    @property
+    def verify(self) -> str | bool:
+        return self.tls.ca if self.tls else True
+
+    def token(self, role: str) -> str:
+        """A token of `role` ("node", "reader"), shared by every process of that
+        role. Both are issued the first time one is asked for (as the first
+        replica or cache starts): a node admits a new token only from its next
+        heartbeat, so issuing the reader token before any cache server runs
+        lets a mount use it at once."""
+        if not self._tokens:
+            for kind in ("node", "reader"):
+                response = self.api("POST", TOKENS_ROUTE, json={"role": kind, "name": f"harness-{kind}"})
+                response.raise_for_status()
+                self._tokens[kind] = response.json()["token"]
+        return self._tokens[role]
 
     def _node(self, role: str, name: str, args: list[str], port: int | None = None,
               host: str = "127.0.0.1", tofu: bool = False) -> Node:
@@ -197,8 +255,14 @@ class Cluster:
         port = port or free_port()
         data = self.root / name
         data.mkdir(parents=True, exist_ok=True)
-        argv = [*ICBD, role, "--data", str(data), "--listen", f"{host}:{port}", *args]
-        node = Node(role, argv, data, port, self.root / f"{name}.log", self._env(tofu), id=name, host=host)
+        tls_args = []
+        if self.tls:
+            cert, key = self.tls.issue(name, host)
+            tls_args = ["--tls-cert", cert, "--tls-key", key]
+        argv = [*ICBD, role, "--data", str(data), "--listen", f"{host}:{port}", *tls_args, *args]
+        node = Node(role, argv, data, port, self.root / f"{name}.log", self._env(tofu), id=name, host=host,
+                    scheme="https" if self.tls else "http", verify=self.verify,
+                    credential=None if role == "master" else (lambda: self.token("node")))
         self.nodes.append(node)
         return node
 
@@ -225,9 +289,10 @@ class Cluster:
         return key
 
     def master(self, image_size: str = "2G", start: bool = True, extra: list[str] = (), **where) -> Node:
+        roots = [arg for root in self.source_roots for arg in ("--source-root", str(root))]
         node = self._node("master", "master", [
             "--image-size", image_size, "--suspect-after", str(self.suspect_after),
-            "--down-after", str(self.down_after), "--heartbeat", str(self.heartbeat), *extra,
+            "--down-after", str(self.down_after), "--heartbeat", str(self.heartbeat), *roots, *extra,
         ], **where)
         self.master_node = node
         if start:
@@ -270,7 +335,8 @@ class Cluster:
         argv = [*ICBD, "mount", str(self.root / name), "--foreground", "--timeout", str(timeout),
                 "--refresh", "0.5", *source, "--cache-dir", str(cache_dir), *(["--site", site] if site else []),
                 *extra]
-        mount = MountProcess(self.root / name, argv, self.root / f"{name}.log", self._env(tofu))
+        env = {**self._env(tofu), "ICBD_TOKEN": self.token("reader")}
+        mount = MountProcess(self.root / name, argv, self.root / f"{name}.log", env)
         self.mounts.append(mount)
         return mount.start()
 
@@ -292,8 +358,8 @@ class Cluster:
 
     def api(self, method: str, path: str, node: Node | None = None, **kwargs) -> requests.Response:
         node = node or self.master_node
-        headers = {**Credentials(TOKEN).headers(), **kwargs.pop("headers", {})}
-        return requests.request(method, node.url + path, headers=headers, timeout=30, **kwargs)
+        headers = {**Credentials(kwargs.pop("token", TOKEN)).headers(), **kwargs.pop("headers", {})}
+        return requests.request(method, node.url + path, headers=headers, timeout=30, verify=self.verify, **kwargs)
 
     def nodes_status(self) -> dict[str, dict]:
         return {n["id"]: n for n in self.api("GET", NODES_ROUTE).json()["nodes"]}

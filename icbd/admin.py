@@ -13,37 +13,42 @@ import requests
 from tqdm import tqdm
 
 from icbdcore import wire
-from icbdcore.clients import Credentials, session
+from icbdcore.clients import Credentials, session, tls_failure
 from icbdcore.errors import CliError
 from icbdcore.wire import (
     IMIS_ROUTE,
     NODES_ROUTE,
     PREFETCH_ROUTE,
     SUBSCRIPTIONS_ROUTE,
+    TOKENS_ROUTE,
     InvalidInput,
     check_name,
     parse_version,
     prefetch_job_path,
     publish_path,
     rollback_path,
+    token_path,
 )
 
 
 class Api:
     """Blocking JSON calls to one icbd node, with one-line errors."""
 
-    def __init__(self, url: str | None, token: str | None, what: str = "master"):
+    def __init__(self, url: str | None, credentials: Credentials, what: str = "master"):
         if not url:
             raise CliError(f"no {what} URL: give --{what} URL" + (" or set ICBD_MASTER" if what == "master" else ""))
-        if not token:
-            raise CliError("no token: give --token or set ICBD_TOKEN")
+        if not credentials.token:
+            raise CliError("no token: give --token-file FILE, --token T or set ICBD_TOKEN")
         self.url = url.rstrip("/")
         self.what = what
-        self.session = session(Credentials(token))
+        self.session = session(credentials)
 
     def call(self, method: str, path: str, body: dict | None = None, timeout: float = 3600) -> dict:
         try:
             response = self.session.request(method, f"{self.url}{path}", json=body, timeout=timeout)
+        except requests.exceptions.SSLError as error:
+            raise CliError(f"no TLS connection to the {self.what} at {self.url}: "
+                           f"{tls_failure(error) or 'handshake failed'}") from None
         except requests.ConnectionError:
             raise CliError(f"cannot reach the {self.what} at {self.url}: is it running?") from None
         except requests.Timeout:
@@ -58,8 +63,12 @@ class Api:
         return doc
 
 
+def _credentials(args) -> Credentials:
+    return Credentials(args.token, ca=args.ca)
+
+
 def _master(args) -> Api:
-    return Api(args.master, args.token)
+    return Api(args.master, _credentials(args))
 
 
 def _name(text: str) -> str:
@@ -259,6 +268,42 @@ def _subscription(args, method: str) -> int:
     return 0
 
 
+# --- tokens -------------------------------------------------------------------------
+
+
+def token_create(args) -> int:
+    body = {"role": args.role}
+    if args.name:
+        body["name"] = args.name
+    doc = _master(args).call("POST", TOKENS_ROUTE, body)
+    if args.json:
+        _print_json(doc)
+    else:
+        print(doc["token"])  # alone on stdout, for `> FILE`; the name goes to stderr
+        print(f"issued {doc['role']} token {doc['name']} (shown this once; keep it in a file of mode 0600)",
+              file=sys.stderr)
+    return 0
+
+
+def token_list(args) -> int:
+    doc = _master(args).call("GET", TOKENS_ROUTE)
+    if args.json:
+        _print_json(doc)
+        return 0
+    rows = [[t["name"], t["role"], "(the master's own)" if t.get("builtin") else t["created"]] for t in doc["tokens"]]
+    print(_table(rows, ["NAME", "ROLE", "CREATED"]))
+    return 0
+
+
+def token_revoke(args) -> int:
+    doc = _master(args).call("DELETE", token_path(args.name))
+    if args.json:
+        _print_json(doc)
+    else:
+        print(f"revoked {doc['revoked']}: every node refuses it from its next heartbeat")
+    return 0
+
+
 # --- status -------------------------------------------------------------------------
 
 
@@ -324,7 +369,7 @@ def prefetch(args) -> int:
     body: dict = {"imi": name, "profile": bool(args.profile)}
     if version_text:
         body["version"] = _version(version_text)
-    cache = Api(args.cache, args.token, what="cache")
+    cache = Api(args.cache, _credentials(args), what="cache")
     job = cache.call("POST", PREFETCH_ROUTE, body)
     bar = tqdm(desc=f"pre-staging {name}", total=job.get("blocks"), unit="block", disable=not _interactive())
     try:

@@ -13,10 +13,16 @@ import sys
 
 from icbdcore.errors import CliError
 
+# Commands that keep running: a token given to them on the command line is
+# moved into their environment at once (see _token_out_of_argv).
+DAEMONS = ("master", "replica", "cache", "mount")
+
 EPILOG = """\
-environment: ICBD_MASTER (for --master), ICBD_TOKEN (for --token), ICBD_MASTER_KEY (for --master-key)
+environment: ICBD_MASTER (for --master), ICBD_TOKEN (for --token), ICBD_CA (for --ca),
+  ICBD_MASTER_KEY (for --master-key)
 examples:
-  icbd master --data /srv/icbd --listen 0.0.0.0:7400
+  icbd master --data /srv/icbd --listen 0.0.0.0:7400 --token-file /etc/icbd/admin.token \\
+      --source-root /srv/trees
   icbd --master http://master:7400 key show
   icbd --master http://master:7400 imi create desktop --from /srv/trees/desktop
   icbd --master http://master:7400 imi publish desktop --message "security fixes"
@@ -39,10 +45,20 @@ def _size(text: str) -> int:
 
 
 def _connection_options(p: argparse.ArgumentParser, *, master: bool = True) -> None:
-    """--master and --token are global, but also accepted after the subcommand."""
+    """--master, --token, --token-file and --ca are global, but also accepted
+    after the subcommand of the commands that run (nodes and mounts)."""
     if master:
         p.add_argument("--master", default=argparse.SUPPRESS, metavar="URL", help="the master's URL (env ICBD_MASTER)")
-    p.add_argument("--token", default=argparse.SUPPRESS, metavar="T", help="the shared token (env ICBD_TOKEN)")
+    _credential_options(p, default=argparse.SUPPRESS)
+
+
+def _credential_options(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("--token", default=default, metavar="T",
+                   help="this caller's token (env ICBD_TOKEN); daemons move it out of their command line")
+    p.add_argument("--token-file", default=default, metavar="FILE", help="read the token from FILE (preferred)")
+    p.add_argument("--ca", default=default, metavar="FILE",
+                   help="verify https servers against the CA certificate(s) in FILE (env ICBD_CA; "
+                   "default: the system's trust store)")
 
 
 def _trust_options(p: argparse.ArgumentParser) -> None:
@@ -57,6 +73,8 @@ def _node_options(p: argparse.ArgumentParser, *, needs_master: bool) -> None:
     p.add_argument("--data", required=True, metavar="DIR", help="the node's data folder")
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve HTTP on")
     p.add_argument("--advertise", metavar="URL", help="URL other nodes use to reach this one (default: from --listen)")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve https only, with this PEM certificate chain")
+    p.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
     if needs_master:
         p.add_argument("--site", required=True, help="the site this node serves")
     p.add_argument("--heartbeat", type=float, default=2.0, metavar="S", help="seconds between heartbeats (default 2)")
@@ -73,8 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--master", default=os.environ.get("ICBD_MASTER"), metavar="URL",
                         help="the master's URL (env ICBD_MASTER)")
-    parser.add_argument("--token", default=os.environ.get("ICBD_TOKEN"), metavar="T",
-                        help="the shared token (env ICBD_TOKEN)")
+    _credential_options(parser, default=None)
     parser.add_argument("--master-key", default=os.environ.get("ICBD_MASTER_KEY"), metavar="KEY|FILE",
                         help="replicas, caches and mounts: the master's public key (`icbd key show`), "
                         "or a file holding it (env ICBD_MASTER_KEY)")
@@ -92,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="silence after which a node is suspect (default 6)")
     p.add_argument("--down-after", type=float, default=15.0, metavar="S",
                    help="silence after which a node is down (default 15)")
+    p.add_argument("--source-root", action="append", metavar="DIR",
+                   help="imi create --from takes only paths below DIR (repeatable; without it, create is refused)")
     p.set_defaults(handler="replicator.master:run")
 
     p = sub.add_parser("replica", help="run a replica node that holds subscribed iMIs")
@@ -200,6 +219,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--node", required=True, metavar="ID")
         p.set_defaults(handler=f"icbd.admin:{verb}")
 
+    token = sub.add_parser("token", help="issue, list and revoke tokens (admin)").add_subparsers(
+        dest="action", metavar="ACTION")
+    token.required = True
+    p = token.add_parser("create", help="issue a new token and print it (shown this once)")
+    p.add_argument("--role", required=True, choices=("admin", "node", "reader"),
+                   help="reader: what a mount needs; node: replicas and caches; admin: everything")
+    p.add_argument("--name", metavar="NAME", help="a name to list and revoke it by (default: generated)")
+    p.set_defaults(handler="icbd.admin:token_create")
+    p = token.add_parser("list", help="list tokens: names, roles, when issued")
+    p.set_defaults(handler="icbd.admin:token_list")
+    p = token.add_parser("revoke", help="revoke a token: every node refuses it within a heartbeat")
+    p.add_argument("name")
+    p.set_defaults(handler="icbd.admin:token_revoke")
+
     p = sub.add_parser("status", help="nodes, liveness, versions held, transfers")
     p.add_argument("--watch", action="store_true", help="keep showing, with progress bars for transfers")
     p.add_argument("--interval", type=float, default=1.0, metavar="S")
@@ -237,7 +270,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _token_out_of_argv(argv: list[str]) -> list[str] | None:
+    """`argv` without its --token options, or None if it has none.
+
+    Every user of the host can read a process's command line
+    (/proc/PID/cmdline, ps); a daemon lives for months, so it must not keep
+    a token there. Only the exact forms count: any abbreviation of --token is
+    also one of --token-file, which argparse refuses as ambiguous."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    kept, found, i = [], False, 0
+    while i < end:
+        arg = argv[i]
+        if arg == "--token" and i + 1 < end:
+            found, i = True, i + 2
+            continue
+        if arg.startswith("--token="):
+            found, i = True, i + 1
+            continue
+        kept.append(arg)
+        i += 1
+    return kept + argv[end:] if found else None
+
+
+def _reexec_without_token(argv: list[str], token: str) -> None:
+    """Start this command again, the token in ICBD_TOKEN instead of argv (same pid)."""
+    stripped = _token_out_of_argv(argv)
+    assert stripped is not None
+    # sys.orig_argv holds the interpreter's own options and how the program was
+    # named (-m icbd.cli, or the icbd script), followed by `argv`.
+    head = sys.orig_argv[: len(sys.orig_argv) - len(sys.argv) + 1]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [*head, *stripped], {**os.environ, "ICBD_TOKEN": token})
+
+
+def _resolve_credentials(args) -> None:
+    """args.token from --token, --token-file or ICBD_TOKEN (in that order);
+    args.ca from --ca or ICBD_CA, checked now."""
+    token = getattr(args, "token", None)
+    token_file = getattr(args, "token_file", None)
+    if token and token_file:
+        raise CliError("give --token or --token-file, not both")
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                token = f.read(64 << 10).strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise CliError(f"cannot read the token file {token_file}: {getattr(error, 'strerror', None) or error}") \
+                from None
+        if not token or "\n" in token:
+            raise CliError(f"the token file {token_file} must hold one token on one line")
+    args.token = token or os.environ.get("ICBD_TOKEN") or None
+    args.ca = getattr(args, "ca", None) or os.environ.get("ICBD_CA") or None
+    if args.ca:
+        from icbdcore.clients import trust_context
+
+        trust_context(args.ca)  # a wrong file is a one-line error now, not a failure per call
+
+
 def main(argv: list[str] | None = None) -> int:
+    from_sys = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     # argparse cannot take a trailing free-form list after options, so what
     # follows `--` is split off here and handed to `icbd boot` as qemu arguments.
@@ -251,9 +343,13 @@ def main(argv: list[str] | None = None) -> int:
             args = None  # "boot" was a value of another command; parse as usual
     if args is None:
         args = build_parser().parse_args(argv)
-    module_name, func_name = args.handler.split(":")
-    handler = getattr(importlib.import_module(module_name), func_name)
+    if (from_sys and args.command in DAEMONS and getattr(args, "token", None)
+            and not getattr(args, "token_file", None) and _token_out_of_argv(argv) is not None):
+        _reexec_without_token(argv, args.token)
     try:
+        _resolve_credentials(args)
+        module_name, func_name = args.handler.split(":")
+        handler = getattr(importlib.import_module(module_name), func_name)
         return int(handler(args) or 0)
     except CliError as error:
         print(f"icbd: {error}", file=sys.stderr)

@@ -38,6 +38,7 @@ import trio
 
 from cache.group import CacheGroup
 from cache.site import SiteCache
+from icbdcore.clients import Credentials
 from icbdcore.errors import CliError, plain_errors
 from icbdcore.layout import Layout
 from icbdcore.logs import setup_logging
@@ -126,16 +127,19 @@ def _options(args) -> MountOptions:
 
 
 def _source_opener(args) -> SourceOpener:
-    token = args.token or ""
+    # A reader token is all a mount needs (an embedded cache's boot profiles
+    # reach the master only with a node token; through a cache server they
+    # travel under the server's own).
+    credentials = Credentials(args.token or None, ca=args.ca)
     master_key = master_key_argument(args)
     data_dir = Path(args.cache_dir or DEFAULT_CACHE_DIR).absolute()
     if args.cache:
         urls, timeout, site, fallback = list(dict.fromkeys(args.cache)), args.timeout, args.site, args.replica_fallback
-        return lambda: CacheGroup.open(urls, token, timeout, state_dir=data_dir, site=site,
+        return lambda: CacheGroup.open(urls, credentials, timeout, state_dir=data_dir, site=site,
                                        replica_fallback=fallback, master_key=master_key)
     if args.master:
         master, site, size = args.master, args.site, args.cache_size
-        return lambda: SiteCache.open(data_dir, master, token, site, size, master_key=master_key)
+        return lambda: SiteCache.open(data_dir, master, credentials, site, size, master_key=master_key)
     raise CliError(
         "say where to read iMIs from: --cache URL (a site cache server; repeat it for several) "
         "or --master URL (embedded cache, blocks kept in --cache-dir)"

@@ -1,9 +1,10 @@
 """The HTTP side every node shares: a Starlette app served by hypercorn on
-trio, JSON errors for every failure, the token check, and the answers for
-immutable objects.
+trio (over TLS when the node has a certificate), JSON errors for every
+failure, credentials and roles, and the answers for immutable objects.
 
-Every route under /v1 needs the token (`Authorization: Bearer T`); `GET /`,
-the node's status, is open. A bad request gets a 4xx with `{"error": ...}`,
+Every route under /v1/ needs a credential (`Authorization: Bearer T`) and
+declares the role it needs where it is declared (`Endpoint`); `GET /`, the
+node's status, is open. A bad request gets a 4xx with `{"error": ...}`,
 never a 5xx; a 5xx means a bug or a failing disk, and is logged.
 
 Connections are bounded: at most `max_connections` at once (beyond it a new
@@ -17,12 +18,15 @@ and the node keeps the rest for its own files and requests.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
 import logging
 import resource
+import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
+from typing import Protocol
 
 import hypercorn.config
 import trio
@@ -36,9 +40,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .wire import API, DIGEST_HEADER, IMMUTABLE, InvalidInput, Refused, error_body
+from .auth import READER, ROLES, Identity
+from .errors import CliError
+from .wire import API, AUTH_ROUTE, DIGEST_HEADER, IMMUTABLE, InvalidInput, Refused, error_body
 
 log = logging.getLogger(__name__)
+
+Handler = Callable[[Request], Awaitable[Response]]
 
 MAX_JSON_BODY = 1 << 20
 # A JSON body (a profile may be 16 MiB) arrives whole within this, or 408.
@@ -181,26 +189,104 @@ async def _on_crash(request: Request, exc: Exception) -> Response:
     return _error(500, f"internal error: {type(exc).__name__}")
 
 
-class TokenGuard:
-    """ASGI middleware: every /v1 route needs the shared token."""
+OPEN = None  # the role of a route anyone may call: only outside /v1/
+IDENTITY = "icbd.identity"  # the scope key under which the guard leaves the caller's Identity
 
-    def __init__(self, app, token: str):
+
+class Guard:
+    """ASGI middleware: who is calling, for every route under /v1/.
+
+    No credential, or one the node's token table does not hold (unknown or
+    revoked): 401, before any route is looked up. A node that has never had
+    a table from its master cannot tell: 503. What the caller may do is the
+    route's business (`Endpoint`): 403 there.
+    """
+
+    def __init__(self, app, tokens: TokenLookup):
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.tokens = tokens
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith(API):
+        if scope["type"] == "http" and _guarded(scope["path"]):
+            # The last Authorization header counts, as in every client library.
             given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                response = _error(401, "missing or wrong token (--token / ICBD_TOKEN)")
+            scheme, _, token = given.partition(b" ")
+            identity = None
+            if scheme.lower() == b"bearer" and token:
+                identity = self.tokens.identify(token.strip().decode("latin-1"))
+            if identity is None:
+                if not given:
+                    status, message = 401, "no credential: give a token (--token-file, --token or ICBD_TOKEN)"
+                elif not self.tokens.ready:
+                    status, message = 503, "this node has no token table from its master yet; retry shortly"
+                else:
+                    status, message = 401, "unknown or revoked token"
+                response = _error(status, message)
+                if status == 401:
+                    response.headers["WWW-Authenticate"] = "Bearer"
                 await response(scope, receive, send)
                 return
+            scope[IDENTITY] = identity
         await self.app(scope, receive, send)
 
 
-def build_app(routes: list[Route], token: str) -> TokenGuard:
+def _guarded(path: str) -> bool:
+    return path == API or path.startswith(API + "/")
+
+
+class TokenLookup(Protocol):
+    ready: bool
+
+    def identify(self, token: str) -> Identity | None: ...
+
+
+class Endpoint(Route):
+    """A route and the role it needs, declared together in each node's route
+    table: `Endpoint("GET", IMIS_ROUTE, self.list_imis, READER)`. Every route
+    under /v1/ needs one (build_app refuses a table that lacks one); only
+    routes outside it (`GET /`) may be OPEN."""
+
+    def __init__(self, methods: str | tuple[str, ...], path: str, handler: Handler, role: str | None):
+        if _guarded(path) and role not in ROLES:
+            raise ValueError(f"{path} is under {API}/ and needs a role, one of {', '.join(ROLES)}")
+        if not _guarded(path) and role is not OPEN:
+            raise ValueError(f"{path} is outside {API}/, where no credential is checked: declare it OPEN")
+        methods = (methods,) if isinstance(methods, str) else methods
+        super().__init__(path, _needs(role, handler) if role else handler, methods=list(methods))
+        self.role = role
+
+
+def _needs(role: str, handler: Handler) -> Handler:
+    async def authorized(request: Request) -> Response:
+        identity = request.scope.get(IDENTITY)
+        if identity is None:  # no Guard in front: never serve a guarded route unguarded
+            raise Refused(401, "no credential")
+        if not identity.may(role):
+            raise Refused(403, f"{request.method} {request.url.path} needs the {role} role; "
+                          f"token {identity.name!r} has the {identity.role} role")
+        return await handler(request)
+
+    return authorized
+
+
+async def whoami(request: Request) -> Response:
+    """`GET /v1/auth`: the role and name of the presented token (for a proxy's auth_request)."""
+    identity = request.scope[IDENTITY]
+    return json_response({"role": identity.role, "name": identity.name})
+
+
+def endpoints(routes: list[Endpoint]) -> list[Endpoint]:
+    """A node's route table as served: its own routes and `GET /v1/auth`."""
+    table = [*routes, Endpoint("GET", AUTH_ROUTE, whoami, READER)]
+    for route in table:
+        if not isinstance(route, Endpoint):
+            raise TypeError(f"{route.path} is not declared with its role (use Endpoint)")
+    return table
+
+
+def build_app(routes: list[Endpoint], tokens: TokenLookup) -> Guard:
     app = Starlette(
-        routes=routes,
+        routes=endpoints(routes),
         exception_handlers={
             HTTPException: _on_http_exception,
             Refused: _on_refused,
@@ -208,7 +294,34 @@ def build_app(routes: list[Route], token: str) -> TokenGuard:
             Exception: _on_crash,
         },
     )
-    return TokenGuard(app, token)
+    return Guard(app, tokens)
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """A server's certificate chain and private key (PEM files): with them it
+    serves https only."""
+
+    cert: str
+    key: str
+
+    @classmethod
+    def from_options(cls, cert: str | None, key: str | None) -> ServerTls | None:
+        """From --tls-cert and --tls-key: both or neither; checked now, so a
+        wrong file is a one-line error at start, not a failure per connection."""
+        if not cert and not key:
+            return None
+        if not cert or not key:
+            raise CliError("give both --tls-cert FILE and --tls-key FILE (or neither, for plain http)")
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+        except ssl.SSLError as error:  # an OSError too: first
+            raise CliError(f"--tls-cert {cert} / --tls-key {key} are not a PEM certificate chain and "
+                           f"its private key ({error.reason or error})") from None
+        except OSError as error:
+            raise CliError(f"cannot read the TLS certificate or key: {error.strerror or error}: "
+                           f"{getattr(error, 'filename', None) or cert}") from None
+        return cls(str(Path(cert).absolute()), str(Path(key).absolute()))
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -218,13 +331,16 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def url_for_listen(listen: str) -> str:
+def url_for_listen(listen: str, tls: ServerTls | None = None) -> str:
+    """The URL others reach a node at, when it is not given (--advertise)."""
     host, port = parse_listen(listen)
     if host in ("0.0.0.0", "::"):
         import socket
 
         host = socket.getfqdn()
-    return f"http://{host}:{port}"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if tls else 'http'}://{host}:{port}"
 
 
 async def serve(
@@ -232,11 +348,14 @@ async def serve(
     listen: str,
     shutdown: trio.Event,
     *,
+    tls: ServerTls | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
     max_connections: int | None = None,
 ) -> None:
     """Serve `app` on `listen` until `shutdown` is set, with at most
-    `max_connections` connections at once (default: connection_cap())."""
+    `max_connections` connections at once (default: connection_cap()):
+    https only if `tls` is given (every connection is wrapped; a plain-http
+    client fails the handshake)."""
     host, port = parse_listen(listen)
     config = hypercorn.config.Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
@@ -249,6 +368,10 @@ async def serve(
     # before the app sees it. It checks between reads of up to 64 KiB, so the
     # largest head taken is about twice this (measured: 130 KB in, 140 KB out).
     config.h11_max_incomplete_size = 64 * 1024
+    if tls is not None:
+        config.certfile, config.keyfile = tls.cert, tls.key
+        # HTTP/1.1 only, as over plain http: the same parser, with the same bounds.
+        config.alpn_protocols = ["http/1.1"]
     await _serve_bounded(app, config, shutdown, max_connections or connection_cap(), task_status)
 
 
@@ -361,5 +484,3 @@ async def _serve_bounded(app, config: hypercorn.config.Config, shutdown: trio.Ev
             await context.terminated.set()
             connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
 
-
-Handler = Callable[[Request], Awaitable[Response]]

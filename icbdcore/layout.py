@@ -37,6 +37,9 @@ class Layout:
         self.nodes_file = root / "nodes.json"  # master: registrations and subscriptions
         self.catalog_file = root / "catalog.json"  # replica, cache: the last catalogue seen
         self.transfers_file = root / "transfers.json"  # replica: recent transfers
+        self.tokens_file = root / "tokens.json"  # master: issued tokens (SHA-256 hashes, never tokens)
+        self.token_table_file = root / "token-table.json"  # replica, cache: the master's token table
+        self.keys = root / "keys"  # master: its Ed25519 signing key (master.key 0600, master.pub)
         # cache servers and mounts' embedded caches
         self.blocks = root / "blocks"  # the BlockStore
         self.cached_manifests = root / "manifests"

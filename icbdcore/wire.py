@@ -6,8 +6,10 @@ header or a name rule of its own. Manifests are in manifest.py.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable
+from urllib.parse import quote, urlsplit
 
 import blake3
 
@@ -74,6 +76,57 @@ def check_role(role: object) -> str:
     if role not in ROLES:
         raise InvalidInput(f"invalid role {role!r}: one of {', '.join(ROLES)}")
     return role  # type: ignore[return-value]
+
+
+_HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?\Z")
+MAX_URL = 512
+
+
+def check_node_url(url: object) -> str:
+    """A node's URL as others will call it: http or https, a host name or an IP
+    address, an optional port from 1 to 65535, and nothing else (no user, no
+    path but an empty one, no query, no fragment). A URL that points a node's
+    callers anywhere but at a node's root is refused."""
+    if not isinstance(url, str) or not url.isascii() or not url.isprintable() or len(url) > MAX_URL:
+        raise InvalidInput(f"invalid node URL {str(url)[:100]!r}: an http:// or https:// URL of printable ASCII")
+    problem = _url_problem(url)
+    if problem:
+        raise InvalidInput(f"invalid node URL {url!r}: {problem}")
+    return url
+
+
+def _url_problem(url: str) -> str | None:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "its host or port is malformed (the port must be a number from 1 to 65535)"
+    if parts.scheme not in ("http", "https"):
+        return "the scheme must be http or https"
+    if "@" in parts.netloc:
+        return "it must not hold a user name or password"
+    if parts.path:
+        return "it must not have a path (give the node's root: SCHEME://HOST[:PORT])"
+    if "?" in url or "#" in url:
+        return "it must not have a query or a fragment"
+    if port == 0 or parts.netloc.endswith(":"):
+        return "its port is not a number from 1 to 65535"
+    host = parts.hostname
+    if not host:
+        return "it has no host"
+    if not _is_host(host, bracketed=parts.netloc.startswith("[")):
+        return f"{host!r} is neither a host name nor an IP address"
+    return None
+
+
+def _is_host(host: str, bracketed: bool) -> bool:
+    if bracketed:
+        try:
+            return ipaddress.ip_address(host).version == 6
+        except ValueError:
+            return False
+    return bool(_HOSTNAME.match(host))
 
 
 def parse_version(value: object) -> int:
@@ -182,6 +235,9 @@ NOTIFY_ROUTE = API + "/notify"
 KEY_ROUTE = API + "/key"  # the master's public key (a cache server answers with the key it trusts)
 PREFETCH_ROUTE = API + "/prefetch"
 PREFETCH_JOB_ROUTE = PREFETCH_ROUTE + "/{job_id}"
+AUTH_ROUTE = API + "/auth"
+TOKENS_ROUTE = API + "/tokens"
+TOKEN_ROUTE = TOKENS_ROUTE + "/{token_name}"
 
 
 def imi_path(name: str) -> str:
@@ -239,6 +295,10 @@ def node_path(node_id: str) -> str:
 
 def heartbeat_path(node_id: str) -> str:
     return HEARTBEAT_ROUTE.format(node_id=check_node_id(node_id))
+
+
+def token_path(name: str) -> str:
+    return TOKEN_ROUTE.format(token_name=quote(name, safe=""))
 
 
 def prefetch_job_path(job_id: int) -> str:

@@ -1,10 +1,11 @@
 """The master node: repository, name server, keep-alive, version streams,
-fan-out to subscribed replicas, and the admin API.
+fan-out to subscribed replicas, the admin API, and the tokens every node
+checks.
 
 It holds the Ed25519 key every other tier checks (DATA/keys/, made at first
 start) and signs with it the catalogue (catalogue.py), every version record
-(repository.py), every stream record (streams.py) and every boot profile it
-stores (here)."""
+(repository.py), every stream record (streams.py), every boot profile it
+stores (here) and the token table it hands its nodes (tokens.py)."""
 
 from __future__ import annotations
 
@@ -15,15 +16,15 @@ import httpx
 import trio
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
 
 from icbdcore import http
+from icbdcore.auth import ADMIN, NODE, READER
 from icbdcore.clients import Credentials, async_client
 from icbdcore.errors import CliError
-from icbdcore.http import json_body, json_response
+from icbdcore.http import OPEN, Endpoint, json_body, json_response
 from icbdcore.layout import DATA_FORMAT, Layout
 from icbdcore.logs import setup_logging
-from icbdcore.node import require_token, run_until_signal
+from icbdcore.node import TABLE_HELD, TABLE_SENT, advertised_url, require_token, run_until_signal
 from icbdcore.records import read_json, write_json
 from icbdcore.signing import SigningKey
 from icbdcore.wire import (
@@ -43,11 +44,14 @@ from icbdcore.wire import (
     STREAM_ID_HEADER,
     STREAM_ROUTE,
     SUBSCRIPTIONS_ROUTE,
+    TOKEN_ROUTE,
+    TOKENS_ROUTE,
     UPDATE_ROUTE,
     VERSION_ROUTE,
     Refused,
     check_digest,
     check_name,
+    check_node_url,
     parse_version,
 )
 
@@ -58,13 +62,17 @@ from .conversion import convert_format1
 from .nameserver import ALIVE, NameServer, UnknownNode
 from .readroutes import read_routes
 from .repository import Repository, RepositoryError
+from .sources import SourceRoots
 from .streams import SendsBusy, SendSpools, Spool, range_start
+from .tokens import TokenStore
 
 log = logging.getLogger(__name__)
 
 MASTER_ID = "master"
 MAX_PROFILE_BODY = 16 << 20
 NOTIFY_TIMEOUT = 3.0
+# Issued tokens are 43 characters (256 bits); the master's own is chosen by a person.
+STRONG_TOKEN = 32
 
 
 class Master:
@@ -80,17 +88,23 @@ class Master:
         chunk_size: int = 1 << 20,
         suspect_after: float = 6.0,
         down_after: float = 15.0,
+        source_roots: SourceRoots | None = None,
+        tls: http.ServerTls | None = None,
+        ca: str | None = None,
     ):
         self.data = data
         self.listen = listen
-        self.token = token
-        self.url = url or http.url_for_listen(listen)
+        self.tls = tls
+        self.ca = ca
+        self.url = url or http.url_for_listen(listen, tls)
         self.site = site
         self.image_size = image_size
         self.layout = Layout(data)
         self.chunk_size = chunk_size
         self.names = NameServer(self.layout.nodes_file, suspect_after, down_after)
         self.blocks = BlockIndex(self.layout)
+        self.sources = source_roots or SourceRoots([], data)
+        self.tokens = TokenStore(self.layout.tokens_file, token)
         # Made in run(), once DATA (perhaps a btrfs image mounted on it) is there.
         self.key: SigningKey
         self.repo: Repository
@@ -111,19 +125,29 @@ class Master:
         self.catalogue.bump("started")
         self.names.load()
         self.spools.load()
+        self.tokens.sign = self.key.sign
+        self.tokens.load()
         for imi in self.repo.imis.values():
             for version in imi.versions:
                 self.blocks.add(imi.name, version, self.repo.manifest(imi.name, version))
-        client = async_client(Credentials(self.token, MASTER_ID), timeout=NOTIFY_TIMEOUT)
+        # The master calls its nodes with a node credential of its own, never
+        # with its admin token: the URLs it calls are the ones nodes registered.
+        client = async_client(Credentials(self.tokens.notify_token, MASTER_ID, self.ca), timeout=NOTIFY_TIMEOUT)
         async with client, trio.open_nursery() as nursery:
             self._http = client
             self._nursery = nursery
             await nursery.start(self.spools.run)
             nursery.start_soon(self.names.watch)
             nursery.start_soon(self.catalogue.keep_fresh)
-            log.info("master on %s (data %s, key %s)", self.listen, self.data, self.key.public.text)
+            log.info("master on %s (data %s; %s; key %s)", self.listen, self.data,
+                     "https" if self.tls else "plain http", self.key.public.text)
+            if self.sources.roots:
+                log.info("imi create takes sources below %s", self.sources.describe())
+            else:
+                log.info("no --source-root: imi create is refused")
             # serve() returns once SIGINT/SIGTERM closed the server; then stop the rest.
-            await http.serve(http.build_app(self.routes(), self.token), self.listen, shutdown, task_status=task_status)
+            await http.serve(http.build_app(self.routes(), self.tokens.table), self.listen, shutdown,
+                             tls=self.tls, task_status=task_status)
             nursery.cancel_scope.cancel()
         log.info("master stopped")
 
@@ -184,7 +208,7 @@ class Master:
         source = body.get("from")
         if not isinstance(source, str) or not source or "\0" in source:
             raise Refused(400, "'from' must be a path on the master host")
-        await self.repo.create(name, Path(source))
+        await self.repo.create(name, self.sources.check(source))
         self.catalogue.bump("created " + name)
         return json_response(self._imi_doc(name), status=201)
 
@@ -194,7 +218,7 @@ class Master:
         source = body.get("from")
         if not isinstance(source, str) or not source or "\0" in source:
             raise Refused(400, "'from' must be a path on the master host")
-        await self.repo.update(name, Path(source))
+        await self.repo.update(name, self.sources.check(source))
         return json_response(self._imi_doc(name))
 
     async def get_imi(self, request: Request) -> Response:
@@ -365,6 +389,7 @@ class Master:
         body = await json_body(request)
         if body.get("id") == MASTER_ID:
             raise Refused(400, f"node id {MASTER_ID!r} is the master's")
+        check_node_url(body.get("url"))
         try:
             node = self.names.register(body.get("id"), body.get("role"), body.get("site"), body.get("url"))
         except (ValueError, TypeError) as error:
@@ -374,6 +399,7 @@ class Master:
     async def heartbeat(self, request: Request) -> Response:
         node_id = request.path_params["node_id"]
         body = await json_body(request)
+        held = body.get(TABLE_HELD)  # kept in the status: shows how far a revocation got
         try:
             node = self.names.heartbeat(node_id, body)
         except UnknownNode:
@@ -385,6 +411,9 @@ class Master:
         reply = {"state": self.names.state(node), "subscriptions": subscriptions}
         if body.get("catalog_serial") != self.catalogue.serial:
             reply["catalog"] = self.catalogue.doc
+        table = self.tokens.table_doc()
+        if held != {"id": table["id"], "serial": table["serial"]}:
+            reply[TABLE_SENT] = table  # only when the node holds another one: it may be long
         return json_response(reply)
 
     async def forget_node(self, request: Request) -> Response:
@@ -421,47 +450,77 @@ class Master:
         self._notify([self.names.nodes[node]], name)
         return json_response({"imi": name, "node": node, "subscribed": False})
 
+    # --- tokens ------------------------------------------------------------------
+
+    async def list_tokens(self, request: Request) -> Response:
+        return json_response({"tokens": self.tokens.describe(), "serial": self.tokens.serial})
+
+    async def create_token(self, request: Request) -> Response:
+        body = await json_body(request)
+        role = body.get("role")
+        name, token = self.tokens.create(role, body.get("name"))
+        return json_response({"token": token, "role": role, "name": name}, status=201)
+
+    async def revoke_token(self, request: Request) -> Response:
+        name = request.path_params["token_name"]
+        self.tokens.revoke(name)
+        return json_response({"revoked": name})
+
     # --- routes ------------------------------------------------------------------
 
-    def routes(self) -> list[Route]:
+    def routes(self) -> list[Endpoint]:
+        """Every route of the master and the role it needs (docs/API.md)."""
         return [
-            Route("/", self.status, methods=["GET"]),
-            Route(IMIS_ROUTE, self.list_imis, methods=["GET"]),
-            Route(IMIS_ROUTE, self.create_imi, methods=["POST"]),
-            Route(KEY_ROUTE, self.get_key, methods=["GET"]),
-            Route(IMI_ROUTE, self.get_imi, methods=["GET"]),
-            Route(IMI_ROUTE, self.delete_imi, methods=["DELETE"]),
-            Route(PUBLISH_ROUTE, self.publish, methods=["POST"]),
-            Route(ROLLBACK_ROUTE, self.rollback, methods=["POST"]),
-            Route(UPDATE_ROUTE, self.update_imi, methods=["POST"]),
-            Route(VERSION_ROUTE, self.get_version, methods=["GET"]),
-            Route(STREAM_ROUTE, self.get_stream, methods=["GET"]),
-            Route(STREAM_DIGEST_ROUTE, self.get_stream_digest, methods=["GET"]),
-            Route(PROFILE_ROUTE, self.get_profile, methods=["GET"]),
-            Route(PROFILE_ROUTE, self.put_profile, methods=["PUT", "POST"]),
-            Route(NODES_ROUTE, self.list_nodes, methods=["GET"]),
-            Route(NODES_ROUTE, self.register_node, methods=["POST"]),
-            Route(HEARTBEAT_ROUTE, self.heartbeat, methods=["POST"]),
-            Route(NODE_ROUTE, self.forget_node, methods=["DELETE"]),
-            Route(SUBSCRIPTIONS_ROUTE, self.list_subscriptions, methods=["GET"]),
-            Route(SUBSCRIPTIONS_ROUTE, self.subscribe, methods=["POST"]),
-            Route(SUBSCRIPTIONS_ROUTE, self.unsubscribe, methods=["DELETE"]),
+            Endpoint("GET", "/", self.status, OPEN),
+            Endpoint("GET", IMIS_ROUTE, self.list_imis, READER),
+            Endpoint("POST", IMIS_ROUTE, self.create_imi, ADMIN),
+            Endpoint("GET", KEY_ROUTE, self.get_key, READER),
+            Endpoint("GET", IMI_ROUTE, self.get_imi, READER),
+            Endpoint("DELETE", IMI_ROUTE, self.delete_imi, ADMIN),
+            Endpoint("POST", PUBLISH_ROUTE, self.publish, ADMIN),
+            Endpoint("POST", ROLLBACK_ROUTE, self.rollback, ADMIN),
+            Endpoint("POST", UPDATE_ROUTE, self.update_imi, ADMIN),
+            Endpoint("GET", VERSION_ROUTE, self.get_version, READER),
+            Endpoint("GET", STREAM_ROUTE, self.get_stream, NODE),
+            Endpoint("GET", STREAM_DIGEST_ROUTE, self.get_stream_digest, NODE),
+            Endpoint("GET", PROFILE_ROUTE, self.get_profile, READER),
+            Endpoint(("PUT", "POST"), PROFILE_ROUTE, self.put_profile, NODE),
+            Endpoint("GET", NODES_ROUTE, self.list_nodes, READER),
+            Endpoint("POST", NODES_ROUTE, self.register_node, NODE),
+            Endpoint("POST", HEARTBEAT_ROUTE, self.heartbeat, NODE),
+            Endpoint("DELETE", NODE_ROUTE, self.forget_node, ADMIN),
+            Endpoint("GET", SUBSCRIPTIONS_ROUTE, self.list_subscriptions, READER),
+            Endpoint("POST", SUBSCRIPTIONS_ROUTE, self.subscribe, ADMIN),
+            Endpoint("DELETE", SUBSCRIPTIONS_ROUTE, self.unsubscribe, ADMIN),
+            Endpoint("GET", TOKENS_ROUTE, self.list_tokens, ADMIN),
+            Endpoint("POST", TOKENS_ROUTE, self.create_token, ADMIN),
+            Endpoint("DELETE", TOKEN_ROUTE, self.revoke_token, ADMIN),
             *read_routes(self._manifest, self.blocks),
         ]
 
 
 def run(args) -> int:
     setup_logging(args.log, args.verbose)
-    token = require_token(args.token)
+    token = require_token(args.token, "the master's own token is the admin credential: choose a long random "
+                          "one (e.g. `openssl rand -base64 32`) and give it to the admins")
+    if len(token) < STRONG_TOKEN:
+        log.warning("the admin token has only %d characters: every node holds its SHA-256, so whoever reads a "
+                    "node's token table can try to guess it offline; use %d or more random ones",
+                    len(token), STRONG_TOKEN)
+    data = Path(args.data).resolve()
+    tls = http.ServerTls.from_options(args.tls_cert, args.tls_key)
     master = Master(
-        Path(args.data).resolve(),
+        data,
         args.listen,
         token,
-        url=args.advertise,
+        url=advertised_url(args.advertise, args.listen, tls),
         image_size=args.image_size,
         chunk_size=args.chunk_size,
         suspect_after=args.suspect_after,
         down_after=args.down_after,
+        source_roots=SourceRoots.from_options(args.source_root or [], data),
+        tls=tls,
+        ca=args.ca,
     )
     return run_until_signal(master.run)
 

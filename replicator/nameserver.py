@@ -18,7 +18,7 @@ from pathlib import Path
 import trio
 
 from icbdcore.records import read_json, write_json
-from icbdcore.wire import check_name, check_node_id, check_role, check_site
+from icbdcore.wire import check_name, check_node_id, check_node_url, check_role, check_site
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,7 @@ class NameServer:
         check_node_id(node_id)
         check_role(role)
         check_site(site)
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")) or len(url) > 512:
-            raise ValueError(f"invalid node URL {url!r}")
+        check_node_url(url)
         node = self.nodes.get(node_id)
         if node is None or node.registration() != {"id": node_id, "role": role, "site": site, "url": url}:
             log.info("registered %s node %s at %s (site %s)", role, node_id, url, site)

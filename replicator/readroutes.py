@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
-from icbdcore.http import immutable_response
+from icbdcore.auth import READER
+from icbdcore.http import Endpoint, immutable_response
 from icbdcore.wire import (
     BLOCK_ROUTE,
     MANIFEST_ROUTE,
@@ -24,7 +24,7 @@ from .blockindex import BlockIndex
 ManifestLookup = Callable[[str, int], tuple[bytes, str] | None]  # -> (bytes, digest)
 
 
-def read_routes(manifests: ManifestLookup, blocks: BlockIndex) -> list[Route]:
+def read_routes(manifests: ManifestLookup, blocks: BlockIndex) -> list[Endpoint]:
     async def get_manifest(request: Request) -> Response:
         name = check_name(request.path_params["name"])
         version = parse_version(request.path_params["version"])
@@ -42,6 +42,6 @@ def read_routes(manifests: ManifestLookup, blocks: BlockIndex) -> list[Route]:
         return immutable_response(data, digest, "application/octet-stream")
 
     return [
-        Route(MANIFEST_ROUTE, get_manifest, methods=["GET"]),
-        Route(BLOCK_ROUTE, get_block, methods=["GET"]),
+        Endpoint("GET", MANIFEST_ROUTE, get_manifest, READER),
+        Endpoint("GET", BLOCK_ROUTE, get_block, READER),
     ]

@@ -264,14 +264,15 @@ class ResumeSpool:
 
 
 class Receiver:
-    def __init__(self, layout: Layout, master_url: str, token: str, node_id: str, spool_policy: str = "auto",
+    def __init__(self, layout: Layout, master_url: str, credentials: Credentials, spool_policy: str = "auto",
                  trust: Trust | None = None):
+        """`credentials` are the replica's, with its node id (streams are for registered nodes)."""
         if spool_policy not in SPOOL_POLICIES:
             raise ValueError(f"resume spool policy must be one of {SPOOL_POLICIES}")
         self.spool_policy = spool_policy
         self.layout = layout
         self.master_url = master_url.rstrip("/")
-        self.pool = pool(Credentials(token, node_id), maxsize=4, num_pools=4)
+        self.pool = pool(credentials, maxsize=4, num_pools=4)
         self._limiter = trio.CapacityLimiter(2)
         assert trust is not None, "a receiver believes only what the master signed"
         self.trust = trust

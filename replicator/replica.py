@@ -18,17 +18,24 @@ import httpx
 import trio
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from icbdcore import http
+from icbdcore.auth import NODE, READER, BadTable, NodeTokens
 from icbdcore.catalog import Catalog, ImiInfo
 from icbdcore.clients import Credentials, async_client
 from icbdcore.errors import CliError
-from icbdcore.http import json_body, json_response
+from icbdcore.http import OPEN, Endpoint, json_body, json_response
 from icbdcore.layout import DATA_FORMAT, Layout
 from icbdcore.logs import setup_logging
 from icbdcore.manifest import MAX_MANIFEST, Manifest, VersionRecord
-from icbdcore.node import Membership, describe_error, node_id, require_token, run_until_signal
+from icbdcore.node import (
+    Membership,
+    advertised_url,
+    describe_error,
+    node_id,
+    require_token,
+    run_until_signal,
+)
 from icbdcore.records import read_capped, read_json, write_json
 from icbdcore.signing import PublicKey, Untrusted
 from icbdcore.trust import SignedCatalog, Trust, master_key_argument
@@ -42,6 +49,9 @@ from .receiver import ReceiveFailed, Receiver, Transfer
 log = logging.getLogger(__name__)
 
 TRANSFERS_KEPT = 20
+# How long a first start waits for the master's token table before serving
+# (answering 503 to credentials until it comes).
+STARTUP_WAIT = 10.0
 RETRY_MIN, RETRY_MAX = 1.0, 60.0
 POLL = 10.0
 
@@ -52,7 +62,7 @@ class Replica:
         data: Path,
         listen: str,
         master_url: str,
-        token: str,
+        credentials: Credentials,
         site: str,
         *,
         name: str | None = None,
@@ -61,21 +71,25 @@ class Replica:
         image_size: int = 64 << 30,
         heartbeat: float = 2.0,
         resume_spool: str = "auto",
+        tls: http.ServerTls | None = None,
         master_key: PublicKey | None = None,
     ):
         self.data = data
         self.listen = listen
         self.master_url = master_url.rstrip("/")
-        self.token = token
+        self.credentials = credentials
         self.site = check_site(site)
         self.given_name = name
-        self.url = url or http.url_for_listen(listen)
+        self.tls = tls
+        self.url = url or http.url_for_listen(listen, tls)
         self.keep = max(1, keep)
         self.image_size = image_size
         self.heartbeat_interval = heartbeat
         self.resume_spool = resume_spool
         self.layout = Layout(data)
         self.master_key = master_key
+        # The master's table of tokens, believed only with its signature.
+        self.tokens = NodeTokens(self.layout.token_table_file, verify=self._verify_table)
         self.blocks = BlockIndex(self.layout)
         self.held: dict[str, dict[int, VersionRecord]] = {}  # name -> version -> record
         self.trust: Trust | None = None  # made in run(), once DATA is there
@@ -98,11 +112,13 @@ class Replica:
         self.layout.mark_format()
         self.id = node_id(self.layout, "replica", self.given_name)
         self.trust = Trust(self.layout, self.master_key)
-        master = async_client(Credentials(self.token, self.id), self.master_url)
+        credentials = self.credentials.as_node(self.id)
+        master = async_client(credentials, self.master_url)
         self.master = master
         if self.trust.key is None and any(self.layout.imis.iterdir()):
             await self._first_contact()  # the records held must be checked against some key
-        self.receiver = Receiver(self.layout, self.master_url, self.token, self.id, self.resume_spool, self.trust)
+        self.tokens.load()
+        self.receiver = Receiver(self.layout, self.master_url, credentials, self.resume_spool, self.trust)
         await self.receiver.clean_incoming()
         await self._load_held()
         self.signed = self.trust.saved_catalog()
@@ -115,7 +131,7 @@ class Replica:
             self.transfers.append(_transfer_from_json(doc))
         self.membership = Membership(
             master, self.id, "replica", self.site, self.url, self.status_doc,
-            on_reply=self._on_heartbeat_reply, interval=self.heartbeat_interval,
+            on_reply=self._on_heartbeat_reply, interval=self.heartbeat_interval, tokens=self.tokens,
         )
         try:
             async with trio.open_nursery() as nursery:
@@ -123,8 +139,9 @@ class Replica:
                 nursery.start_soon(self.membership.run)
                 self._wake.set()  # resume what an earlier run left unfinished, now
                 nursery.start_soon(self._sync_loop)
-                await http.serve(http.build_app(self.routes(), self.token), self.listen, shutdown,
-                                 task_status=task_status)
+                await self.membership.ready(STARTUP_WAIT, shutdown)
+                await http.serve(http.build_app(self.routes(), self.tokens.table), self.listen, shutdown,
+                                 tls=self.tls, task_status=task_status)
                 nursery.cancel_scope.cancel()
         finally:
             await master.aclose()
@@ -183,6 +200,12 @@ class Replica:
             log.warning("cannot save %s: %s", path.name, error.strerror or error)
 
     # --- what the master says -------------------------------------------------------------
+
+    def _verify_table(self, doc: dict) -> dict:
+        key = self.trust.key if getattr(self, "trust", None) is not None else None
+        if key is None:
+            raise BadTable("the master's key is not known yet")
+        return key.verify(doc, "token table")
 
     async def _first_contact(self) -> None:
         """Without --master-key: take the master's key now (trust on first use)."""
@@ -439,11 +462,12 @@ class Replica:
             return None
         return read_capped(self.layout.manifest_file(name, version), MAX_MANIFEST), record.digest
 
-    def routes(self) -> list[Route]:
+    def routes(self) -> list[Endpoint]:
+        """Every route of a replica and the role it needs (docs/API.md)."""
         return [
-            Route("/", self.status, methods=["GET"]),
-            Route(NOTIFY_ROUTE, self.notify, methods=["POST"]),
-            Route(IMIS_ROUTE, self.list_imis, methods=["GET"]),
+            Endpoint("GET", "/", self.status, OPEN),
+            Endpoint("POST", NOTIFY_ROUTE, self.notify, NODE),
+            Endpoint("GET", IMIS_ROUTE, self.list_imis, READER),
             *read_routes(self._manifest, self.blocks),
         ]
 
@@ -465,10 +489,12 @@ def run(args) -> int:
     token = require_token(args.token)
     if not args.master:
         raise CliError("a replica needs --master URL (or ICBD_MASTER)")
+    tls = http.ServerTls.from_options(args.tls_cert, args.tls_key)
     replica = Replica(
-        Path(args.data).resolve(), args.listen, args.master, token, args.site,
-        name=args.name, url=args.advertise, keep=args.keep, image_size=args.image_size,
-        heartbeat=args.heartbeat, resume_spool=args.resume_spool, master_key=master_key_argument(args),
+        Path(args.data).resolve(), args.listen, args.master, Credentials(token, ca=args.ca), args.site,
+        name=args.name, url=advertised_url(args.advertise, args.listen, tls), keep=args.keep,
+        image_size=args.image_size, heartbeat=args.heartbeat, resume_spool=args.resume_spool, tls=tls,
+        master_key=master_key_argument(args),
     )
     return run_until_signal(replica.run)
 

@@ -12,7 +12,8 @@ normalised or refused by a client library first. Every answer must be
   for a block with a well-formed digest that no upstream holds (a gateway
   that cannot fetch, not a bad request; see docs/SECURITY.md);
 - for a 4xx, a JSON object with an "error" string (HEAD answers carry no body);
-- 401 for any /v1 route without the right token;
+- 401 for any route under /v1/ without a valid token (the requests carry the
+  admin token, or none, or a wrong one; roles are tests/test_roles.py's);
 - free of the marker planted in files outside the nodes' data folders;
 
 and the node must answer `GET /` afterwards. At the end: every node process
@@ -123,7 +124,7 @@ def check_reply(env: Env, node: str, reply: Reply, *, method: bytes, path_text: 
     if protocol:
         assert 400 <= reply.status < 500, f"{what}: {reply.status}"
     if not token_ok and not protocol:
-        if path_text.startswith("/v1"):
+        if path_text == "/v1" or path_text.startswith("/v1/"):
             assert reply.status == 401, f"{what}: {reply.status} without the token"
         elif reply.status < 400:
             assert path_text == "/", f"{what}: {reply.status} without the token"

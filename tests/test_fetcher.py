@@ -22,6 +22,7 @@ from cache.blockclient import BlockClient, CorruptBlock, HostFailure, NotHeld, U
 from cache.blockstore import BlockStore
 from cache.fetcher import Fetcher
 from cache.upstreams import Upstreams
+from icbdcore.clients import Credentials
 from icbdcore.source import Unavailable
 from icbdcore.wire import content_digest
 
@@ -112,7 +113,7 @@ def refused_url() -> str:
 
 @pytest.fixture
 def client():
-    c = BlockClient(TOKEN, connections=16, connect_timeout=1.0, read_timeout=5.0)
+    c = BlockClient(Credentials(TOKEN), connections=16, connect_timeout=1.0, read_timeout=5.0)
     yield c
     c.close()
 
@@ -153,7 +154,7 @@ async def test_client_classifies_failures(nursery, tmp_path, client):
             await client.fetch(server.url, digest, timeout=0.3)
     with pytest.raises(HostFailure):
         await client.fetch(refused_url(), digest)
-    wrong = BlockClient("another-token")
+    wrong = BlockClient(Credentials("another-token"))
     try:
         server.mode = "ok"
         with pytest.raises(HostFailure, match="refused our token"):

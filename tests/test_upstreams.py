@@ -14,6 +14,7 @@ from starlette.routing import Route
 
 from cache.blockclient import BlockClient, CorruptBlock, HostFailure, NotHeld
 from cache.upstreams import BACKOFF_CAP, Upstreams
+from icbdcore.clients import Credentials
 
 
 class Clock:
@@ -154,7 +155,7 @@ async def test_probe_measures_live_hosts_and_backs_off_dead_ones(nursery):
     live = {"id": "live", "role": "replica", "site": "b", "url": binds[0], "state": "alive"}
     dead = {"id": "dead", "role": "replica", "site": "a", "url": "http://127.0.0.1:9", "state": "alive"}
     ups.update([dead, live])
-    client = BlockClient("token-1234", connect_timeout=1.0)
+    client = BlockClient(Credentials("token-1234"), connect_timeout=1.0)
     try:
         await ups.probe(client, timeout=2.0)
     finally:
