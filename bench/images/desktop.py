@@ -12,8 +12,10 @@ UUID, hash seed and filesystem clock), so two releases of the image differ only
 in the blocks that really changed, as a delta transfer expects.
 
 The .deb files come from `apt-get download` once and are kept in a cache folder
-(default `<repo>/build/debs`), with the kernel package unpacked beside them;
-later builds need no network and take about 0.2 s.
+(default /var/cache/icbd/debs/small-desktop, shared by every checkout on the
+machine, or <repo>/build/debs/small-desktop where that cannot be written; see
+cache.py), with the kernel package unpacked beside them; later builds need no
+network and take about 0.2 s.
 
     python -m bench.images.desktop OUT [--label TEXT] [--filler BYTES]
 """
@@ -35,11 +37,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cache import deb_dir
+
 log = logging.getLogger(__name__)
 
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
-DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[2] / "build" / "debs"
+# The packages' cache folder is named for the recipe: a new recipe starts a new one.
+CACHE_RECIPE = "small-desktop"
 
 # What the initrd must load to mount /dev/vda, pvpanic first so that a panic in
 # any later step is reported to qemu (and `icbd boot` fails instead of
