@@ -3,7 +3,8 @@
     OUT/boot/vmlinuz       the kernel of linux-image-cloud-amd64
     OUT/boot/initrd.img    busybox-static, the modules that reach /dev/vda, an /init
     OUT/rootfs.img         raw ext4: busybox-static and an /sbin/init that prints
-                           "icbd-desktop: up, release LABEL", reads the root fs, powers off
+                           "icbd-desktop: up, release LABEL", reads the root fs, says
+                           "icbd-desktop: session up, release LABEL", powers off
     OUT/icbd-boot.toml     how `icbd boot` starts it
 
 The tree is what an admin would give `icbd imi create NAME --from OUT`. Every
@@ -112,6 +113,8 @@ files=$(find / -xdev -type f | wc -l)
 # (64 MiB: 2.3 s to /dev/null, 4.8 s through md5sum).
 find / -xdev -type f | xargs cat > /dev/null
 echo "icbd-desktop: read $files files"
+# Its session, such as it is, is up: the line `icbd boot --screenshot` waits for.
+echo "icbd-desktop: session up, release $(cat /etc/icbd-release)"
 # Hooks for tests, set on the kernel command line:
 #   icbd.scribble  write 1 MiB over the root disk, to show the desktop's
 #                  overlay takes the writes and the shared image does not change;
@@ -168,7 +171,7 @@ def build_desktop_tree(
         raise ValueError(f"label {label!r}: use 1-64 of A-Z a-z 0-9 . _ : + - and spaces")
     if filler_bytes < 0:
         raise ValueError("filler_bytes must be >= 0")
-    cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     kernel = unpacked_kernel(cache_dir)
     busybox = unpacked_busybox(cache_dir)
 
@@ -188,6 +191,11 @@ def build_desktop_tree(
 
 
 # ---- packages ---------------------------------------------------------------
+
+def default_cache_dir() -> Path:
+    """Where the .deb files are kept unless a caller says otherwise."""
+    return deb_dir(CACHE_RECIPE)
+
 
 def fetch_deb(package: str, cache_dir: Path) -> Path:
     """The .deb of `package` from the cache, downloaded with apt-get if absent.
@@ -425,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Build the sample desktop iMI tree in OUT_DIR.")
     parser.add_argument("out", metavar="OUT_DIR")
     parser.add_argument("--label", default="1", help="release label the guest prints (default 1)")
-    parser.add_argument("--cache-dir", type=Path, help=f"where .deb files are kept (default {DEFAULT_CACHE_DIR})")
+    parser.add_argument("--cache-dir", type=Path,
+                        help=f"where .deb files are kept (default {default_cache_dir()})")
     parser.add_argument("--filler", type=int, default=0, metavar="BYTES",
                         help="incompressible bytes the boot reads, to scale the working set")
     parser.add_argument("--rootfs-size", type=int, metavar="BYTES", help="size of rootfs.img")
