@@ -268,8 +268,10 @@ async def test_the_kernel_probe_is_bounded(mount, tmp_path):
 @pytest.mark.qemu
 def test_stop_when_ready_reads_block_stats_and_saves_the_screen(mount, tmp_path):
     shot = tmp_path / "screen.png"
+    # icbd.stay: the small desktop would otherwise power off right after its
+    # session line, racing the screenshot.
     result = boot(mount, "demo", 2, accel="tcg", timeout=120, overlay_dir=tmp_path / "ov",
-                  screen=Screen(screenshot=shot))
+                  overrides={"append": append_line(mount, 2, "icbd.stay")}, screen=Screen(screenshot=shot))
     assert (result.returncode, result.outcome) == (0, "ready"), result.message
     assert result.screenshot == shot and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "icbd-desktop: session up, release 2" in result.console_text
@@ -332,7 +334,7 @@ def test_cli_screenshot_and_display(mount, tmp_path):
     env = dict(os.environ, TMPDIR=str(tmp_path))
     shot = tmp_path / "shot.png"
     ok = icbd("boot", "demo@1", "--mount", str(mount), "--accel", "tcg", "--screenshot", str(shot),
-              "--display", "vnc=127.0.0.1:0,to=99", env=env)
+              "--display", "vnc=127.0.0.1:0,to=99", "--append", append_line(mount, 1, "icbd.stay"), env=env)
     out, err = ok.communicate(timeout=120)
     assert ok.returncode == 0, err
     assert "icbd-desktop: session up, release 1\n" in out

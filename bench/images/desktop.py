@@ -57,7 +57,7 @@ INITRD_MODULES = ("pvpanic-pci", "virtio_pci", "virtio_blk", "ext4")
 # Busybox applets the two init scripts call, as symlinks (cheaper at boot than
 # `busybox --install`).
 APPLETS = ("sh", "mount", "umount", "insmod", "usleep", "switch_root", "cat", "find", "wc",
-           "xargs", "poweroff", "dd")
+           "xargs", "poweroff", "dd", "sleep")
 
 FIXED_TIME = 1_700_000_000  # mtime of every file we write (2023-11-14), for reproducible images
 FS_UUID = uuid.uuid5(uuid.NAMESPACE_DNS, "rootfs.desktop.icbd")
@@ -118,10 +118,15 @@ echo "icbd-desktop: session up, release $(cat /etc/icbd-release)"
 # Hooks for tests, set on the kernel command line:
 #   icbd.scribble  write 1 MiB over the root disk, to show the desktop's
 #                  overlay takes the writes and the shared image does not change;
-#   icbd.panic     crash the kernel, to show a panic is told from a power-off.
+#   icbd.panic     crash the kernel, to show a panic is told from a power-off;
+#   icbd.stay      keep the session up until the host stops the guest, so that
+#                  `icbd boot --screenshot` is not racing the power-off.
 case " $(cat /proc/cmdline) " in *" icbd.scribble "*)
     dd if=/dev/urandom of=/dev/vda bs=64k count=16 seek=64 conv=fsync 2>/dev/null &&
         echo "icbd-desktop: scribbled 1 MiB on /dev/vda" ;;
+esac
+case " $(cat /proc/cmdline) " in *" icbd.stay "*)
+    while :; do sleep 3600; done ;;
 esac
 case " $(cat /proc/cmdline) " in *" icbd.panic "*)
     echo "icbd-desktop: panicking on request"
