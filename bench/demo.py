@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench.images.debian_desktop import Recipe, build_debian_desktop
 from bench.images.desktop import ImageBuildError, build_desktop_tree
-from harness.cluster import Cluster
+from harness.cluster import Cluster, wait_for
 from icbd.boot import Screen, boot
 
 OUT = Path("demo-out")
@@ -143,10 +143,10 @@ def main(argv: list[str] | None = None) -> int:
 
         step("mounting every iMI through the site cache (FUSE, read-only, lazy)")
         mount = cluster.mount("imis", cache=cache)
-        for _ in range(50):
-            if (mount.mountpoint / "desktop" / "latest").exists():
-                break
-            time.sleep(0.2)
+        latest = mount.mountpoint / "desktop" / "latest"
+        # The mount learns the catalogue from the cache server: wait until it shows release 2.
+        wait_for(lambda: latest.is_symlink() and os.readlink(latest) == "2", timeout=30,
+                 what="the mount to show release 2 as latest")
         say(f"$ ls {mount.mountpoint}/desktop  ->  {' '.join(sorted(os.listdir(mount.mountpoint / 'desktop')))}")
         say(f"$ readlink {mount.mountpoint}/desktop/latest  ->  {os.readlink(mount.mountpoint / 'desktop' / 'latest')}")
 
