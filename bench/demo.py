@@ -5,6 +5,12 @@ a bootable desktop iMI built from Debian packages, published and replicated,
 then changed and replicated again as a delta; the iMI mounted through the
 site cache; a desktop booted from the mount under qemu. Everything runs in a
 scratch folder that is removed afterwards (unless --keep).
+
+The desktop is the real one (bench/images/debian_desktop.py: systemd, Xorg,
+a window manager and a terminal) where it can be built here (root, mmdebstrap,
+the Debian mirror or its packages cached), booted to its session and saved as
+a screenshot in demo-out/; release 2 adds one package. Elsewhere it is the
+small busybox desktop (bench/images/desktop.py), which powers off once booted.
 """
 
 from __future__ import annotations
@@ -19,9 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.images.desktop import build_desktop_tree
-from harness.cluster import Cluster
-from icbd.boot import boot
+from bench.images.debian_desktop import Recipe, build_debian_desktop
+from bench.images.desktop import ImageBuildError, build_desktop_tree
+from harness.cluster import Cluster, wait_for
+from icbd.boot import Screen, boot
+
+OUT = Path("demo-out")
 
 
 def say(text: str = "") -> None:
@@ -46,10 +55,45 @@ def transfer_of(node, name: str, version: int) -> dict:
             and t["state"] == "done"][-1]
 
 
+class Desktop:
+    """The desktop the demo shows: the Debian one if it builds here, else the small one."""
+
+    def __init__(self, scratch: Path, small: bool) -> None:
+        self.scratch = scratch
+        self.real = not small
+        self.why_small = "asked for (--small)" if small else ""
+
+    def build(self, release: int) -> Path:
+        tree = self.scratch / f"desktop-tree-{release}"
+        if self.real:
+            recipe = Recipe(label=str(release)) if release == 1 else Recipe(
+                label=str(release), extra_packages=("hello",),
+                base=self.scratch / "desktop-tree-1" / "rootfs.img")
+            try:
+                info = build_debian_desktop(tree, recipe)
+                say(f"  {'from the build cache' if info.cached else 'built'} in {info.seconds:.1f} s: "
+                    f"{info.packages} packages, {info.files:,} files, "
+                    f"{info.used_bytes / 1e6:.0f} MB used in a {info.image_bytes / 1e6:.0f} MB image")
+                return tree
+            except ImageBuildError as error:
+                if release != 1:
+                    raise
+                self.real = False
+                self.why_small = str(error)
+                say(f"  cannot build the Debian desktop here ({error}): the small busybox desktop instead")
+        return build_desktop_tree(tree, label=str(release))
+
+    @property
+    def what(self) -> str:
+        return ("the Debian desktop (systemd, Xorg, twm, xterm)" if self.real
+                else "the small busybox desktop")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", action="store_true", help="leave the nodes running and the folder in place")
+    parser.add_argument("--small", action="store_true", help="the small busybox desktop even if the Debian one builds")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         say("the demo mounts btrfs images and a FUSE filesystem: run it as root")
@@ -58,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     cluster = Cluster(scratch, suspect_after=3, down_after=6, heartbeat=1)
     started = time.monotonic()
     try:
-        step("building a desktop iMI from Debian packages (linux-image-cloud-amd64, busybox-static)")
-        tree = build_desktop_tree(scratch / "desktop-tree", label="1")
+        desktop = Desktop(scratch, args.small)
+        step("building a desktop iMI from Debian packages")
+        tree = desktop.build(1)
+        say(f"  {desktop.what}:")
         for path in sorted(tree.rglob("*")):
             if path.is_file():
                 say(f"  {path.relative_to(tree)}  ({path.stat().st_size:,} bytes)")
@@ -79,33 +125,41 @@ def main(argv: list[str] | None = None) -> int:
         for replica in (near, far):
             run_icbd(cluster, "subscribe", "desktop", "--node", replica.id)
         for replica in (near, far):
-            cluster.wait_held(replica, "desktop", [1], timeout=120)
+            cluster.wait_held(replica, "desktop", [1], timeout=600)
         full = transfer_of(near, "desktop", 1)
 
-        step("release 2: a small change, published and replicated as a btrfs delta")
-        second = build_desktop_tree(scratch / "desktop-tree-2", label="2")
+        step("release 2: a small change (" + ("one more package, hello" if desktop.real else "its label")
+             + "), published and replicated as a btrfs delta")
+        second = desktop.build(2)
         work = Path(cluster.icbd("imi", "path", "desktop").stdout.strip())
         subprocess.run(["rsync", "-a", "--checksum", "--inplace", "--no-whole-file", "--delete",
                         f"{second}/", f"{work}/"], check=True)
         run_icbd(cluster, "imi", "publish", "desktop", "--message", "second release")
         for replica in (near, far):
-            cluster.wait_held(replica, "desktop", [1, 2], timeout=120)
+            cluster.wait_held(replica, "desktop", [1, 2], timeout=600)
         delta = transfer_of(near, "desktop", 2)
         run_icbd(cluster, "imi", "versions", "desktop")
         run_icbd(cluster, "status")
 
         step("mounting every iMI through the site cache (FUSE, read-only, lazy)")
         mount = cluster.mount("imis", cache=cache)
-        for _ in range(50):
-            if (mount.mountpoint / "desktop" / "latest").exists():
-                break
-            time.sleep(0.2)
+        latest = mount.mountpoint / "desktop" / "latest"
+        # The mount learns the catalogue from the cache server: wait until it shows release 2.
+        wait_for(lambda: latest.is_symlink() and os.readlink(latest) == "2", timeout=30,
+                 what="the mount to show release 2 as latest")
         say(f"$ ls {mount.mountpoint}/desktop  ->  {' '.join(sorted(os.listdir(mount.mountpoint / 'desktop')))}")
         say(f"$ readlink {mount.mountpoint}/desktop/latest  ->  {os.readlink(mount.mountpoint / 'desktop' / 'latest')}")
 
         step("booting a desktop from the mount (qemu, per-desktop overlay); its console:")
-        say(f"$ icbd boot desktop --mount {mount.mountpoint}")
-        result = boot(mount.mountpoint, "desktop", None, timeout=300, console=sys.stdout)
+        shot = (OUT / "desktop.png").absolute() if desktop.real else None
+        if shot is not None:
+            OUT.mkdir(exist_ok=True)
+            shot.unlink(missing_ok=True)
+            say(f"$ icbd boot desktop --mount {mount.mountpoint} --screenshot {shot}")
+        else:
+            say(f"$ icbd boot desktop --mount {mount.mountpoint}")
+        result = boot(mount.mountpoint, "desktop", None, timeout=900 if desktop.real else 300,
+                      console=sys.stdout, screen=Screen(screenshot=shot))
         cache_stats = cache.status()
 
         step("summary")
@@ -114,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
             "full_transfer_bytes": full["network_bytes"],
             "delta_transfer_bytes": delta["network_bytes"],
             "image_bytes": sum(p.stat().st_size for p in tree.rglob("*") if p.is_file()),
-            "boot": {"version": result.version, "outcome": result.outcome, "seconds": round(result.seconds, 2)},
+            "desktop": "debian" if desktop.real else "small",
+            "boot": {"version": result.version, "outcome": result.outcome, "seconds": round(result.seconds, 2),
+                     "session_seconds": None if result.ready_seconds is None else round(result.ready_seconds, 2),
+                     "disk_read_bytes": result.disk_read_bytes,
+                     "screenshot": str(result.screenshot) if result.screenshot else None},
             "cache": {"blocks_fetched": cache_stats["fetcher"]["demand_fetches"],
                       "prefetched": cache_stats["fetcher"]["prefetched"],
                       "bytes_stored": cache_stats["store"]["bytes"]},
@@ -124,13 +182,22 @@ def main(argv: list[str] | None = None) -> int:
         say(f"  release 1 reached both replicas in full: {full['network_bytes']:,} stream bytes")
         say(f"  release 2 reached them as a delta: {delta['network_bytes']:,} stream bytes "
             f"(parent {delta['parent']})")
-        say(f"  desktop booted release {result.version}: {result.outcome} after {result.seconds:.1f} s; "
-            f"the site cache fetched {summary['cache']['blocks_fetched']} blocks on demand and "
+        if result.outcome == "ready":
+            say(f"  {desktop.what} booted release {result.version} to its session in "
+                f"{result.ready_seconds:.1f} s, reading {result.disk_read_bytes / 1e6:.0f} MB of its disk")
+        else:
+            say(f"  {desktop.what} booted release {result.version}: {result.outcome} after "
+                f"{result.seconds:.1f} s")
+        say(f"  the site cache fetched {summary['cache']['blocks_fetched']} blocks on demand and "
             f"{summary['cache']['prefetched']} ahead")
+        if not desktop.real and desktop.why_small:
+            say(f"  (the small desktop: {desktop.why_small})")
         say(json.dumps(summary, indent=2))
         if result.returncode != 0:
-            say(f"the desktop did not power off cleanly: {result.message}")
+            say(f"the desktop did not boot cleanly: {result.message}")
             return 1
+        if result.screenshot is not None:
+            say(f"\nthe screenshot of the desktop: {result.screenshot}")
         if args.keep:
             say(f"\nleft running (--keep): {scratch}; stop with: kill {' '.join(str(n.pid) for n in cluster.nodes)}")
         return 0

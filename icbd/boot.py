@@ -19,6 +19,14 @@ probe, remembered per host boot); elsewhere TCG. qemu runs in its own session
 and is stopped by us on a timeout, Ctrl-C, SIGTERM or SIGHUP; only a SIGKILL
 of icbd leaves it running until its guest stops.
 
+A desktop says its session is up with a line holding READY_LINE on its
+first serial port (the Debian desktop iMI prints it from a unit ordered after
+graphical.target and the session's start). With `stop_when_ready` or a
+`screenshot`, the run waits for that line, reads qemu's block statistics,
+saves the screen through QMP `screendump`, and stops qemu: the result is then
+"ready". Every desktop has a standard VGA; `display` shows it to a person
+(`vnc=:N`, `sdl`, `gtk`); headless (`none`) is the default.
+
 Python callers use `boot()` (or `boot_async()` under trio), which return a
 BootResult; `main()` is the `icbd boot` command.
 """
@@ -30,6 +38,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -47,6 +56,7 @@ from typing import TextIO
 
 import trio
 
+from icbd.qmp import Monitor, QmpError, screendump
 from icbdcore.errors import CliError
 from icbdcore.wire import InvalidInput, check_name, parse_version
 
@@ -59,6 +69,9 @@ CONFIG_KEYS = ("kernel", "initrd", "disk", "append", "memory")
 DEFAULT_APPEND = "console=ttyS0"
 DEFAULT_MEMORY = "512M"
 DEFAULT_TIMEOUT = 300.0
+# What a desktop prints on its first serial port once its session is up.
+READY_LINE = "icbd-desktop: session up"
+_DISPLAY = re.compile(r"(none|sdl|gtk|vnc=[^,\s]+|spice-app|curses|dbus)(,[^\s]*)?\Z")
 _MEMORY = re.compile(r"[1-9][0-9]{0,9}[KMGT]?\Z", re.IGNORECASE)
 
 # A killed qemu normally disappears within milliseconds; a vCPU stuck inside a
@@ -89,14 +102,21 @@ class BootSpec:
 
 @dataclass
 class BootResult:
-    """How a desktop run ended. `returncode` is 0 only for a guest power-off."""
+    """How a desktop run ended. `returncode` is 0 only for a guest power-off, or
+    for a guest stopped once its session was up (`ready`) when that was asked."""
 
     returncode: int
     seconds: float
     console_text: str
     version: int
-    outcome: str  # poweroff | panic | reset | timeout | qemu-failed
+    outcome: str  # poweroff | ready | not-ready | panic | reset | timeout | qemu-failed
     message: str = ""
+    ready_seconds: float | None = None  # when the guest said its session was up
+    screenshot: Path | None = None
+    # The guest's reads from its disk when it was ready (QMP query-blockstats;
+    # the kernel and initrd are read by qemu, not through the disk).
+    disk_read_bytes: int | None = None
+    disk_read_ops: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -305,8 +325,25 @@ def _write_probe_cache(cache_file: Path | None, key: str, works: bool) -> None:
 
 # ---- qemu -------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Screen:
+    """What a run does with the desktop's screen and its readiness."""
+
+    display: str = "none"  # qemu's -display: none (headless), vnc=:N, sdl, gtk
+    screenshot: Path | None = None  # a PNG of the screen once the session is up
+    stop_when_ready: bool = False  # stop the guest once its session is up
+
+    def __post_init__(self) -> None:
+        if not _DISPLAY.match(self.display):
+            raise CliError(f"display {self.display!r}: use none, vnc=:N (e.g. vnc=:1), sdl or gtk")
+
+    @property
+    def waits_for_session(self) -> bool:
+        return self.stop_when_ready or self.screenshot is not None
+
+
 def qemu_command(spec: BootSpec, overlay: Path | None, accel: str, monitor_fd: int,
-                 extra: Sequence[str] = ()) -> list[str]:
+                 extra: Sequence[str] = (), display: str = "none") -> list[str]:
     """The one place that says how a desktop runs under qemu."""
     argv = [
         QEMU,
@@ -314,10 +351,12 @@ def qemu_command(spec: BootSpec, overlay: Path | None, accel: str, monitor_fd: i
         "-accel", accel,
         *(["-cpu", "host"] if accel == "kvm" else []),
         "-m", spec.memory,
-        # No default NIC, VGA or option ROMs: nothing the desktop does not use,
-        # and no iPXE ROM to load.
+        # No default NIC or option ROMs: nothing the desktop does not use, and
+        # no iPXE ROM to load. A standard VGA, as every PC has a screen: it
+        # added no measurable time to the small desktop's boot under TCG.
         "-nodefaults", "-no-user-config",
-        "-display", "none",
+        "-vga", "std",
+        "-display", display,
         # The serial console on qemu's stdout, which we stream to ours.
         "-serial", "stdio",
         "-kernel", str(spec.kernel),
@@ -356,6 +395,13 @@ class _Run:
     stderr: bytearray = field(default_factory=bytearray)
     events: list[dict] = field(default_factory=list)
     pending_cr: bool = False
+    partial_line: str = ""
+    ready: trio.Event = field(default_factory=trio.Event)
+    ready_at: float | None = None
+    stopped_when_ready: bool = False
+    failure: str = ""  # what went wrong after the session came up
+    disk_read_bytes: int | None = None
+    disk_read_ops: int | None = None
 
     def show(self, chunk: str) -> None:
         # Serial consoles end lines with \r\n; keep plain \n for the terminal and the record.
@@ -366,6 +412,12 @@ class _Run:
             chunk = chunk[:-1]
         chunk = chunk.replace("\r\n", "\n")
         self.text.append(chunk)
+        if self.ready_at is None:
+            *lines, partial = (self.partial_line + chunk).split("\n")
+            self.partial_line = partial[-4096:]
+            if any(READY_LINE in line for line in lines):
+                self.ready_at = time.monotonic()
+                self.ready.set()
         if self.console is not None and chunk:
             try:
                 self.console.write(chunk)
@@ -379,7 +431,8 @@ class _Run:
 
 async def run_desktop(spec: BootSpec, *, overlay_dir: Path | None = None,
                       timeout: float = DEFAULT_TIMEOUT, accel: str = "auto",
-                      console: TextIO | None = None, qemu_args: Sequence[str] = ()) -> BootResult:
+                      console: TextIO | None = None, qemu_args: Sequence[str] = (),
+                      screen: Screen = Screen()) -> BootResult:
     """Boot `spec` once under qemu and return how it ended; qemu never outlives the call."""
     if not timeout > 0:
         raise CliError(f"timeout {timeout} must be a positive number of seconds")
@@ -394,16 +447,16 @@ async def run_desktop(spec: BootSpec, *, overlay_dir: Path | None = None,
             overlay = await create_overlay(spec.disk, folder, f"{spec.name}@{spec.version}")
         log.info("booting %s@%s with %s%s", spec.name, spec.version, accel,
                  f", overlay {overlay}" if overlay else "")
-        return await _run_qemu(spec, overlay, accel, timeout, console, qemu_args)
+        return await _run_qemu(spec, overlay, accel, timeout, console, qemu_args, screen)
 
 
 async def _run_qemu(spec: BootSpec, overlay: Path | None, accel: str, timeout: float,
-                    console: TextIO | None, qemu_args: Sequence[str]) -> BootResult:
+                    console: TextIO | None, qemu_args: Sequence[str], screen: Screen) -> BootResult:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     run = _Run(console)
     started = time.monotonic()
     try:
-        argv = qemu_command(spec, overlay, accel, theirs.fileno(), qemu_args)
+        argv = qemu_command(spec, overlay, accel, theirs.fileno(), qemu_args, screen.display)
         try:
             # Its own session: a Ctrl-C on the terminal reaches us, and we stop qemu.
             process = await trio.lowlevel.open_process(
@@ -413,15 +466,20 @@ async def _run_qemu(spec: BootSpec, overlay: Path | None, accel: str, timeout: f
         except FileNotFoundError:
             raise CliError(f"{QEMU} is not installed: install qemu-system-x86") from None
         theirs.close()
-        monitor = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+        monitor = Monitor(stream, run.events.append)
         timed_out = False
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_read_console, process.stdout, run)
                 nursery.start_soon(_read_stderr, process.stderr, run)
-                nursery.start_soon(_talk_to_monitor, monitor, run)
+                nursery.start_soon(monitor.serve)
+                watch = trio.CancelScope()
+                if screen.waits_for_session:
+                    nursery.start_soon(_stop_when_ready, monitor, run, screen, watch)
                 with trio.move_on_after(timeout) as deadline:
                     await process.wait()
+                watch.cancel()
                 timed_out = deadline.cancelled_caught
                 if timed_out:
                     await _stop(process)
@@ -430,25 +488,57 @@ async def _run_qemu(spec: BootSpec, overlay: Path | None, accel: str, timeout: f
                 nursery.cancel_scope.deadline = trio.current_time() + REAP_TIMEOUT
         finally:
             await _stop(process)
-            await monitor.aclose()
+            await stream.aclose()
     finally:
         theirs.close()
         ours.close()
     seconds = time.monotonic() - started
-    outcome, message = _outcome(run, process.returncode, timed_out, timeout)
-    return BootResult(returncode=0 if outcome == "poweroff" else 1, seconds=seconds,
+    outcome, message = _outcome(run, process.returncode, timed_out, timeout, screen)
+    shot = screen.screenshot if outcome == "ready" and screen.screenshot is not None else None
+    return BootResult(returncode=0 if outcome in ("poweroff", "ready") else 1, seconds=seconds,
                       console_text="".join(run.text), version=spec.version,
-                      outcome=outcome, message=message)
+                      outcome=outcome, message=message,
+                      ready_seconds=None if run.ready_at is None else run.ready_at - started,
+                      screenshot=shot, disk_read_bytes=run.disk_read_bytes,
+                      disk_read_ops=run.disk_read_ops)
 
 
-def _outcome(run: _Run, returncode: int | None, timed_out: bool, timeout: float) -> tuple[str, str]:
+async def _stop_when_ready(monitor: Monitor, run: _Run, screen: Screen, scope: trio.CancelScope) -> None:
+    """Once the guest says its session is up: its disk reads so far, the
+    screenshot, then stop qemu (its overlay is thrown away or kept as it is)."""
+    with scope:
+        await run.ready.wait()
+        try:
+            stats = await monitor.execute("query-blockstats")
+            devices = [d.get("stats", {}) for d in stats or []]
+            run.disk_read_bytes = sum(int(d.get("rd_bytes", 0)) for d in devices)
+            run.disk_read_ops = sum(int(d.get("rd_operations", 0)) for d in devices)
+            if screen.screenshot is not None:
+                await screendump(monitor, screen.screenshot)
+        except QmpError as error:
+            run.failure = f"after the session came up: {error}"
+        run.stopped_when_ready = True
+        with contextlib.suppress(QmpError):
+            await monitor.execute("quit")
+
+
+def _outcome(run: _Run, returncode: int | None, timed_out: bool, timeout: float,
+             screen: Screen = Screen()) -> tuple[str, str]:
     shutdown = run.event("SHUTDOWN")
     reason = (shutdown or {}).get("data", {}).get("reason")
     if timed_out:
-        return "timeout", f"the guest was still running after {timeout:g} s: stopped it (raise --timeout?)"
+        what = " without saying its session was up" if screen.waits_for_session and run.ready_at is None else ""
+        return "timeout", f"the guest was still running after {timeout:g} s{what}: stopped it (raise --timeout?)"
+    if run.stopped_when_ready:
+        if run.failure:
+            return "qemu-failed", run.failure
+        return "ready", ""
     if run.event("GUEST_PANICKED") or reason == "guest-panic":
         return "panic", "the guest kernel panicked (see the console above)"
     if reason == "guest-shutdown" and returncode == 0:
+        if screen.waits_for_session:
+            return "not-ready", (f"the guest powered off without saying its session was up "
+                                 f"(no {READY_LINE!r} line on its serial console)")
         return "poweroff", ""
     if reason == "guest-reset":
         return "reset", ("the guest rebooted or crashed early (before pvpanic could report a "
@@ -468,31 +558,6 @@ async def _read_stderr(stream: trio.abc.ReceiveStream, run: _Run) -> None:
     while chunk := await stream.receive_some(65536):
         run.stderr += chunk
         del run.stderr[:-65536]  # only the end matters: qemu's last words
-
-
-async def _talk_to_monitor(monitor: trio.SocketStream, run: _Run) -> None:
-    """Negotiate QMP, let the guest run, record every event until qemu goes."""
-    buffer = b""
-    try:
-        while chunk := await monitor.receive_some(65536):
-            *lines, buffer = (buffer + chunk).split(b"\n")
-            for line in lines:
-                try:
-                    message = json.loads(line)
-                except ValueError:
-                    continue
-                if not isinstance(message, dict):
-                    continue
-                if "QMP" in message:  # the greeting: qemu waits paused (-S) for us
-                    await monitor.send_all(b'{"execute": "qmp_capabilities"}\n'
-                                           b'{"execute": "cont"}\n')
-                elif "event" in message:
-                    log.debug("qmp event %s", message)
-                    run.events.append(message)
-                elif "error" in message:
-                    log.warning("qmp error: %s", message["error"])
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass  # qemu went away; its exit status and the events so far tell the rest
 
 
 async def _stop(process: trio.Process) -> None:
@@ -518,19 +583,20 @@ async def boot_async(mount: Path, name: str, version: int | None = None, *,
                      overlay_dir: Path | None = None, timeout: float = DEFAULT_TIMEOUT,
                      console: TextIO | None = None, accel: str = "auto",
                      overrides: Mapping[str, str | None] | None = None,
-                     qemu_args: Sequence[str] = ()) -> BootResult:
+                     qemu_args: Sequence[str] = (), screen: Screen = Screen()) -> BootResult:
     """Boot NAME (VERSION, or latest) from `mount`; for callers already under trio."""
     spec = load_spec(Path(mount), name, version, overrides)
     return await run_desktop(spec, overlay_dir=overlay_dir, timeout=timeout, accel=accel,
-                             console=console, qemu_args=qemu_args)
+                             console=console, qemu_args=qemu_args, screen=screen)
 
 
 def boot(mount: Path, name: str, version: int | None = None, *,
          overlay_dir: Path | None = None, timeout: float = DEFAULT_TIMEOUT,
          console: TextIO | None = None, accel: str = "auto",
          overrides: Mapping[str, str | None] | None = None,
-         qemu_args: Sequence[str] = ()) -> BootResult:
-    """Boot NAME (VERSION, or latest) from `mount` and wait until the guest stops.
+         qemu_args: Sequence[str] = (), screen: Screen = Screen()) -> BootResult:
+    """Boot NAME (VERSION, or latest) from `mount` and wait until the guest stops
+    (or, as `screen` asks, until its session is up).
 
     Raises CliError for what the user must fix (a bad name, version or
     icbd-boot.toml); a guest that panics, reboots or overruns `timeout`
@@ -538,7 +604,7 @@ def boot(mount: Path, name: str, version: int | None = None, *,
     """
     return trio.run(lambda: boot_async(
         mount, name, version, overlay_dir=overlay_dir, timeout=timeout, console=console,
-        accel=accel, overrides=overrides, qemu_args=qemu_args))
+        accel=accel, overrides=overrides, qemu_args=qemu_args, screen=screen))
 
 
 def parse_target(target: str) -> tuple[str, int | None]:
@@ -551,9 +617,17 @@ def parse_target(target: str) -> tuple[str, int | None]:
 
 
 def main(args) -> int:
-    """`icbd boot NAME[@VERSION] --mount MOUNTPOINT ...`: exit 0 when the guest powers off."""
+    """`icbd boot NAME[@VERSION] --mount MOUNTPOINT ...`: exit 0 when the guest powers
+    off, or with --screenshot once its session is up and the screen is saved."""
     name, version = parse_target(args.target)
     overrides = {key: getattr(args, key) for key in CONFIG_KEYS}
+    screen = Screen(display=args.display or "none",
+                    screenshot=Path(args.screenshot).absolute() if args.screenshot else None)
+    if screen.screenshot is not None and not screen.screenshot.parent.is_dir():
+        raise CliError(f"no folder {screen.screenshot.parent} for the screenshot: create it first")
+    # A person at the display decides when the desktop stops; headless runs time out.
+    timeout = args.timeout if args.timeout is not None else (
+        math.inf if screen.display != "none" else DEFAULT_TIMEOUT)
     spec = load_spec(Path(args.mount), name, version, overrides)
     overlay_dir = Path(args.overlay) if args.overlay else None
     qemu_args = [a for a in args.qemu_args if a != "--"]
@@ -567,8 +641,8 @@ def main(args) -> int:
                 async def run() -> None:
                     try:
                         outcome.append(await run_desktop(
-                            spec, overlay_dir=overlay_dir, timeout=args.timeout, accel=args.accel,
-                            console=sys.stdout, qemu_args=qemu_args))
+                            spec, overlay_dir=overlay_dir, timeout=timeout, accel=args.accel,
+                            console=sys.stdout, qemu_args=qemu_args, screen=screen))
                     except CliError as error:
                         outcome.append(error)
                     nursery.cancel_scope.cancel()
@@ -587,4 +661,8 @@ def main(args) -> int:
     if not result.ok:
         raise CliError(f"{name}@{result.version}: {result.message}",
                        exit_code=124 if result.outcome == "timeout" else 1)
+    if result.outcome == "ready":
+        shot = f"; screenshot saved to {result.screenshot}" if result.screenshot else ""
+        print(f"icbd: {name}@{result.version}: session up after {result.ready_seconds:.1f} s{shot}",
+              file=sys.stderr)
     return 0

@@ -248,11 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
                        usage="icbd boot NAME[@VERSION] --mount MOUNTPOINT [options] [-- QEMU-ARGS...]",
                        description="Boot NAME[@VERSION] from the mount under qemu, through a "
                        "per-desktop copy-on-write overlay. The serial console goes to stdout. "
-                       "Exits 0 when the guest powers off. Arguments after -- go to qemu.")
+                       "Exits 0 when the guest powers off, or with --screenshot once its session "
+                       "is up and the screen is saved. Arguments after -- go to qemu.")
     p.add_argument("target", metavar="NAME[@VERSION]")
     p.add_argument("--mount", required=True, metavar="MOUNTPOINT")
     p.add_argument("--overlay", metavar="DIR", help="where to keep the desktop's overlay (default: a temporary folder)")
-    p.add_argument("--timeout", type=float, default=300.0, metavar="S", help="fail if the guest runs longer (default 300)")
+    p.add_argument("--timeout", type=float, metavar="S",
+                   help="fail if the guest runs longer (default 300; none with --display)")
+    p.add_argument("--screenshot", metavar="FILE",
+                   help="once the guest says its session is up, save its screen as PNG to FILE and stop it")
+    p.add_argument("--display", metavar="SPEC",
+                   help="show the desktop's screen: vnc=:N (VNC on port 5900+N), sdl or gtk "
+                   "(default: headless)")
     p.add_argument("--kernel", help="override the kernel path inside the iMI")
     p.add_argument("--initrd", help="override the initrd path inside the iMI")
     p.add_argument("--disk", help="override the disk image path inside the iMI")

@@ -1,8 +1,9 @@
 """Building the sample desktop iMI (bench/images/desktop.py) in tests, or
 skipping with the reason when this machine or this user cannot.
 
-The build needs the Debian packages in its package cache (<repo>/build/debs,
-filled by `apt-get download` on first use). A run as root fills it; another
+The build needs the Debian packages in its package cache
+(/var/cache/icbd/debs/small-desktop, or <repo>/build/debs/small-desktop where
+that cannot be written; filled by `apt-get download` on first use). A run as root fills it; another
 user can build from it once it is filled, but cannot fill it (the checkout
 is root's): its tests are skipped until then, saying so.
 """
@@ -27,7 +28,7 @@ def build_or_skip(out: Path, **kwargs) -> Path:
             pytest.skip(f"cannot download the Debian packages: {error}")
         raise
     except PermissionError as error:
-        cache = Path(kwargs.get("cache_dir") or desktop.DEFAULT_CACHE_DIR)
+        cache = Path(kwargs.get("cache_dir") or desktop.default_cache_dir())
         if error.errno == errno.EACCES and error.filename and Path(error.filename).is_relative_to(cache.parent):
             pytest.skip(f"the Debian package cache {cache} is not filled yet and this user cannot fill it: "
                         f"run the tests (or python -m bench.images.desktop) once as root ({error})")

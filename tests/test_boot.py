@@ -22,7 +22,7 @@ import trio
 from sample_desktop import build_or_skip
 
 from icbd import boot as icbd_boot
-from icbd.boot import BootResult, boot, boot_async, load_spec
+from icbd.boot import BootResult, Screen, boot, boot_async, load_spec
 from icbdcore.errors import CliError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -281,6 +281,40 @@ async def test_the_kernel_probe_is_bounded(mount, tmp_path):
         assert await icbd_boot.choose_accel("auto", kernel, cache) == accel
 
 
+@pytest.mark.slow
+@pytest.mark.qemu
+def test_stop_when_ready_reads_block_stats_and_saves_the_screen(mount, tmp_path):
+    shot = tmp_path / "screen.png"
+    # icbd.stay: the small desktop would otherwise power off right after its
+    # session line, racing the screenshot.
+    result = boot(mount, "demo", 2, accel="tcg", timeout=120, overlay_dir=tmp_path / "ov",
+                  overrides={"append": append_line(mount, 2, "icbd.stay")}, screen=Screen(screenshot=shot))
+    assert (result.returncode, result.outcome) == (0, "ready"), result.message
+    assert result.screenshot == shot and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "icbd-desktop: session up, release 2" in result.console_text
+    assert "powering off" not in result.console_text  # stopped at its session line
+    assert 0 < result.ready_seconds <= result.seconds
+    # The guest read its whole root fs, filler included, through the disk.
+    assert result.disk_read_bytes >= FILLER and result.disk_read_ops > 0
+
+
+def test_a_guest_that_powers_off_without_its_session_is_not_ready():
+    run = icbd_boot._Run(console=None)
+    run.events.append({"event": "SHUTDOWN", "data": {"reason": "guest-shutdown"}})
+    outcome, message = icbd_boot._outcome(run, 0, False, 60, Screen(screenshot=Path("x.png")))
+    assert outcome == "not-ready" and icbd_boot.READY_LINE in message
+    assert icbd_boot._outcome(run, 0, False, 60, Screen())[0] == "poweroff"
+
+
+def test_display_is_checked_and_given_to_qemu(mount):
+    spec = load_spec(mount, "demo", 1)
+    argv = icbd_boot.qemu_command(spec, None, "tcg", 3, display="vnc=127.0.0.1:7")
+    assert argv[argv.index("-display") + 1] == "vnc=127.0.0.1:7" and "-vga" in argv
+    for bad in ("vnc", "x11; rm", "vnc=:1 -S"):
+        with pytest.raises(CliError, match="display"):
+            Screen(display=bad)
+
+
 # ---- the command line -------------------------------------------------------
 
 def icbd(*args, env=None, **kwargs) -> subprocess.Popen:
@@ -309,6 +343,25 @@ def test_cli_exit_codes(mount, tmp_path):
     assert late.returncode == 124 and "still running after 1 s" in err
     assert qemu_pids_using(tmp_path) == []
     assert len(list((tmp_path / "kept").iterdir())) == 1  # --overlay keeps it
+
+
+@pytest.mark.slow
+@pytest.mark.qemu
+def test_cli_screenshot_and_display(mount, tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    shot = tmp_path / "shot.png"
+    ok = icbd("boot", "demo@1", "--mount", str(mount), "--accel", "tcg", "--screenshot", str(shot),
+              "--display", "vnc=127.0.0.1:0,to=99", "--append", append_line(mount, 1, "icbd.stay"), env=env)
+    out, err = ok.communicate(timeout=120)
+    assert ok.returncode == 0, err
+    assert "icbd-desktop: session up, release 1\n" in out
+    assert "session up after" in err and f"screenshot saved to {shot}" in err
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["shot.png"]  # no overlay left behind
+
+    missing = icbd("boot", "demo", "--mount", str(mount), "--screenshot", str(tmp_path / "no" / "x.png"))
+    out, err = missing.communicate(timeout=30)
+    assert missing.returncode == 1 and "no folder" in err
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """The sample desktop iMI: its layout, its initrd, its root image, reproducibility.
 
 Builds are real (Debian packages, cpio, mke2fs) and take well under a second
-once the .deb files are in build/debs; booting is tested in test_boot.py.
+once the .deb files are in the package cache; booting is tested in test_boot.py.
 """
 
 import gzip
@@ -90,7 +90,7 @@ def test_initrd_loads_root_disk_modules_dependencies_first(tree):
 
 
 def test_module_order_comes_from_modules_dep(tree):
-    kernel = desktop.unpacked_kernel(desktop.DEFAULT_CACHE_DIR)
+    kernel = desktop.unpacked_kernel(desktop.default_cache_dir())
     deps = {}
     for line in (kernel.modules_dir / "modules.dep").read_text().splitlines():
         module, _, requires = line.partition(":")

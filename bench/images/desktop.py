@@ -3,7 +3,8 @@
     OUT/boot/vmlinuz       the kernel of linux-image-cloud-amd64
     OUT/boot/initrd.img    busybox-static, the modules that reach /dev/vda, an /init
     OUT/rootfs.img         raw ext4: busybox-static and an /sbin/init that prints
-                           "icbd-desktop: up, release LABEL", reads the root fs, powers off
+                           "icbd-desktop: up, release LABEL", reads the root fs, says
+                           "icbd-desktop: session up, release LABEL", powers off
     OUT/icbd-boot.toml     how `icbd boot` starts it
 
 The tree is what an admin would give `icbd imi create NAME --from OUT`. Every
@@ -12,8 +13,10 @@ UUID, hash seed and filesystem clock), so two releases of the image differ only
 in the blocks that really changed, as a delta transfer expects.
 
 The .deb files come from `apt-get download` once and are kept in a cache folder
-(default `<repo>/build/debs`), with the kernel package unpacked beside them;
-later builds need no network and take about 0.2 s.
+(default /var/cache/icbd/debs/small-desktop, shared by every checkout on the
+machine, or <repo>/build/debs/small-desktop where that cannot be written; see
+cache.py), with the kernel package unpacked beside them; later builds need no
+network and take about 0.2 s.
 
     python -m bench.images.desktop OUT [--label TEXT] [--filler BYTES]
 """
@@ -35,11 +38,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cache import deb_dir
+
 log = logging.getLogger(__name__)
 
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
-DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[2] / "build" / "debs"
+# The packages' cache folder is named for the recipe: a new recipe starts a new one.
+CACHE_RECIPE = "small-desktop"
 
 # What the initrd must load to mount /dev/vda, pvpanic first so that a panic in
 # any later step is reported to qemu (and `icbd boot` fails instead of
@@ -51,7 +57,7 @@ INITRD_MODULES = ("pvpanic-pci", "virtio_pci", "virtio_blk", "ext4")
 # Busybox applets the two init scripts call, as symlinks (cheaper at boot than
 # `busybox --install`).
 APPLETS = ("sh", "mount", "umount", "insmod", "usleep", "switch_root", "cat", "find", "wc",
-           "xargs", "poweroff", "dd")
+           "xargs", "poweroff", "dd", "sleep")
 
 FIXED_TIME = 1_700_000_000  # mtime of every file we write (2023-11-14), for reproducible images
 FS_UUID = uuid.uuid5(uuid.NAMESPACE_DNS, "rootfs.desktop.icbd")
@@ -107,13 +113,20 @@ files=$(find / -xdev -type f | wc -l)
 # (64 MiB: 2.3 s to /dev/null, 4.8 s through md5sum).
 find / -xdev -type f | xargs cat > /dev/null
 echo "icbd-desktop: read $files files"
+# Its session, such as it is, is up: the line `icbd boot --screenshot` waits for.
+echo "icbd-desktop: session up, release $(cat /etc/icbd-release)"
 # Hooks for tests, set on the kernel command line:
 #   icbd.scribble  write 1 MiB over the root disk, to show the desktop's
 #                  overlay takes the writes and the shared image does not change;
-#   icbd.panic     crash the kernel, to show a panic is told from a power-off.
+#   icbd.panic     crash the kernel, to show a panic is told from a power-off;
+#   icbd.stay      keep the session up until the host stops the guest, so that
+#                  `icbd boot --screenshot` is not racing the power-off.
 case " $(cat /proc/cmdline) " in *" icbd.scribble "*)
     dd if=/dev/urandom of=/dev/vda bs=64k count=16 seek=64 conv=fsync 2>/dev/null &&
         echo "icbd-desktop: scribbled 1 MiB on /dev/vda" ;;
+esac
+case " $(cat /proc/cmdline) " in *" icbd.stay "*)
+    while :; do sleep 3600; done ;;
 esac
 case " $(cat /proc/cmdline) " in *" icbd.panic "*)
     echo "icbd-desktop: panicking on request"
@@ -163,7 +176,7 @@ def build_desktop_tree(
         raise ValueError(f"label {label!r}: use 1-64 of A-Z a-z 0-9 . _ : + - and spaces")
     if filler_bytes < 0:
         raise ValueError("filler_bytes must be >= 0")
-    cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     kernel = unpacked_kernel(cache_dir)
     busybox = unpacked_busybox(cache_dir)
 
@@ -183,6 +196,11 @@ def build_desktop_tree(
 
 
 # ---- packages ---------------------------------------------------------------
+
+def default_cache_dir() -> Path:
+    """Where the .deb files are kept unless a caller says otherwise."""
+    return deb_dir(CACHE_RECIPE)
+
 
 def fetch_deb(package: str, cache_dir: Path) -> Path:
     """The .deb of `package` from the cache, downloaded with apt-get if absent.
@@ -420,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Build the sample desktop iMI tree in OUT_DIR.")
     parser.add_argument("out", metavar="OUT_DIR")
     parser.add_argument("--label", default="1", help="release label the guest prints (default 1)")
-    parser.add_argument("--cache-dir", type=Path, help=f"where .deb files are kept (default {DEFAULT_CACHE_DIR})")
+    parser.add_argument("--cache-dir", type=Path,
+                        help=f"where .deb files are kept (default {default_cache_dir()})")
     parser.add_argument("--filler", type=int, default=0, metavar="BYTES",
                         help="incompressible bytes the boot reads, to scale the working set")
     parser.add_argument("--rootfs-size", type=int, metavar="BYTES", help="size of rootfs.img")
