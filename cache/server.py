@@ -210,7 +210,7 @@ class CacheServer:
         except Unavailable as error:
             raise Refused(504, str(error)) from None
         if not profile_only:
-            return version, [d for e in manifest.files() for d in e.chunks]
+            return version, manifest.read_set()
         profile = await self._profile(imi, version)
         blocks = manifest.digests()
         return version, [d for d in profile.digests if d in blocks]

@@ -68,6 +68,9 @@ class Entry:
     target: str | None = None  # symlink target
     rdev: int = 0  # device number of character and block devices
     chunks: tuple[str, ...] = field(default=())
+    # A small file whose bytes also sit in a pack (Manifest.packs): (pack index,
+    # offset in the pack). Its own chunk stays named in `chunks`.
+    pack: tuple[int, int] | None = None
 
     @property
     def st_mode(self) -> int:
@@ -102,6 +105,8 @@ class Entry:
             doc["rdev"] = self.rdev
         if self.type == FILE:
             doc["chunks"] = list(self.chunks)
+        if self.pack is not None:
+            doc["pack"] = list(self.pack)
         return doc
 
     @classmethod
@@ -127,7 +132,14 @@ class Entry:
             rdev = doc.get("rdev", 0)
             if not isinstance(rdev, int):
                 raise InvalidInput("manifest entry rdev is not an integer")
+            pack = doc.get("pack")
+            if pack is not None:
+                if (kind != FILE or not isinstance(pack, list) or len(pack) != 2
+                        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in pack)):
+                    raise InvalidInput(f"manifest entry {doc['path']!r}: a bad pack reference")
+                pack = (pack[0], pack[1])
             return cls(
+                pack=pack,
                 path=check_relpath(doc["path"]),
                 type=kind,
                 target=target if kind == SYMLINK else None,
@@ -139,12 +151,25 @@ class Entry:
             raise InvalidInput(f"manifest entry lacks {missing}") from None
 
 
+@dataclass(frozen=True, slots=True)
+class Pack:
+    """Small files' bytes side by side, in path order (see manifest_builder's
+    packing): one block a reader fetches for many small files."""
+
+    digest: str
+    size: int
+
+    def to_json(self) -> dict:
+        return {"digest": self.digest, "size": self.size}
+
+
 @dataclass(slots=True)
 class Manifest:
     """Every path of one version, sorted by path; the root directory is path ''."""
 
     chunk_size: int
     entries: list[Entry]
+    packs: list[Pack] = field(default_factory=list)
 
     def canonical(self) -> bytes:
         """The bytes the digest is taken over (and that travel on the wire)."""
@@ -153,6 +178,8 @@ class Manifest:
             "chunk_size": self.chunk_size,
             "entries": [e.to_json() for e in self.entries],
         }
+        if self.packs:
+            doc["packs"] = [p.to_json() for p in self.packs]
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @property
@@ -178,17 +205,43 @@ class Manifest:
         entries = doc.get("entries")
         if not isinstance(entries, list):
             raise InvalidInput("manifest entries missing")
-        manifest = cls(chunk_size, [Entry.from_json(e, chunk_size) for e in entries])
+        manifest = cls(chunk_size, [Entry.from_json(e, chunk_size) for e in entries], _packs(doc.get("packs", [])))
         paths = [e.path for e in manifest.entries]
         if paths != sorted(set(paths)) or not paths or paths[0] != "":
             raise InvalidInput("manifest paths are not unique, sorted and rooted")
+        for entry in manifest.files():
+            if entry.pack is not None:
+                index, offset = entry.pack
+                if index >= len(manifest.packs) or offset + entry.size > manifest.packs[index].size:
+                    raise InvalidInput(f"manifest entry {entry.path!r}: its pack reference is out of range")
         return manifest
 
     def files(self) -> Iterator[Entry]:
         return (e for e in self.entries if e.type == FILE)
 
     def digests(self) -> set[str]:
-        return {d for e in self.files() for d in e.chunks}
+        """Every block this version is made of: file chunks and packs."""
+        return {d for e in self.files() for d in e.chunks} | {p.digest for p in self.packs}
+
+    def blocks_of(self, entry: Entry) -> tuple[str, ...]:
+        """The blocks a reader of this file fetches: its pack, or its chunks."""
+        if entry.pack is not None:
+            return (self.packs[entry.pack[0]].digest,)
+        return entry.chunks
+
+    def read_set(self) -> list[str]:
+        """The blocks a reader of the whole version fetches, in path order:
+        each pack once (for its small files), the chunks of the other files."""
+        out: dict[str, None] = {}
+        for entry in self.files():
+            out.update(dict.fromkeys(self.blocks_of(entry)))
+        return list(out)
+
+    def pack_of(self, entry: Entry) -> tuple[Pack, int] | None:
+        """The pack holding a packed file's bytes, and where in it they start."""
+        if entry.pack is None:
+            return None
+        return self.packs[entry.pack[0]], entry.pack[1]
 
     @property
     def bytes(self) -> int:
@@ -200,6 +253,19 @@ class Manifest:
         if i < len(self.entries) and self.entries[i].path == path:
             return self.entries[i]
         return None
+
+
+def _packs(doc: object) -> list[Pack]:
+    if not isinstance(doc, list):
+        raise InvalidInput("manifest packs are not a list")
+    packs = []
+    for item in doc:
+        if not isinstance(item, dict) or not isinstance(item.get("size"), int) or isinstance(item.get("size"), bool):
+            raise InvalidInput("a manifest pack is not an object with a digest and a size")
+        if not 0 < item["size"] <= 64 << 20:
+            raise InvalidInput("a manifest pack's size is out of range")
+        packs.append(Pack(check_digest(item.get("digest")), item["size"]))
+    return packs
 
 
 @dataclass(frozen=True)

@@ -426,7 +426,10 @@ class Operations(pyfuse3.Operations):
         self._files.pop(fh, None)
 
     async def flush(self, fh: int) -> None:
-        pass
+        # Nothing is ever written, so nothing to flush: ENOSYS tells the
+        # kernel so once, and it stops sending a FLUSH (a synchronous round
+        # trip through this loop) on every close().
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_guarded
     async def statfs(self, ctx=None) -> pyfuse3.StatvfsData:

@@ -107,6 +107,8 @@ class Version:
     digest: str
     slot: int
     tree: VersionTree | None = None
+    pack_seen: int = -1  # the last pack a reader entered (reader.py, pack readahead)
+    packs_far: int = -1  # the last pack handed to the source's prefetch
 
 
 @dataclass

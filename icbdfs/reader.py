@@ -32,6 +32,12 @@ from .readahead import Readahead
 
 log = logging.getLogger(__name__)
 
+# A walk (tar, find -exec, a boot) reads packed small files in path order,
+# pack after pack: these many packs are fetched into memory ahead of it, and
+# these many after them are handed to the source to prefetch.
+PACKS_NEAR = 4
+PACKS_FAR = 32
+
 
 @dataclass(eq=False)
 class OpenFile:
@@ -85,6 +91,8 @@ class Reader:
         if off >= end:
             return b""
         version = file.version
+        if entry.pack is not None:
+            return await self._read_packed(file, off, end)
         chunk_size = version.tree.chunk_size
         first, last = off // chunk_size, (end - 1) // chunk_size
         digests = entry.chunks[first:last + 1]
@@ -111,6 +119,47 @@ class Reader:
             raise Unavailable(f"{entry.path}: short block")
         self._stats["read_bytes"] += len(data)
         return data
+
+    async def _read_packed(self, file: OpenFile, off: int, end: int) -> memoryview:
+        """A small file's bytes, from the pack that holds them (see
+        replicator/manifest_builder.py). A walk reads the files of a pack one
+        after another, so the next packs are fetched ahead of it."""
+        version, entry = file.version, file.entry
+        manifest = version.tree.manifest
+        index, base = entry.pack
+        digest = manifest.packs[index].digest
+        self._stats["reads"] += 1
+        self._stats["packed_reads"] += 1
+        self._profiles.touched(version.imi, version.number, (digest,))
+        if index != version.pack_seen:
+            version.pack_seen = index
+            self._packs_ahead(version, index)
+        block = self._blocks.peek(digest)
+        if block is None:
+            block = (await self._fetch(version, (digest,)))[0]
+        data = memoryview(block)[base + off:base + end]
+        if len(data) != end - off:
+            log.error("%s@%d:%s: short pack", version.imi, version.number, entry.path)
+            raise Unavailable(f"{entry.path}: short pack")
+        self._blocks.served(digest, len(data))
+        self._stats["read_bytes"] += len(data)
+        return data
+
+    def _packs_ahead(self, version: Version, index: int) -> None:
+        """A reader entered pack `index`: warm the next PACKS_NEAR packs into
+        memory, and hand the source the PACKS_FAR after those (in batches, as
+        sequential readahead does within a file)."""
+        packs = version.tree.manifest.packs
+        near = [p.digest for p in packs[index + 1:index + 1 + PACKS_NEAR]]
+        if near:
+            self._stats["readahead_blocks"] += self._blocks.warm(near, version.imi, version.number)
+        horizon = index + PACKS_NEAR + PACKS_FAR
+        if version.packs_far - index < PACKS_FAR // 2 and version.packs_far < len(packs) - 1:
+            start = max(index + PACKS_NEAR, version.packs_far) + 1
+            far = [p.digest for p in packs[start:horizon + 1]]
+            version.packs_far = min(horizon, len(packs) - 1)
+            if far:
+                self._nursery.start_soon(self._prefetch, far, version.imi, version.number)
 
     async def _fetch(self, version: Version, digests: tuple[str, ...]) -> list[bytes]:
         """The blocks of a read that missed memory; Unavailable after `timeout`."""

@@ -1,5 +1,7 @@
 """Serving blocks from the versions a node holds: an index from block digest
-to the file and offset where its bytes are, built from the manifests.
+to the file and offset where its bytes are, built from the manifests. A pack
+(small files side by side, see manifest_builder.py) is read from its files,
+one after another.
 
 A block is verified before it is served; a node that finds its own copy
 damaged says it does not have it (and logs why), so the reader moves on to
@@ -20,7 +22,10 @@ from icbdcore.wire import content_digest
 
 log = logging.getLogger(__name__)
 
-Location = tuple[str, int, str, int, int]  # iMI, version, path, offset, length
+# Where a block's bytes are: one piece of one file, or for a pack a piece of
+# each of its files, in order; each piece (path, offset, length).
+Piece = tuple[str, int, int]
+Location = tuple[str, int, tuple[Piece, ...]]  # iMI, version, pieces
 
 
 class BlockIndex:
@@ -43,7 +48,13 @@ class BlockIndex:
                 continue
             for i, digest in enumerate(entry.chunks):
                 offset, length = entry.chunk_span(i, size)
-                self._where[digest] = (name, version, entry.path, offset, length)
+                self._where[digest] = (name, version, ((entry.path, offset, length),))
+        members: dict[int, list[tuple[int, Piece]]] = {}
+        for entry in manifest.files():
+            if entry.pack is not None:
+                members.setdefault(entry.pack[0], []).append((entry.pack[1], (entry.path, 0, entry.size)))
+        for index, pieces in members.items():
+            self._where[manifest.packs[index].digest] = (name, version, tuple(p for _, p in sorted(pieces)))
 
     def remove(self, name: str, version: int) -> None:
         if self._manifests.pop((name, version), None) is None:
@@ -70,19 +81,25 @@ class BlockIndex:
         return await trio.to_thread.run_sync(self._read, digest, where, limiter=self._limiter)
 
     def _read(self, digest: str, where: Location) -> bytes | None:
-        name, version, path, offset, length = where
-        full: Path = self.layout.version_dir(name, version) / path
-        try:
-            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
+        name, version, pieces = where
+        root: Path = self.layout.version_dir(name, version)
+        parts = []
+        for path, offset, length in pieces:
+            full = root / path
             try:
-                data = os.pread(fd, length, offset)
-            finally:
-                os.close(fd)
-        except OSError as error:
-            log.error("block %s: cannot read %s: %s", digest, full, error)
-            return None
+                fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    parts.append(os.pread(fd, length, offset))
+                finally:
+                    os.close(fd)
+            except OSError as error:
+                log.error("block %s: cannot read %s: %s", digest, full, error)
+                return None
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
         if content_digest(data) != digest:
-            log.error("block %s at %s offset %d is damaged on this node; not serving it", digest, full, offset)
+            first = pieces[0]
+            log.error("block %s (%s offset %d%s) is damaged on this node; not serving it", digest,
+                      root / first[0], first[1], f" and {len(pieces) - 1} more files" if len(pieces) > 1 else "")
             return None
         self.served_blocks += 1
         self.served_bytes += len(data)

@@ -417,7 +417,7 @@ async def test_profile_recorded_in_first_touch_order_and_saved(source):
             await read_all(ops, attr.st_ino, attr.st_size, 128 << 10)
         big = await resolve(ops, "demo", "1", "big.bin")
         await read_all(ops, big.st_ino, big.st_size, 4096)  # touched again: not recorded twice
-        expected = list(dict.fromkeys(d for rel in order for d in manifest.find(rel).chunks))
+        expected = list(dict.fromkeys(d for rel in order for d in manifest.blocks_of(manifest.find(rel))))
         assert source.calls["save_profile"] == 0, "still recording"
         assert ops.profiles.recorded("demo", 1) == expected
         with trio.fail_after(3):

@@ -59,7 +59,7 @@ class TreeSource:
         self.prefetched: list[tuple[str, int, list[str]]] = []
         self.profiles: dict[tuple[str, int], list[str]] = {}
         self._manifests: dict[tuple[str, int], Manifest] = {}
-        self._where: dict[str, tuple[Path, int, int]] = {}
+        self._where: dict[str, list[tuple[Path, int, int]]] = {}  # digest -> pieces, in order
         self._last_catalog: Catalog | None = None
         self._limiter = trio.CapacityLimiter(8)
 
@@ -126,7 +126,7 @@ class TreeSource:
             where = self._where[digest]
         except KeyError:
             raise Unavailable(f"no block {digest}") from None
-        return await trio.to_thread.run_sync(_read_block, digest, *where, limiter=self._limiter)
+        return await trio.to_thread.run_sync(_read_block, digest, where, limiter=self._limiter)
 
     async def prefetch(self, digests: list[str], imi: str, version: int) -> None:
         self.calls["prefetch"] += 1
@@ -153,19 +153,28 @@ class TreeSource:
             for entry in manifest.files():
                 for index, digest in enumerate(entry.chunks):
                     start, length = entry.chunk_span(index, manifest.chunk_size)
-                    self._where.setdefault(digest, (path / entry.path, start, length))
+                    self._where.setdefault(digest, [(path / entry.path, start, length)])
+            members: dict[int, list] = {}
+            for entry in manifest.files():
+                if entry.pack is not None:
+                    members.setdefault(entry.pack[0], []).append((entry.pack[1], (path / entry.path, 0, entry.size)))
+            for index, pieces in members.items():
+                self._where.setdefault(manifest.packs[index].digest, [piece for _, piece in sorted(pieces)])
             self._manifests[key] = manifest
         return self._manifests[key]
 
 
-def _read_block(digest: str, path: Path, offset: int, length: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        data = os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
-    if len(data) != length or content_digest(data) != digest:
-        raise Unavailable(f"block {digest} at {path}:{offset} does not match its digest")
+def _read_block(digest: str, pieces: list[tuple[Path, int, int]]) -> bytes:
+    parts = []
+    for path, offset, length in pieces:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            parts.append(os.pread(fd, length, offset))
+        finally:
+            os.close(fd)
+    data = b"".join(parts)
+    if content_digest(data) != digest:
+        raise Unavailable(f"block {digest} at {pieces[0][0]}:{pieces[0][1]} does not match its digest")
     return data
 
 
