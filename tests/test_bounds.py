@@ -287,6 +287,11 @@ async def test_resume_spools_no_longer_wanted_are_deleted(tmp_path):
         spool.parent.mkdir(parents=True, exist_ok=True)
         spool.write_bytes(b"stream so far")
         spool.with_suffix(".json").write_text("{}")
+    # At start the replica knows what it holds, not yet what it is subscribed
+    # to: no spool is stale yet (each may be what this start resumes from).
+    replica._drop_stale_spools()
+    assert all(path.exists() for path in spools.values())
+    replica.subscriptions_known = True  # a heartbeat reply said so
     async with trio.open_nursery() as nursery:
         replica._wake.set()
         nursery.start_soon(replica._sync_loop)
