@@ -196,6 +196,39 @@ def test_trust_on_first_use_pins_the_key_and_refuses_another(cluster, tmp_path):
     assert json.loads(Layout(r1.data).trust_file.read_text())["how"] == "given"
 
 
+def test_nodes_first_started_while_the_master_is_away_admit_credentials_once_it_answers(cluster):
+    """No --master-key and no token table yet, the master away at their first
+    start: a replica and a cache server answer 503 to credentials, saying
+    why. Once the master answers, each pins its key and believes the token
+    table it signed within a few heartbeats (the key is taken from the reply
+    before the table in it is checked). Restarted while the master is away
+    again, both admit credentials at once: the table on disk is checked with
+    the key pinned."""
+    master = cluster.master()
+    cluster.token("node")  # issued now: the nodes start while the master is down
+    master.stop()
+    r1 = cluster.replica("r1", tofu=True, start=False)
+    cache = cluster.cache("cache", tofu=True, start=False)
+    for node in (r1, cache):
+        node.start(wait=False)
+    for node in (r1, cache):
+        wait_for(node.ready, timeout=60, what=f"{node.id} to serve")
+        answer = cluster.api("GET", "/v1/auth", node=node)
+        assert answer.status_code == 503 and "no token table" in answer.json()["error"], answer.text
+    master.start()
+    key = cluster.learn_master_key()
+    for node in (r1, cache):
+        wait_for(lambda node=node: cluster.api("GET", "/v1/auth", node=node).status_code == 200, timeout=20,
+                 what=f"{node.id} to admit credentials once the master answers")
+        assert json.loads(Layout(node.data).trust_file.read_text())["key"] == key
+        assert "refusing the master's token table" not in _log(cluster, node.id)
+    master.stop()
+    for node in (r1, cache):
+        node.stop()
+        node.start()
+        assert cluster.api("GET", "/v1/auth", node=node).json()["role"] == "admin"
+
+
 @pytest.mark.fuse
 def test_a_wrong_master_key_is_refused(cluster, tmp_path):
     master = cluster.master()
@@ -209,8 +242,12 @@ def test_a_wrong_master_key_is_refused(cluster, tmp_path):
     wait_for(lambda: "not signed by the master's key" in _log(cluster, "r1"), what="the replica to refuse")
     wait_for(lambda: "not signed by the master's key" in _log(cluster, "cache"), what="the cache to refuse")
     assert r1.status()["versions"] == {}
-    answer = cluster.api("GET", "/v1/imis", node=cache)
-    assert answer.status_code == 504 and "no catalogue" in answer.json()["error"]
+    # Nor can it believe the master's token table: it admits no credential,
+    # and says why (not "retry shortly": no retry helps).
+    for node in (cache, r1):
+        answer = cluster.api("GET", "/v1/imis", node=node)
+        assert answer.status_code == 503 and "not signed by the master's key" in answer.json()["error"], answer.text
+    assert cluster.api("GET", "/v1/imis", node=good_cache).status_code == 200
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     result = cluster.icbd("mount", str(mountpoint), "--cache", good_cache.url, "--master-key", wrong,
