@@ -91,7 +91,7 @@ def test_a_replayed_older_catalogue_is_refused_by_every_tier_also_after_a_restar
     assert new_serial > old_doc["serial"]
     wait_for(lambda: cache.status()["catalog_serial"] >= new_serial, what="the cache to take the new catalogue")
     to_cache = proxies(cache.url)
-    mount = cluster.mount("mnt", cache=cache, extra=["--cache", to_cache.url])
+    mount = cluster.mount("mnt", cache=to_cache.url)
     demo = mount.mountpoint / "demo"
     wait_for(lambda: "2" in os.listdir(demo), what="the mount to show version 2")
     assert (demo / "2" / "etc" / "hostname").read_text() == "two\n"
@@ -131,7 +131,7 @@ def test_a_replayed_older_catalogue_is_refused_by_every_tier_also_after_a_restar
     # Once the replays stop, all is well.
     for proxy in (to_master_r, to_master_c, to_cache):
         proxy.clear()
-    mount = cluster.mount("mnt", cache=cache, extra=["--cache", to_cache.url])
+    mount = cluster.mount("mnt", cache=to_cache.url)
     assert (demo / "2" / "etc" / "hostname").read_text() == "two\n"
 
 
@@ -316,14 +316,23 @@ def test_forged_manifests_stream_records_profiles_and_blocks_are_refused(cluster
 
     to_cache = proxies(cache.url)
     to_cache.forge("GET", r"/v1/blocks/[0-9a-f]{64}", lambda answer: (200, b"\0" * len(answer[1])))
-    mount = cluster.mount("mnt", cache=cache, extra=["--cache", to_cache.url, "--no-profiles"], timeout=3)
+    # Through that cache alone, the replicas not asked: nothing to read but forgeries, so EIO.
+    mount = cluster.mount("mnt", cache=to_cache.url, extra=["--no-profiles", "--no-replica-fallback"], timeout=3)
     with pytest.raises(OSError) as raised:
         (mount.mountpoint / "demo" / "2" / "big.bin").read_bytes()
     assert raised.value.errno == errno.EIO
     assert "do not match the digest" in _log(cluster, "mnt")
+    # With the replicas as the last resort, the forgeries are refused and the
+    # true bytes come from a replica.
+    fallback = cluster.mount("mnt2", cache=to_cache.url, extra=["--no-profiles"], timeout=3)
+    wait_for(lambda: fallback.status()["source"]["replicas_known"] > 0, what="the mount to learn the replicas")
+    big = (tmp_path / "tree" / "big.bin").read_bytes()
+    assert (fallback.mountpoint / "demo" / "2" / "big.bin").read_bytes() == big
+    assert "do not match the digest" in _log(cluster, "mnt2")
+    assert fallback.status()["source"]["fallback_blocks"] > 0
     to_cache.clear()
     time.sleep(2.5)  # a block that failed is refused at once for 2 s
-    assert (mount.mountpoint / "demo" / "2" / "big.bin").read_bytes() == (tmp_path / "tree" / "big.bin").read_bytes()
+    assert (mount.mountpoint / "demo" / "2" / "big.bin").read_bytes() == big
 
 
 def test_key_show(cluster, tmp_path):
