@@ -203,8 +203,7 @@ class CacheGroup:
                 if error.kind in ("host", "timeout"):
                     self._failed(member, error.why)
                 elif error.kind == "corrupt":  # never served; a cache that sends such bytes is worth a line
-                    log.warning("cache server %s: block %s %s; refused", member.url,
-                                digest, error.why)
+                    log.warning("cache server %s: block %s %s; refused", member.url, digest, error.why)
                 continue
             self._answered(member)
             member.blocks += 1
