@@ -202,6 +202,8 @@ class CacheGroup:
                 tried.append(f"{member.url}: {error.why}")
                 if error.kind in ("host", "timeout"):
                     self._failed(member, error.why)
+                elif error.kind == "corrupt":  # never served; a cache that sends such bytes is worth a line
+                    log.warning("cache server %s: block %s %s; refused", member.url, digest, error.why)
                 continue
             self._answered(member)
             member.blocks += 1
@@ -222,18 +224,22 @@ class CacheGroup:
         raise Unavailable(f"block {digest}: " + "; ".join(tried or ["no source known"]))
 
     async def catalog(self) -> Catalog:
+        why = []  # each cache's reason, for the one error line when none gives one
         for member in self.order("catalog"):
             try:
                 self._catalog = await member.remote.fresh_catalog()
-            except CatalogRefused:
+            except CatalogRefused as error:
+                why.append(str(error))
                 continue  # up, but behind (or not the master's): another may have the current one
             except Unavailable as error:
+                why.append(str(error))
                 self._failed(member, error)
                 continue
             self._answered(member)
             return self._catalog
         if self._catalog is None:
-            raise Unavailable("no cache server answers for the catalogue: " + ", ".join(m.url for m in self.members))
+            raise Unavailable("no cache server gives a catalogue: "
+                              + "; ".join(why or [f"the cache server at {m.url} did not answer" for m in self.members]))
         return self._catalog  # every cache is down: the mount keeps what it showed
 
     async def manifest(self, imi: str, version: int) -> Manifest:

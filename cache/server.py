@@ -109,7 +109,8 @@ class CacheServer:
             self.tokens.load()  # once the master's key is known
             master = async_client(credentials, self.master_url)
             membership = Membership(master, self.id, "cache", self.site, self.url, self.status_doc,
-                                    interval=self.heartbeat, tokens=self.tokens)
+                                    on_reply=self._on_heartbeat_reply, interval=self.heartbeat,
+                                    tokens=self.tokens)
             try:
                 async with trio.open_nursery() as nursery:
                     log.info("cache %s (site %s) on %s", self.id, self.site, self.listen)
@@ -121,6 +122,15 @@ class CacheServer:
             finally:
                 await master.aclose()
         log.info("cache %s stopped", self.id)
+
+    async def _on_heartbeat_reply(self, reply: dict) -> None:
+        """The master answers again, and this cache has no key to check its
+        token table with yet (a first start while the master was away, no
+        --master-key): take the key and the catalogue now, before the table
+        in this reply is looked at, rather than at the next poll."""
+        assert self.cache is not None
+        if self.cache.trust.key is None:
+            await self.cache.poll_master()
 
     def status_doc(self) -> dict:
         assert self.cache is not None

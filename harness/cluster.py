@@ -318,18 +318,19 @@ class Cluster:
         ], tofu=tofu, **where)
         return node.start() if start else node
 
-    def mount(self, name: str, *, cache: Node | list[Node] | None = None, cache_dir: Path | None = None,
-              site: str | None = None, timeout: float = 5.0, extra: list[str] = (),
-              tofu: bool = False) -> MountProcess:
-        """A FUSE mount reading through `cache` (a cache server, or several),
-        or through an embedded cache in `cache_dir` filled from the master's
-        replicas. Either way `cache_dir` (default ROOT/NAME-cache) keeps its
-        key and catalogue (and, over caches, the replicas to fall back on)."""
+    def mount(self, name: str, *, cache: Node | str | list[Node | str] | None = None,
+              cache_dir: Path | None = None, site: str | None = None, timeout: float = 5.0,
+              extra: list[str] = (), tofu: bool = False) -> MountProcess:
+        """A FUSE mount reading through `cache` (a cache server, or several;
+        a node or a URL, such as a proxy's in front of one), or through an
+        embedded cache in `cache_dir` filled from the master's replicas.
+        Either way `cache_dir` (default ROOT/NAME-cache, one per mount) keeps
+        its key and catalogue (and, over caches, the replicas to fall back on)."""
         assert self.master_node is not None
         cache_dir = cache_dir or self.root / f"{name}-cache"
         if cache is not None:
             caches = cache if isinstance(cache, list) else [cache]
-            source = [arg for c in caches for arg in ("--cache", c.url)]
+            source = [arg for c in caches for arg in ("--cache", c if isinstance(c, str) else c.url)]
         else:
             source = ["--master", self.master_node.url]
         argv = [*ICBD, "mount", str(self.root / name), "--foreground", "--timeout", str(timeout),

@@ -125,6 +125,9 @@ class TokenTable:
     def __init__(self) -> None:
         self.doc: dict | None = None
         self._by_hash: dict[str, Identity] = {}
+        # Why the last table offered to a node that holds none was refused
+        # (e.g. not signed by the master's key), for its 503 answers.
+        self.refused: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -177,8 +180,19 @@ class NodeTokens:
             log.warning("ignoring %s (%s); waiting for the master's token table", self.path, error)
 
     def offer(self, doc: object) -> bool:
-        """Take the table from a heartbeat reply if it is well formed and not
-        older than the one held; True if it changed. Raises BadTable."""
+        """Take the table from a heartbeat reply if it is well formed, signed
+        (with `verify`) and not older than the one held; True if it changed.
+        Raises BadTable, or the error of `verify`."""
+        try:
+            changed = self._offer(doc)
+        except ValueError as error:
+            if not self.table.ready:
+                self.table.refused = str(error)
+            raise
+        self.table.refused = None
+        return changed
+
+    def _offer(self, doc: object) -> bool:
         if self.verify is not None:
             doc = self.verify(doc)  # type: ignore[arg-type]
         store, serial, _ = parse_table(doc)

@@ -198,7 +198,8 @@ class Guard:
 
     No credential, or one the node's token table does not hold (unknown or
     revoked): 401, before any route is looked up. A node that has never had
-    a table from its master cannot tell: 503. What the caller may do is the
+    a table from its master (or refused the one sent: not signed by the key
+    it trusts) cannot tell: 503, saying which. What the caller may do is the
     route's business (`Endpoint`): 403 there.
     """
 
@@ -218,7 +219,10 @@ class Guard:
                 if not given:
                     status, message = 401, "no credential: give a token (--token-file, --token or ICBD_TOKEN)"
                 elif not self.tokens.ready:
-                    status, message = 503, "this node has no token table from its master yet; retry shortly"
+                    refused = getattr(self.tokens, "refused", None)
+                    status, message = 503, (
+                        f"this node holds no token table from its master: it refused the one sent ({refused})"
+                        if refused else "this node has no token table from its master yet; retry shortly")
                 else:
                     status, message = 401, "unknown or revoked token"
                 response = _error(status, message)
@@ -235,7 +239,8 @@ def _guarded(path: str) -> bool:
 
 
 class TokenLookup(Protocol):
-    ready: bool
+    ready: bool  # False: no table from the master yet (503 to any credential)
+    refused: str | None  # why the last table offered was refused, if it was
 
     def identify(self, token: str) -> Identity | None: ...
 

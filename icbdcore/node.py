@@ -121,6 +121,7 @@ class Membership:
         self.reachable = False
         self._registered = False
         self._warned = False
+        self._table_refusal: str | None = None  # the last reason a token table was refused, logged once
         self._poke = trio.Event()
 
     def poke(self) -> None:
@@ -203,7 +204,12 @@ class Membership:
         try:
             self.tokens.offer(reply[TABLE_SENT])
         except (BadTable, ValueError) as error:
-            log.warning("keeping the token table held: %s", error)
+            if str(error) != self._table_refusal:  # the master sends it again with every reply: log it once
+                held = "keeping the token table held" if self.tokens.table.ready else "no token table held"
+                log.warning("%s: refusing the master's token table: %s", held, error)
+            self._table_refusal = str(error)
+        else:
+            self._table_refusal = None
 
     async def _post(self, path: str, doc: dict, timeout: float) -> dict:
         response = await self.master.post(path, json=doc, timeout=timeout)

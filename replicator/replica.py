@@ -101,6 +101,9 @@ class Replica:
         self._retry_at: dict[str, float] = {}
         self._retry_delay: dict[str, float] = {}
         self.membership: Membership | None = None
+        # Set once a heartbeat reply said what is subscribed (with a catalogue
+        # the master signed): only then is a resume spool known to be stale.
+        self.subscriptions_known = False
         self._refusal: str | None = None  # the last reason a heartbeat reply was refused, logged once
 
     # --- start-up -----------------------------------------------------------------
@@ -124,7 +127,8 @@ class Replica:
         self.signed = self.trust.saved_catalog()
         if self.signed is not None:  # until the master says what is subscribed: what is held
             self.catalog = Catalog({n: i for n, i in self.signed.catalog.imis.items() if n in self.held})
-        self._drop_stale_spools()
+        # Resume spools stay until the master has said what is subscribed: a
+        # spool of a version not held yet is what this start resumes from.
         for doc in read_json(self.layout.transfers_file, []) or []:
             if doc.get("state") == "running":
                 doc["state"], doc["error"] = "failed", "interrupted by a restart"
@@ -242,8 +246,9 @@ class Replica:
         self._refusal = None
         wanted = set(names)
         catalog = Catalog({n: i for n, i in self.signed.catalog.imis.items() if n in wanted})
-        if catalog != self.catalog:
+        if catalog != self.catalog or not self.subscriptions_known:
             self.catalog = catalog
+            self.subscriptions_known = True
             self._wake.set()
 
     async def _refused(self, why: str) -> None:
@@ -321,7 +326,10 @@ class Replica:
         """Delete the resume spools of (version, parent) pairs this replica
         would no longer ask for: an iMI no longer subscribed, a version held
         or no longer wanted, a parent that is no longer the one it would use.
-        Each may be as large as a whole version."""
+        Each may be as large as a whole version. Nothing is stale before
+        the master has said what is subscribed."""
+        if not self.subscriptions_known:
+            return
         wanted = {
             self.layout.resume_spool(name, version, self.choose_parent(name, version))
             for name in self.catalog.imis

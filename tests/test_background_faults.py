@@ -11,7 +11,8 @@ the disk does: each fault is logged and retried, and never ends the node.
 - and a node given a wrong --master URL (something that takes the
   registration but knows no heartbeat) re-registered in a tight loop.
 
-The peers are stand-ins answering raw bytes (tests/fakepeer.py); the nodes'
+The peers are stand-ins answering raw bytes (tests/fakepeer.py), signing
+what the master signs with a key made here (tests/signed.py); the nodes'
 parts run in this process, without btrfs. As any user.
 """
 
@@ -24,14 +25,18 @@ import os
 from pathlib import Path
 
 import pytest
+import signed
 import trio
 from fakepeer import FakePeer
 
 from cache.site import SiteCache
+from icbdcore import trust
 from icbdcore.clients import Credentials, async_client
 from icbdcore.layout import Layout
 from icbdcore.manifest import Entry, Manifest, VersionRecord
 from icbdcore.node import Membership
+from icbdcore.signing import SigningKey
+from icbdcore.trust import Trust
 from icbdcore.wire import content_digest
 from replicator import btrfs, streams
 from replicator.receiver import ReceiveFailed
@@ -54,13 +59,20 @@ def fake():
         peer.close()
 
 
+@pytest.fixture
+def key(tmp_path) -> SigningKey:
+    return signed.master_key(tmp_path)
+
+
 def _record(version: int) -> VersionRecord:
     return VersionRecord(version=version, digest=content_digest(f"manifest {version}".encode()))
 
 
-def _catalog(*versions: int, latest: object = None) -> dict:
-    return {"name": "demo", "uuid": "u1", "latest": latest if latest is not None else max(versions),
-            "versions": [_record(v).to_json() for v in versions]}
+def _catalog(key: SigningKey, *versions: int, latest: object = None, serial: int = 1, **changes) -> dict:
+    """The signed catalogue of iMI demo; `changes` replace members of its
+    entry, signed with it (what a master with a bug could send)."""
+    records = [signed.record(key, "demo", v, _record(v).digest) for v in versions]
+    return signed.catalogue(key, [{**signed.imi("demo", records, latest=latest), **changes}], serial)
 
 
 async def _until(condition, timeout: float, what: str) -> None:
@@ -74,17 +86,18 @@ async def _until(condition, timeout: float, what: str) -> None:
 # --- a cache server and the master's node list ----------------------------------------------
 
 
-async def test_malformed_node_lists_do_not_end_a_cache_server(fake, tmp_path, caplog):
+async def test_malformed_node_lists_do_not_end_a_cache_server(fake, tmp_path, key, caplog):
     """The master's node list comes as a number, as a list instead of an
     object, as broken JSON, as nodes that are not objects: the cache server
     logs it, keeps serving its catalogue, and takes the next good list."""
     bad = [b'{"nodes": 5}', b"[]", b'{"nodes": [1, "x", null]', b'{"nodes": {"a": 1}}', b"{}"]
     good_node = {"id": "r1", "role": "replica", "site": "a", "url": "http://127.0.0.1:9", "state": "alive"}
     nodes_asked = []
+    catalogue = json.dumps(_catalog(key, 1)).encode()
 
     def master(method: str, path: str) -> tuple[int, bytes]:
         if path == "/v1/imis":
-            return 200, json.dumps({"imis": [_catalog(1)]}).encode()
+            return 200, catalogue
         if path == "/v1/nodes":
             nodes_asked.append(path)
             answer = bad[len(nodes_asked) - 1] if len(nodes_asked) <= len(bad) else None
@@ -93,7 +106,8 @@ async def test_malformed_node_lists_do_not_end_a_cache_server(fake, tmp_path, ca
 
     peer = fake(master)
     with caplog.at_level(logging.WARNING):
-        async with SiteCache.open(tmp_path / "cache", peer.url, TOKEN, "a", 64 << 20, refresh=0.05) as cache:
+        async with SiteCache.open(tmp_path / "cache", peer.url, Credentials(TOKEN, "c1"), "a", 64 << 20,
+                                  refresh=0.05, master_key=key.public) as cache:
             await _until(lambda: [u.id for u in cache.upstreams.all()] == ["r1"], 10, "the good node list")
             assert "demo" in (await cache.catalog()).imis
     print(f"\n{len(nodes_asked)} node lists asked, {len(bad)} malformed; warnings: "
@@ -102,19 +116,28 @@ async def test_malformed_node_lists_do_not_end_a_cache_server(fake, tmp_path, ca
     assert "master unreachable" in caplog.text
 
 
-async def test_a_full_disk_for_the_catalogue_does_not_end_a_cache_server(fake, tmp_path, monkeypatch, caplog):
-    from cache import site
+async def test_a_full_disk_for_the_catalogue_does_not_end_a_cache_server(fake, tmp_path, key, monkeypatch, caplog):
+    """The catalogue (and the high-water mark of its serial) cannot be
+    written: the cache server serves the catalogues it takes, newer ones
+    too, and holds the mark in memory."""
+    serials = iter(range(1, 1_000_000))
 
     def full(path, doc):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     peer = fake(lambda method, path: (200, json.dumps(
-        {"imis": [_catalog(1)]} if path == "/v1/imis" else {"nodes": []}).encode()))
-    monkeypatch.setattr(site, "write_json", full)
-    async with SiteCache.open(tmp_path / "cache", peer.url, TOKEN, "a", 64 << 20, refresh=0.05) as cache:
+        _catalog(key, 1, serial=next(serials)) if path == "/v1/imis" else {"nodes": []}).encode()))
+    Trust(Layout(tmp_path / "cache"), key.public)  # the key kept already: the disk filled up later
+    monkeypatch.setattr(trust, "write_json", full)
+    async with SiteCache.open(tmp_path / "cache", peer.url, Credentials(TOKEN, "c1"), "a", 64 << 20,
+                              refresh=0.05, master_key=key.public) as cache:
         assert "demo" in (await cache.catalog()).imis
+        first = cache.trust.serial
         await trio.sleep(0.3)
-    assert "cannot save the catalogue" in caplog.text
+        assert "demo" in (await cache.catalog()).imis
+        assert cache.trust.serial > first >= 1
+    assert not Layout(tmp_path / "cache").catalog_file.exists()
+    assert "cannot keep the catalogue" in caplog.text
 
 
 # --- a replica and the master's heartbeat replies -----------------------------------------------
@@ -131,42 +154,54 @@ class FakeReceiver:
         raise ReceiveFailed("no stream from a stand-in master", resumable=True)
 
 
-def _replica(tmp_path: Path, master_url: str) -> Replica:
-    replica = Replica(tmp_path / "r1", "127.0.0.1:1", master_url, TOKEN, "a", name="r1", heartbeat=0.1)
+def _replica(tmp_path: Path, master_url: str, key: SigningKey | None = None) -> Replica:
+    key = key or signed.master_key(tmp_path)
+    replica = Replica(tmp_path / "r1", "127.0.0.1:1", master_url, Credentials(TOKEN), "a", name="r1",
+                      heartbeat=0.1, master_key=key.public)
     replica.layout.make_dirs()
     replica.id = "r1"
+    replica.trust = Trust(replica.layout, key.public)
     replica.receiver = FakeReceiver()
     return replica
 
 
-async def test_malformed_heartbeat_replies_do_not_end_a_replica(fake, tmp_path, caplog):
-    """Replies with a number too large for any integer (1e400 parses as
-    infinity), a `latest` given as a string (taken as the number it names),
-    an invalid iMI name, a version that is not a number: each is logged, the
-    last good catalogue is kept, and a good reply is acted on (a transfer
-    starts)."""
-    record = _record(1).to_json()
+async def test_malformed_heartbeat_replies_do_not_end_a_replica(fake, tmp_path, key, caplog):
+    """Replies whose catalogue has a number too large for any integer (1e400
+    parses as infinity; no signature covers it), an invalid iMI name, a
+    version that is not a number (both signed: a master with a bug), replies
+    without a list of subscriptions or with a catalogue that is no object,
+    a reply that is not an object: each is logged, the last good catalogue
+    is kept, and a good reply is acted on (a transfer starts)."""
+    record = signed.record(key, "demo", 1, _record(1).digest)
+    huge = json.dumps({"subscriptions": ["demo"], "catalog": signed.catalogue(
+        key, [signed.imi("demo", [{**record, "bytes": "INF"}])], 1)}).replace('"INF"', "1e400")
     bad = [
-        {"subscriptions": {"demo": {**_catalog(1), "versions": [{**record, "bytes": "INF"}]}}},
-        {"subscriptions": {"demo": _catalog(1, latest="1")}},
-        {"subscriptions": {"demo": {**_catalog(1), "name": "../etc"}}},
-        {"subscriptions": {"demo": {**_catalog(1), "versions": [{**record, "version": "one"}]}}},
-        {"subscriptions": ["demo"]},
+        huge,
+        {"subscriptions": ["demo"], "catalog": _catalog(key, 1, serial=2, name="../etc")},
+        {"subscriptions": ["demo"], "catalog": signed.catalogue(
+            key, [signed.imi("demo", [key.sign({**record, "version": "one"})], latest=1)], 3)},
+        {"subscriptions": {"demo": _catalog(key, 1, serial=4)}},
+        {"subscriptions": ["demo", 7], "catalog": _catalog(key, 1, serial=5)},
+        {"subscriptions": ["demo"], "catalog": [1, 2]},
+        [],
     ]
-    replies = [json.dumps(r).encode().replace(b'"INF"', b"1e400") for r in bad]
+    replies = [r.encode() if isinstance(r, str) else json.dumps(r).encode() for r in bad]
+    good = json.dumps({"state": "alive", "subscriptions": ["demo"], "catalog": _catalog(key, 1, serial=10)}).encode()
     beats = []
 
     def master(method: str, path: str) -> tuple[int, bytes]:
         if path == "/v1/nodes":
             return 201, b"{}"
+        if path == "/v1/key":  # asked once per refusal: does the master now present another key?
+            return 200, json.dumps({"key": key.public.text}).encode()
         beats.append(path)
         if len(beats) <= len(replies):
             return 200, replies[len(beats) - 1]
-        return 200, json.dumps({"state": "alive", "subscriptions": {"demo": _catalog(1)}}).encode()
+        return 200, good
 
     peer = fake(master)
-    replica = _replica(tmp_path, peer.url)
-    client = async_client(Credentials(TOKEN, "r1"), peer.url)
+    replica = _replica(tmp_path, peer.url, key)
+    client = replica.master = async_client(Credentials(TOKEN, "r1"), peer.url)
     replica.membership = Membership(client, "r1", "replica", "a", replica.url, replica.status_doc,
                                     on_reply=replica._on_heartbeat_reply, interval=0.05)
     with caplog.at_level(logging.WARNING):
@@ -179,7 +214,9 @@ async def test_malformed_heartbeat_replies_do_not_end_a_replica(fake, tmp_path, 
     print(f"\n{len(beats)} heartbeats, {len(replies)} malformed replies; then transfers {replica.receiver.calls}")
     assert len(beats) > len(replies)
     assert replica.receiver.calls[0] == ("demo", 1)
-    assert "malformed" in caplog.text
+    assert replica.signed is not None and replica.signed.serial == 10
+    assert "not signed by the master's key" in caplog.text and "malformed" in caplog.text
+    assert "could not be taken" not in caplog.text, "a reply was not refused for what it is, but failed"
 
 
 async def test_a_failed_subvolume_delete_is_retried_and_does_not_end_a_replica(tmp_path, monkeypatch, caplog):

@@ -10,9 +10,11 @@
   block store gets the bound less a share, the documents the share, oldest
   evicted first (cache/metastore.py).
 - A replica's resume spools for (version, parent) pairs it no longer wants
-  are deleted, at start and after each sync.
+  are deleted after each sync, once the master has said what it is
+  subscribed to (before that, a spool is what a restart resumes from).
 
-As any user; peers are stand-ins on loopback.
+As any user; peers are stand-ins on loopback, signing what the master signs
+with a key made here (tests/signed.py).
 """
 
 from __future__ import annotations
@@ -25,16 +27,20 @@ from pathlib import Path
 
 import httpx
 import pytest
+import signed
 import trio
 from fakepeer import FakePeer
 
 from cache.remote import RemoteCache
 from cache.site import SiteCache
 from icbdcore import http
+from icbdcore.auth import READER, TokenTable, token_hash
 from icbdcore.catalog import Catalog
+from icbdcore.clients import Credentials
 from icbdcore.layout import Layout
 from icbdcore.manifest import MAX_MANIFEST, Manifest, VersionRecord
 from icbdcore.source import Unavailable
+from icbdcore.trust import Trust
 from icbdcore.wire import Refused, content_digest
 from replicator import streams
 from replicator.receiver import ReceiveFailed, Receiver
@@ -81,12 +87,12 @@ async def test_send_spools_are_capped_in_all_and_per_node(tmp_path, monkeypatch)
 
 
 async def test_a_refusal_with_a_retry_hint_carries_retry_after():
-    from starlette.routing import Route
-
     async def busy(request):
         raise Refused(503, "3 streams are being made, the most at once; retry later", retry_after=5)
 
-    app = http.build_app([Route("/v1/busy", busy)], TOKEN)
+    tokens = TokenTable()
+    tokens.install({"id": "test", "serial": 1, "tokens": [{"name": "t", "role": READER, "hash": token_hash(TOKEN)}]})
+    app = http.build_app([http.Endpoint("GET", "/v1/busy", busy, READER)], tokens)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node") as client:
         response = await client.get("/v1/busy", headers={"Authorization": f"Bearer {TOKEN}"})
     assert response.status_code == 503 and response.headers["retry-after"] == "5"
@@ -166,7 +172,8 @@ RECORD = VersionRecord(version=1, digest=content_digest(b"the real manifest"))
 @pytest.mark.parametrize("announced", [True, False], ids=["announced", "unannounced"])
 async def test_a_replica_refuses_an_oversized_manifest_before_reading_it(gusher, tmp_path, announced):
     peer = gusher(TOO_BIG, announced)
-    receiver = Receiver(Layout(tmp_path), peer.url, TOKEN, "r1")
+    key = signed.master_key(tmp_path)
+    receiver = Receiver(Layout(tmp_path), peer.url, Credentials(TOKEN, "r1"), trust=Trust(Layout(tmp_path), key.public))
     with pytest.raises(ReceiveFailed, match=str(MAX_MANIFEST)):
         await receiver.fetch_manifest("demo", 1, RECORD)
     await trio.sleep(0.2)
@@ -176,10 +183,12 @@ async def test_a_replica_refuses_an_oversized_manifest_before_reading_it(gusher,
 
 
 @pytest.mark.parametrize("announced", [True, False], ids=["announced", "unannounced"])
-async def test_a_mount_refuses_an_oversized_manifest_before_reading_it(gusher, announced):
-    catalog = {"imis": [{"name": "demo", "latest": 1, "versions": [RECORD.to_json()]}]}
+async def test_a_mount_refuses_an_oversized_manifest_before_reading_it(gusher, tmp_path, announced):
+    key = signed.master_key(tmp_path)
+    catalog = signed.catalogue(key, [signed.imi("demo", [signed.record(key, "demo", 1, RECORD.digest)])])
     peer = gusher(TOO_BIG, announced, catalog)
-    async with RemoteCache.open(peer.url, TOKEN) as remote:
+    async with RemoteCache.open(peer.url, Credentials(TOKEN), state_dir=tmp_path / "mount",
+                                master_key=key.public) as remote:
         await remote.catalog()
         with pytest.raises(Unavailable, match=str(MAX_MANIFEST)):
             await remote.manifest("demo", 1)
@@ -211,10 +220,11 @@ async def test_a_cache_s_manifests_and_profiles_stay_within_its_bound(tmp_path):
     profiles: blocks and documents together stay within the 8 MiB, the
     documents within their 1 MiB share, the oldest evicted first; an evicted
     manifest is fetched again when asked for."""
+    key = signed.master_key(tmp_path)
     manifests = {v: os.urandom(256 << 10) for v in range(1, 25)}
-    records = [VersionRecord(version=v, digest=content_digest(m)).to_json() for v, m in manifests.items()]
-    catalog = {"imis": [{"name": "demo", "latest": 24, "versions": records}]}
-    profile = {"recorded_on": 1, "digests": [content_digest(b"%d" % i) for i in range(2000)]}
+    records = [signed.record(key, "demo", v, content_digest(m)) for v, m in manifests.items()]
+    catalog = signed.catalogue(key, [signed.imi("demo", records)])
+    profile = signed.profile(key, "demo", 1, [content_digest(b"%d" % i) for i in range(2000)])
 
     def master(method: str, path: str) -> tuple[int, bytes]:
         if path == "/v1/imis":
@@ -231,7 +241,8 @@ async def test_a_cache_s_manifests_and_profiles_stay_within_its_bound(tmp_path):
     peer = FakePeer(master)
     bound = 8 * MIB
     try:
-        async with SiteCache.open(tmp_path / "cache", peer.url, TOKEN, "a", bound, refresh=60) as cache:
+        async with SiteCache.open(tmp_path / "cache", peer.url, Credentials(TOKEN, "c1"), "a", bound, refresh=60,
+                                  master_key=key.public) as cache:
             for version in manifests:
                 raw, _ = await cache.manifest_bytes("demo", version)
                 assert raw == manifests[version]
@@ -269,7 +280,7 @@ async def test_resume_spools_no_longer_wanted_are_deleted(tmp_path):
     """Held: demo 1. The master has demo 1 and 3. The one wanted stream is
     demo 3 from 1; the spools of 3 from 2 (2 is gone from the master), of 2
     (not wanted), and of an iMI no longer subscribed go at the next sync."""
-    replica = Replica(tmp_path / "r1", "127.0.0.1:1", "http://127.0.0.1:9", TOKEN, "a", name="r1")
+    replica = Replica(tmp_path / "r1", "127.0.0.1:1", "http://127.0.0.1:9", Credentials(TOKEN), "a", name="r1")
     replica.layout.make_dirs()
     replica.receiver = FailingReceiver()
     replica.membership = None
@@ -287,6 +298,11 @@ async def test_resume_spools_no_longer_wanted_are_deleted(tmp_path):
         spool.parent.mkdir(parents=True, exist_ok=True)
         spool.write_bytes(b"stream so far")
         spool.with_suffix(".json").write_text("{}")
+    # At start the replica knows what it holds, not yet what it is subscribed
+    # to: no spool is stale yet (each may be what this start resumes from).
+    replica._drop_stale_spools()
+    assert all(path.exists() for path in spools.values())
+    replica.subscriptions_known = True  # a heartbeat reply said so
     async with trio.open_nursery() as nursery:
         replica._wake.set()
         nursery.start_soon(replica._sync_loop)

@@ -31,8 +31,8 @@ _SERVER = textwrap.dedent("""
     import inspect, sys
     from functools import partial
     import trio
-    from starlette.routing import Route
     from icbdcore import http
+    from icbdcore.auth import READER, TokenTable, token_hash
 
     http.KEEP_ALIVE, http.READ_TIMEOUT, http.BODY_TIMEOUT = (float(t) for t in sys.argv[4:7])
     BLOCK = bytes(range(256)) * 4096
@@ -44,7 +44,11 @@ _SERVER = textwrap.dedent("""
         return http.json_response(await http.json_body(request))
 
     async def main():
-        app = http.build_app([Route("/v1/block", block), Route("/v1/echo", echo, methods=["POST"])], sys.argv[2])
+        tokens = TokenTable()  # the one token the test holds, a reader's
+        tokens.install({"id": "test", "serial": 1,
+                        "tokens": [{"name": "test", "role": READER, "hash": token_hash(sys.argv[2])}]})
+        app = http.build_app([http.Endpoint("GET", "/v1/block", block, READER),
+                              http.Endpoint("POST", "/v1/echo", echo, READER)], tokens)
         # (Code from before the cap has no max_connections: it serves without one.)
         cap = {"max_connections": int(sys.argv[3])} if "max_connections" in inspect.signature(http.serve).parameters else {}
         await http.serve(app, sys.argv[1], trio.Event(), **cap)

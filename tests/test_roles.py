@@ -272,7 +272,8 @@ def test_no_token_in_the_command_line_of_a_running_node_or_mount(cluster, tmp_pa
     env = {k: v for k, v in cluster.env.items() if k != "ICBD_TOKEN"}
     log = open(tmp_path / "mount.log", "wb")  # noqa: SIM115 - closed below
     mount = subprocess.Popen([*ICBD, "--token", reader, "mount", str(mountpoint), "--foreground",
-                              "--cache", cache.url, "--timeout", "5"], env=env, cwd=REPO, stdout=log,
+                              "--cache", cache.url, "--cache-dir", str(tmp_path / "mnt-state"),
+                              "--timeout", "5"], env=env, cwd=REPO, stdout=log,
                              stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: (mountpoint / "demo" / "1" / "etc" / "hostname").read_text() == "desktop-1\n",

@@ -22,6 +22,7 @@ import trio
 import urllib3
 
 from cache.blockclient import BlockClient, UpstreamTimeout
+from icbdcore.clients import Credentials
 from icbdcore.wire import content_digest
 
 TOKEN = "test-token-123"
@@ -117,7 +118,7 @@ async def test_trickling_peers_do_not_hold_the_client_s_slots(peers):
     digest = content_digest(block)
     slow = [peers(mode) for mode in ("body", "head") * CONNECTIONS]
     good = peers("good", block)
-    client = BlockClient(TOKEN, connections=CONNECTIONS, connect_timeout=1.0, read_timeout=5.0)
+    client = BlockClient(Credentials(TOKEN), connections=CONNECTIONS, connect_timeout=1.0, read_timeout=5.0)
     try:
         failures: list[str] = []
         started = time.monotonic()
@@ -162,7 +163,7 @@ def test_a_cutoff_ends_a_blocked_request_from_another_thread(peers, when):
     """icbdcore.cutoff on its own: a worker thread reading a trickling peer
     (read timeout 30 s) is cut off from another thread and fails at once; a
     request made after the cut fails as soon as it has a socket."""
-    from icbdcore.clients import Credentials, pool
+    from icbdcore.clients import pool
     from icbdcore.cutoff import Cutoff
 
     peer = peers("body")

@@ -213,14 +213,16 @@ def test_a_man_in_the_middle_gets_nothing_from_a_replica_or_a_mount(tls_cluster,
         wait_for(lambda: "not trusted" in log.read_text(), timeout=30, what="the replica to refuse the master")
         assert "r1" not in cluster.nodes_status()
 
-        # A mount told the man in the middle is its cache server: one line, exit 1.
+        # A mount told the man in the middle is its cache server: one line, exit 1
+        # (its log, which in the foreground would go to stderr too, in --log).
         mountpoint = tmp_path / "mnt"
         mountpoint.mkdir()
         env = {**cluster.env, "ICBD_TOKEN": cluster.token("reader")}
         result = subprocess.run([*ICBD, "mount", str(mountpoint), "--foreground", "--cache", mitm.url,
+                                 "--cache-dir", str(tmp_path / "mnt-state"), "--log", str(tmp_path / "mnt.log"),
                                  "--timeout", "3"], capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
         assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
-        assert "not trusted" in result.stderr
+        assert result.stderr.startswith("icbd: ") and "not trusted" in result.stderr
 
         # A cache server whose upstream replica is the man in the middle (kept
         # alive at the master by heartbeats from here).

@@ -91,7 +91,7 @@ def test_a_replayed_older_catalogue_is_refused_by_every_tier_also_after_a_restar
     assert new_serial > old_doc["serial"]
     wait_for(lambda: cache.status()["catalog_serial"] >= new_serial, what="the cache to take the new catalogue")
     to_cache = proxies(cache.url)
-    mount = cluster.mount("mnt", cache=cache, extra=["--cache", to_cache.url])
+    mount = cluster.mount("mnt", cache=to_cache.url)
     demo = mount.mountpoint / "demo"
     wait_for(lambda: "2" in os.listdir(demo), what="the mount to show version 2")
     assert (demo / "2" / "etc" / "hostname").read_text() == "two\n"
@@ -131,7 +131,7 @@ def test_a_replayed_older_catalogue_is_refused_by_every_tier_also_after_a_restar
     # Once the replays stop, all is well.
     for proxy in (to_master_r, to_master_c, to_cache):
         proxy.clear()
-    mount = cluster.mount("mnt", cache=cache, extra=["--cache", to_cache.url])
+    mount = cluster.mount("mnt", cache=to_cache.url)
     assert (demo / "2" / "etc" / "hostname").read_text() == "two\n"
 
 
@@ -196,6 +196,39 @@ def test_trust_on_first_use_pins_the_key_and_refuses_another(cluster, tmp_path):
     assert json.loads(Layout(r1.data).trust_file.read_text())["how"] == "given"
 
 
+def test_nodes_first_started_while_the_master_is_away_admit_credentials_once_it_answers(cluster):
+    """No --master-key and no token table yet, the master away at their first
+    start: a replica and a cache server answer 503 to credentials, saying
+    why. Once the master answers, each pins its key and believes the token
+    table it signed within a few heartbeats (the key is taken from the reply
+    before the table in it is checked). Restarted while the master is away
+    again, both admit credentials at once: the table on disk is checked with
+    the key pinned."""
+    master = cluster.master()
+    cluster.token("node")  # issued now: the nodes start while the master is down
+    master.stop()
+    r1 = cluster.replica("r1", tofu=True, start=False)
+    cache = cluster.cache("cache", tofu=True, start=False)
+    for node in (r1, cache):
+        node.start(wait=False)
+    for node in (r1, cache):
+        wait_for(node.ready, timeout=60, what=f"{node.id} to serve")
+        answer = cluster.api("GET", "/v1/auth", node=node)
+        assert answer.status_code == 503 and "no token table" in answer.json()["error"], answer.text
+    master.start()
+    key = cluster.learn_master_key()
+    for node in (r1, cache):
+        wait_for(lambda node=node: cluster.api("GET", "/v1/auth", node=node).status_code == 200, timeout=20,
+                 what=f"{node.id} to admit credentials once the master answers")
+        assert json.loads(Layout(node.data).trust_file.read_text())["key"] == key
+        assert "refusing the master's token table" not in _log(cluster, node.id)
+    master.stop()
+    for node in (r1, cache):
+        node.stop()
+        node.start()
+        assert cluster.api("GET", "/v1/auth", node=node).json()["role"] == "admin"
+
+
 @pytest.mark.fuse
 def test_a_wrong_master_key_is_refused(cluster, tmp_path):
     master = cluster.master()
@@ -209,8 +242,12 @@ def test_a_wrong_master_key_is_refused(cluster, tmp_path):
     wait_for(lambda: "not signed by the master's key" in _log(cluster, "r1"), what="the replica to refuse")
     wait_for(lambda: "not signed by the master's key" in _log(cluster, "cache"), what="the cache to refuse")
     assert r1.status()["versions"] == {}
-    answer = cluster.api("GET", "/v1/imis", node=cache)
-    assert answer.status_code == 504 and "no catalogue" in answer.json()["error"]
+    # Nor can it believe the master's token table: it admits no credential,
+    # and says why (not "retry shortly": no retry helps).
+    for node in (cache, r1):
+        answer = cluster.api("GET", "/v1/imis", node=node)
+        assert answer.status_code == 503 and "not signed by the master's key" in answer.json()["error"], answer.text
+    assert cluster.api("GET", "/v1/imis", node=good_cache).status_code == 200
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     result = cluster.icbd("mount", str(mountpoint), "--cache", good_cache.url, "--master-key", wrong,
@@ -279,14 +316,23 @@ def test_forged_manifests_stream_records_profiles_and_blocks_are_refused(cluster
 
     to_cache = proxies(cache.url)
     to_cache.forge("GET", r"/v1/blocks/[0-9a-f]{64}", lambda answer: (200, b"\0" * len(answer[1])))
-    mount = cluster.mount("mnt", cache=cache, extra=["--cache", to_cache.url, "--no-profiles"], timeout=3)
+    # Through that cache alone, the replicas not asked: nothing to read but forgeries, so EIO.
+    mount = cluster.mount("mnt", cache=to_cache.url, extra=["--no-profiles", "--no-replica-fallback"], timeout=3)
     with pytest.raises(OSError) as raised:
         (mount.mountpoint / "demo" / "2" / "big.bin").read_bytes()
     assert raised.value.errno == errno.EIO
     assert "do not match the digest" in _log(cluster, "mnt")
+    # With the replicas as the last resort, the forgeries are refused and the
+    # true bytes come from a replica.
+    fallback = cluster.mount("mnt2", cache=to_cache.url, extra=["--no-profiles"], timeout=3)
+    wait_for(lambda: fallback.status()["source"]["replicas_known"] > 0, what="the mount to learn the replicas")
+    big = (tmp_path / "tree" / "big.bin").read_bytes()
+    assert (fallback.mountpoint / "demo" / "2" / "big.bin").read_bytes() == big
+    assert "do not match the digest" in _log(cluster, "mnt2")
+    assert fallback.status()["source"]["fallback_blocks"] > 0
     to_cache.clear()
     time.sleep(2.5)  # a block that failed is refused at once for 2 s
-    assert (mount.mountpoint / "demo" / "2" / "big.bin").read_bytes() == (tmp_path / "tree" / "big.bin").read_bytes()
+    assert (mount.mountpoint / "demo" / "2" / "big.bin").read_bytes() == big
 
 
 def test_key_show(cluster, tmp_path):
