@@ -16,8 +16,13 @@ the background: it forks before trio starts (a process with threads must not
 fork), the child detaches and logs to --log or <cache-dir>/mount.log
 (rotated), and tells the waiting parent "ready" or one error line through a
 pipe; the parent exits 0 or 1 on that line. `--foreground` serves in the
-calling process (what tests and service managers use). SIGINT and SIGTERM
+calling process (what tests and service managers use): under systemd it
+reports READY=1 once the mount answers and feeds the watchdog from its trio
+loop (icbdcore/service.py). SIGINT, SIGTERM and `umount MOUNTPOINT`
 unmount cleanly.
+
+`--metrics-listen HOST:PORT` serves the mount's Prometheus metrics
+(`GET /metrics`, icbdcore/metrics.py) from the same trio loop.
 """
 
 from __future__ import annotations
@@ -27,22 +32,26 @@ import os
 import select
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from functools import partial
 from pathlib import Path
 
 import trio
 
 from cache.group import CacheGroup
 from cache.site import SiteCache
+from icbdcore import http, metrics
 from icbdcore.clients import Credentials
 from icbdcore.errors import CliError, plain_errors
 from icbdcore.layout import Layout
 from icbdcore.logs import setup_logging
 from icbdcore.mounts import mounted_at
+from icbdcore.service import ServiceManager
 from icbdcore.source import ImageSource, Unavailable
 from icbdcore.trust import master_key_argument
 from icbdfs.fs import MountOptions
@@ -63,9 +72,19 @@ def main(args) -> int:
     mountpoint = _check_mountpoint(args.mountpoint)
     open_source = _source_opener(args)
     cache_dir = Path(args.cache_dir or DEFAULT_CACHE_DIR).absolute()
+    listen = getattr(args, "metrics_listen", None)
+    if listen:
+        try:
+            http.parse_listen(listen)
+        except ValueError as error:
+            raise CliError(f"--metrics-listen: {error}") from None
+    metrics.set_recording(bool(listen))
+    labels = {"node": f"{socket.gethostname()}:{mountpoint}", "site": args.site or ""} if listen else None
+    serving = partial(_serve_opened, open_source, mountpoint, options, metrics_listen=listen, metrics_labels=labels)
     if args.foreground:
         setup_logging(Path(args.log).absolute() if args.log else None, args.verbose)
-        trio.run(_serve_opened, open_source, mountpoint, options, None)
+        manager = ServiceManager()
+        trio.run(partial(serving, lambda: manager.ready(f"serving {mountpoint}"), manager))
         return 0
     log_file = Path(args.log).absolute() if args.log else Layout(cache_dir).mount_log
     try:
@@ -73,7 +92,7 @@ def main(args) -> int:
     except OSError as error:
         raise CliError(f"cannot create {log_file.parent} for the log: {error.strerror}; give --log FILE") from None
     pid = _start_in_background(
-        lambda ready: trio.run(_serve_opened, open_source, mountpoint, options, ready),
+        lambda ready: trio.run(serving, ready),
         log_file,
         args.verbose,
         wait=max(60.0, 3 * options.timeout),
@@ -106,13 +125,34 @@ async def _serve_opened(
     mountpoint: str,
     options: MountOptions,
     ready: Callable[[], None] | None,
+    manager: ServiceManager | None = None,
+    *,
+    metrics_listen: str | None = None,
+    metrics_labels: dict[str, str] | None = None,
 ) -> None:
     try:
         with plain_errors():
-            async with open_source() as source:
-                await serve(source, mountpoint, options, ready=ready)
+            async with open_source() as source, trio.open_nursery() as nursery:
+                if metrics_listen:
+                    await _start_metrics(nursery, metrics_listen)
+                if manager is not None:
+                    nursery.start_soon(manager.feed_watchdog)
+                await serve(source, mountpoint, options, ready=ready, metrics_labels=metrics_labels)
+                if manager is not None:
+                    manager.stopping(f"unmounted {mountpoint}")
+                nursery.cancel_scope.cancel()
     except (Unavailable, OSError) as error:
         raise CliError(f"cannot open the source of iMIs: {error}") from None
+
+
+async def _start_metrics(nursery: trio.Nursery, listen: str) -> None:
+    """`GET /metrics` on `listen`, in the mount's own trio loop, until the mount ends."""
+    never = trio.Event()  # the nursery's cancellation stops it
+    try:
+        await nursery.start(partial(http.serve, metrics.metrics_app(), listen, never, max_connections=64))
+    except OSError as error:
+        raise CliError(f"--metrics-listen {listen}: cannot listen there: {error.strerror or error}") from None
+    log.info("metrics on http://%s/metrics", listen)
 
 
 def _options(args) -> MountOptions:
