@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,8 @@ NOT_SETTINGS = {
 ENVIRONMENT = {"master": "ICBD_MASTER", "ca": "ICBD_CA", "master_key": "ICBD_MASTER_KEY", "token": "ICBD_TOKEN"}
 # Exit status of a bad config file (as argparse's for a bad command line).
 EXIT_BAD_CONFIG = 2
+# TOML cannot hold a key `master` and a table [master] at once.
+MASTER_CLASH = re.compile(r"(?ms)^\s*master\s*=.*^\s*\[\s*master\s*\]|^\s*\[\s*master\s*\].*^\s*master\s*=")
 
 
 class ConfigError(CliError):
@@ -176,6 +179,10 @@ def load(parser: argparse.ArgumentParser, config: ConfigFile) -> ConfigFile:
     except UnicodeDecodeError:
         raise ConfigError(f"{config.path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as error:
+        if "overwrite" in str(error) and MASTER_CLASH.search(raw.decode("utf-8", "replace")):
+            raise ConfigError(f"{config.path}: the global key master and the [master] table cannot both be in "
+                              f"one TOML file: on the master's own host leave master out (commands there reach "
+                              f"the master at its [master] advertise, or listen, address)") from None
         raise ConfigError(f"{config.path}: not valid TOML: {error}") from None
     config.loaded = True
     config.settings = check(parser, config.data, str(config.path))
@@ -194,14 +201,14 @@ def check(parser: argparse.ArgumentParser, data: dict, where: str) -> dict[tuple
         name = ".".join(path)
         label = f"[{name}] " if path else ""
         for key, value in table.items():
-            if key in allowed:
+            if key in children and isinstance(value, dict):
+                walk(value, (*path, key))
+            elif key in allowed:
                 action = allowed[key]
                 settings.setdefault(path, {})[action.dest] = Value(convert(action, value, where, label, key), key,
                                                                     name)
             elif key in NOT_SETTINGS and not isinstance(value, dict):
                 raise ConfigError(f"{where}: {label}{key!r} is not a setting: {NOT_SETTINGS[key]}")
-            elif key in children and isinstance(value, dict):
-                walk(value, (*path, key))
             elif key in children:
                 raise ConfigError(f"{where}: {label}{key} names a command: write its settings as a table "
                                   f"[{'.'.join((*path, key))}]")
@@ -350,7 +357,28 @@ def _from_file(dest: str, chain: list[tuple[str, ...]], level: tuple[str, ...],
         found = config.settings.get(table, {}).get(dest)
         if found is not None:
             return found.value, f"{config.path} [{found.table}]" if found.table else f"{config.path} (global)"
+    if dest == "master" and level == () and ("master",) in config.settings:
+        # The master's own host: its [master] table takes the place of the global key.
+        url = master_url(config.settings[("master",)])
+        if url:
+            return url, f"{config.path} [master] advertise/listen"
     return None, None
+
+
+def master_url(table: dict[str, Value]) -> str | None:
+    """Where the master of a [master] table answers: its advertise URL, else
+    its listen address (a wildcard address as loopback), https if it has a
+    certificate."""
+    if "advertise" in table:
+        return str(table["advertise"].value)
+    listen = table.get("listen")
+    if listen is None:
+        return None
+    host, _, port = str(listen.value).rpartition(":")
+    host = host.strip("[]")
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    scheme = "https" if "tls_cert" in table else "http"
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def effective(parser: argparse.ArgumentParser, path: tuple[str, ...], config: ConfigFile,
@@ -471,7 +499,7 @@ def sample_text(parser: argparse.ArgumentParser, original: dict[int, tuple[objec
         "# command's table may set the global keys for that command alone. Every command has",
         "# a table ([imi.create], [status], ...); the ones below are those a host usually needs.",
         "# `icbd config show COMMAND` prints what a command would start with, and from where.",
-        "# Uncomment what this host needs.",
+        "# Uncomment the tables and keys this host needs.",
         "",
     ]
 
@@ -498,12 +526,15 @@ def sample_text(parser: argparse.ArgumentParser, original: dict[int, tuple[objec
             lines.append("")
 
     lines.append("# --- global keys ---")
+    lines.append("# (On the master's own host leave out `master`: TOML cannot hold the key master and")
+    lines.append("# the table [master] at once, and commands there reach the master at its [master]")
+    lines.append("# advertise or listen address.)")
     lines.append("")
     entries((), options(tree[()]))
     for name in SAMPLE_TABLES:
         if (name,) not in tree:
             continue
-        lines.append(f"[{name}]")
+        lines.append(f"#[{name}]")
         lines.append("")
         entries((name,), options(tree[(name,)]))
     return "\n".join(lines).rstrip() + "\n"
