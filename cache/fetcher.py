@@ -185,11 +185,12 @@ class Fetcher:
         failover as blocks but bounds of its own (a manifest may be tens of
         MiB); not kept in the block store. Raises Unavailable."""
         return await self._from_upstreams(path, digest, imi, version, limit, attempt_timeout, deadline,
-                                          rid=current_request_id())
+                                          rid=current_request_id(), block=False)
 
     async def _from_upstreams(self, path: str, digest: str, imi: str | None, version: int | None,
                               limit: int, attempt_timeout: float | None = None,
-                              deadline: float | None = None, *, rid: str | None = None) -> bytes:
+                              deadline: float | None = None, *, rid: str | None = None,
+                              block: bool = True) -> bytes:
         """GET `path` from the candidates in order, round after round, until
         one delivers bytes that match `digest`, none holds them, or the
         deadline passes."""
@@ -221,7 +222,8 @@ class Fetcher:
                         continue
                     seconds = time.perf_counter() - started
                     self.upstreams.succeeded(up, seconds, len(data))
-                    observe_fetch(up.id, seconds)
+                    if block:  # the latency histogram is of blocks (a manifest may be MiBs)
+                        observe_fetch(up.id, seconds)
                     log.debug("%s: %d bytes from %s in %.1f ms", path, len(data), up.id, seconds * 1000)
                     return data
                 if not anyone_failed:

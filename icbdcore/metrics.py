@@ -170,12 +170,12 @@ class Sample:
         if value is None:
             return
         spec = METRICS[name]
+        if set(labels) != set(spec.labels):
+            raise ValueError(f"{name} takes labels {spec.labels}, got {sorted(labels)}")
         family = self._families.get(name)
         if family is None:
             kind = CounterMetricFamily if spec.kind == "counter" else GaugeMetricFamily
             family = self._families[name] = kind(name, spec.help, labels=list(spec.labels))
-        if set(labels) != set(spec.labels):
-            raise ValueError(f"{name} takes labels {spec.labels}, got {sorted(labels)}")
         family.add_metric([str(labels[k]) for k in spec.labels], float(value))
 
     def families(self) -> list[Metric]:
