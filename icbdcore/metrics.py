@@ -74,8 +74,8 @@ METRICS: dict[str, Spec] = {
                                       "(0: up to date)", ("node", "site", "imi")),
     "icbd_replica_lag_seconds": Spec("gauge", "Seconds since the oldest version the replica lacks was published "
                                      "(0: up to date)", ("node", "site", "imi")),
-    "icbd_site_catalog_age_seconds": Spec("gauge", "Age of the newest catalogue each node holds, as of its last "
-                                          "heartbeat", ("node", "role", "site")),
+    "icbd_site_catalog_age_seconds": Spec("gauge", "Age of the newest catalogue each node holds (as it said in "
+                                          "its last heartbeat, plus the time since)", ("node", "role", "site")),
     "icbd_master_streams_running": Spec("gauge", "Version streams the master is producing or sending now"),
     "icbd_master_stream_spool_bytes": Spec("gauge", "Bytes of version streams spooled on the master"),
     "icbd_served_blocks_total": Spec("counter", "Blocks this node served from the versions it holds"),

@@ -124,13 +124,17 @@ class Overview:
         for node in sorted(self.names.nodes.values(), key=lambda n: (n.site, n.role, n.id)):
             status = node.status if isinstance(node.status, dict) else {}
             versions = status.get("versions") if isinstance(status.get("versions"), dict) else {}
+            silence = None if node.last_seen is None else now_mono - node.last_seen
+            age = status.get("catalog_age_s")
+            if isinstance(age, int | float) and not isinstance(age, bool) and silence is not None:
+                age = round(age + silence, 1)  # as the node reported it, plus the time since
             doc = {
                 "id": node.id, "role": node.role, "site": node.site, "url": node.url,
                 "state": self.names.state(node, now_mono),
-                "heartbeat_age_s": None if node.last_seen is None else round(now_mono - node.last_seen, 1),
+                "heartbeat_age_s": None if silence is None else round(silence, 1),
                 "versions": {k: v for k, v in versions.items() if isinstance(v, list)},
                 "catalog_serial": status.get("catalog_serial"),
-                "catalog_age_s": status.get("catalog_age_s"),
+                "catalog_age_s": age,
                 "master_reachable": status.get("master_reachable"),
             }
             if node.role == "replica":

@@ -117,6 +117,7 @@ async def test_profile_blocks_are_counted_ready_or_late_at_their_first_read():
     assert (stats["profile_ready_blocks"], stats["profile_late_blocks"]) == (2, 1)
 
 
+@pytest.mark.btrfs
 @pytest.mark.fuse
 def test_every_node_s_metrics_pass_promtool_and_follow_what_happens(tmp_path):
     cluster = Cluster(tmp_path / "c")
