@@ -14,8 +14,8 @@ cache server: the config file's `[mount] cache = [...]` says where to read.
 
 The options every filesystem takes (ro, _netdev, nofail, noauto, user,
 nosuid, nodev, noatime, x-systemd.*, ...) are for mount(8), systemd or the
-kernel, and are left out (an icbd mount is always read-only, nosuid and
-nodev); `rw` is refused. `umount MOUNTPOINT` ends the mount: its process
+kernel, and are left out: an icbd mount is always read-only, nosuid and
+nodev (mount(8) passes `rw` when no `ro` is given; it changes nothing). `umount MOUNTPOINT` ends the mount: its process
 sees the kernel close the connection and exits.
 """
 
@@ -29,15 +29,14 @@ from icbdcore.errors import CliError
 from . import cli, config
 
 # Options of mount(8), systemd and the kernel that say nothing to icbd.
-GENERIC = {"ro", "defaults", "_netdev", "nofail", "auto", "noauto", "user", "users", "nouser", "owner",
+GENERIC = {"ro", "rw", "defaults", "_netdev", "nofail", "auto", "noauto", "user", "users", "nouser", "owner",
            "group", "nosuid", "nodev", "noexec", "exec", "suid", "dev", "async", "sync", "atime", "noatime",
            "relatime", "norelatime", "strictatime", "nostrictatime", "diratime", "nodiratime", "lazytime",
            "nolazytime", "silent", "loud", "iversion", "noiversion", "mand", "nomand", "allow_other",
            "default_permissions"}
 GENERIC_PREFIXES = ("x-", "comment=", "fsname=", "subtype=", "uid=", "gid=", "context=", "helper=")
 # Options of `icbd mount` that make no sense from mount(8).
-REFUSED = {"foreground": "mount(8) waits for its helper to return: the mount always runs in the background",
-           "rw": "icbd mounts are read-only: give ro (or nothing)"}
+REFUSED = {"foreground": "mount(8) waits for its helper to return: the mount always runs in the background"}
 
 
 def translate(source: str, mountpoint: str, options: list[str], sloppy: bool = False) -> list[str]:
