@@ -79,6 +79,12 @@ def test_every_declared_metric_follows_the_naming_rules():
     assert [f.name for f in sample.families()] == ["icbd_cache_hits"]
 
 
+def test_every_metric_is_documented():
+    text = (REPO / "docs" / "OPERATIONS.md").read_text()
+    for name in [*metrics.METRICS, "icbd_block_fetch_seconds", "icbd_process_"]:
+        assert f"`{name}" in text, name
+
+
 def test_the_dashboard_uses_only_metrics_that_exist():
     doc = json.loads((REPO / "contrib" / "grafana" / "icbd.json").read_text())
     exprs = [t["expr"] for p in doc["panels"] for t in p.get("targets", [])]
