@@ -128,7 +128,11 @@ def metrics_cost(ctx: BenchContext) -> list[Result]:
     warm = {mode: [w for r in rows for w in r["warm"]] for mode, rows in runs.items()}
     rounded = {k: {mode: [round(v, 1) for v in values] for mode, values in d.items()}
                for k, d in (("cold", cold), ("warm", warm))}
-    common = {"image_bytes": size, "pairs": pairs, "mb_s": rounded, "scrape_every_s": SCRAPE_EVERY,
+    # Each pair's own ratio too: a pair's two runs are minutes apart at most.
+    pair_ratios = {k: [round(on / off, 4) for on, off in zip(d["on"], d["off"], strict=True)]
+                   for k, d in (("cold", cold), ("warm", {m: [r["warm"][-1] for r in runs[m]] for m in runs}))}
+    common = {"image_bytes": size, "pairs": pairs, "mb_s": rounded, "pair_ratios": pair_ratios,
+              "scrape_every_s": SCRAPE_EVERY,
               "scrapes": [r["scrapes"] for r in runs["on"]], "scrape_ms": [r["scrape_ms"] for r in runs["on"]],
               "observe_us": _observe_cost_us()}
     results = [

@@ -49,7 +49,7 @@ from icbdcore import http, metrics
 from icbdcore.clients import Credentials
 from icbdcore.errors import CliError, plain_errors
 from icbdcore.layout import Layout
-from icbdcore.logs import setup_logging
+from icbdcore.logs import setup_logging, stderr_is_journal
 from icbdcore.mounts import mounted_at
 from icbdcore.service import ServiceManager
 from icbdcore.source import ImageSource, Unavailable
@@ -86,9 +86,11 @@ def main(args) -> int:
         manager = ServiceManager()
         trio.run(partial(serving, lambda: manager.ready(f"serving {mountpoint}"), manager))
         return 0
-    log_file = Path(args.log).absolute() if args.log else Layout(cache_dir).mount_log
+    # Started by systemd (a .mount unit, fstab): the journal keeps the log, unless --log says otherwise.
+    log_file = Path(args.log).absolute() if args.log else None if stderr_is_journal() else Layout(cache_dir).mount_log
     try:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
+        if log_file is not None:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise CliError(f"cannot create {log_file.parent} for the log: {error.strerror}; give --log FILE") from None
     pid = _start_in_background(
@@ -228,9 +230,10 @@ def _is_icbd(fstype: str, fsname: str) -> bool:
 
 # --- running in the background ---------------------------------------------------
 
-def _start_in_background(run: Callable[[Callable[[], None]], None], log_file: Path, verbose: bool,
+def _start_in_background(run: Callable[[Callable[[], None]], None], log_file: Path | None, verbose: bool,
                          wait: float) -> int:
-    """Fork; the child calls `run(ready)` detached, logging to `log_file`.
+    """Fork; the child calls `run(ready)` detached, logging to `log_file`
+    (None: to stderr, which is then the journal's stream).
 
     Returns the child's pid once it called `ready`; raises CliError with its
     error line if it failed first.
@@ -258,7 +261,7 @@ def _start_in_background(run: Callable[[Callable[[], None]], None], log_file: Pa
         os.setsid()
         os.chdir("/")
         devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
+        for fd in (0, 1) if log_file is None else (0, 1, 2):
             os.dup2(devnull, fd)
         setup_logging(log_file, verbose)
         run(lambda: report("ready"))
@@ -268,13 +271,14 @@ def _start_in_background(run: Callable[[Callable[[], None]], None], log_file: Pa
         report(f"error: {error}")
     except BaseException as error:
         log.exception("mount failed")
-        report(f"error: {type(error).__name__}: {error}; see {log_file}")
+        report(f"error: {type(error).__name__}: {error}; see {log_file or 'the journal'}")
     finally:
         logging.shutdown()
         os._exit(code)
 
 
-def _wait_for_child(pid: int, read_fd: int, log_file: Path, wait: float) -> None:
+def _wait_for_child(pid: int, read_fd: int, log_file: Path | None, wait: float) -> None:
+    where = log_file or "the journal"
     deadline = time.monotonic() + wait
     data = b""
     with os.fdopen(read_fd, "rb", buffering=0) as pipe:
@@ -282,7 +286,7 @@ def _wait_for_child(pid: int, read_fd: int, log_file: Path, wait: float) -> None
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([pipe], [], [], left)[0]:
                 os.kill(pid, signal.SIGTERM)
-                raise CliError(f"the mount was not ready within {wait:g} s; see {log_file}")
+                raise CliError(f"the mount was not ready within {wait:g} s; see {where}")
             chunk = pipe.read(4096)
             if not chunk:
                 break
@@ -291,4 +295,4 @@ def _wait_for_child(pid: int, read_fd: int, log_file: Path, wait: float) -> None
     if line == "ready":
         return
     os.waitpid(pid, 0)  # it has reported and is exiting
-    raise CliError(line.removeprefix("error: ") or f"the mount process died; see {log_file}")
+    raise CliError(line.removeprefix("error: ") or f"the mount process died; see {where}")
