@@ -151,3 +151,16 @@ def test_doctor_on_the_hosts_of_a_real_cluster(tmp_path):
         assert requests.get(master.url + "/", timeout=10).json()["time"] > 0
     finally:
         cluster.stop_all()
+
+
+def test_a_desktop_host_gets_a_verdict_on_qemu_and_kvm(tmp_path):
+    """qemu is there (scripts/install-packages), and KVM gets a verdict: from
+    a bounded probe of a kernel, the last probe on this boot of the host, or
+    'not probed' when there is neither; never a hang (-enable-kvm may hang)."""
+    code, checks = run_doctor("--role", "desktop", "--timeout", "2")
+    names = by_name(checks)
+    assert names["qemu"]["ok"] and names["qemu"]["detail"].startswith("QEMU emulator version")
+    kvm = names["kvm"]
+    assert "KVM boots a kernel" in kvm["detail"] or "KVM does not boot a kernel" in kvm["detail"] \
+        or "not probed" in kvm["detail"] or "/dev/kvm is missing" in kvm["detail"], kvm
+    assert code == (0 if all(c["ok"] for c in checks) else 1)
