@@ -41,6 +41,8 @@ BUDGETS = {
     "boot_warm": "≤ 1.05 × booting from local disk, cache warm",
     "boot_storm": "replica egress ≤ 1.05 × the boot working set, whatever N",
     "boot_storm_readers": "replica egress ≤ 1.05 × the boot working set, whatever N",
+    "metrics_cold_read": "with metrics within 2% of without (≥ 0.98 ×)",
+    "metrics_warm_read": "with metrics within 2% of without (≥ 0.98 ×)",
 }
 
 NOTES = [

@@ -78,6 +78,8 @@ BENCHMARKS = (
     Benchmark("fuse_read", "bench.readpath:fuse_read",
               ("fuse_read_cold", "fuse_read_warm", "fuse_read_local_cache", "fuse_read_site_cache"), 1.5),
     Benchmark("failover", "bench.failover:failover", ("failover_read_gap_ms", "failover_two_caches_mb_s"), 1.5),
+    Benchmark("metrics", "bench.metrics:metrics_cost",
+              ("metrics_cold_read", "metrics_warm_read", "metrics_size_100_nodes"), 2.0),
     Benchmark("tls", "bench.tls:tls_cost", ("tls_transfer", "tls_cold_read"), 1.5),
     Benchmark("trees", "bench.trees:trees",
               ("tree_walk_cold", "tree_walk_warm", "tree_read_cold", "tree_read_site_cache", "tree_read_warm"),

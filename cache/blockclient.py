@@ -26,7 +26,7 @@ import urllib3
 
 from icbdcore.clients import Credentials, pool, tls_failure
 from icbdcore.cutoff import Cutoff
-from icbdcore.wire import DEFAULT_CHUNK_SIZE, block_path, content_digest
+from icbdcore.wire import DEFAULT_CHUNK_SIZE, REQUEST_ID_HEADER, block_path, content_digest
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +95,20 @@ class BlockClient:
         imi: str | None = None,
         version: int | None = None,
         timeout: float | None = None,
+        rid: str | None = None,
     ) -> bytes:
         """The verified bytes of block `digest` from the upstream at `base_url`;
-        raises NotHeld, HostFailure (UpstreamTimeout) or CorruptBlock."""
+        raises NotHeld, HostFailure (UpstreamTimeout) or CorruptBlock. `rid`:
+        the block fetch's request id, passed on in X-Request-Id."""
         url = base_url.rstrip("/") + block_path(digest, imi, version)
-        return await self.get(url, digest, limit=MAX_BLOCK, timeout=timeout)
+        return await self.get(url, digest, limit=MAX_BLOCK, timeout=timeout, rid=rid)
 
-    async def get(self, url: str, digest: str, *, limit: int, timeout: float | None = None) -> bytes:
+    async def get(self, url: str, digest: str, *, limit: int, timeout: float | None = None,
+                  rid: str | None = None) -> bytes:
         """The bytes of the immutable object at `url`, verified against
         `digest`, at most `limit` of them; raises as fetch() does."""
         timeout = self.read_timeout if timeout is None else timeout
-        return await self._in_thread(self._verified, url, timeout, url, digest, timeout, limit)
+        return await self._in_thread(self._verified, url, timeout, url, digest, timeout, limit, rid)
 
     async def _in_thread(self, work, url: str, timeout: float, *args):
         """`work(*args, cutoff)` in a worker thread, given up at `timeout`, when
@@ -120,8 +123,9 @@ class BlockClient:
             cutoff.cut()  # a thread still running ends now; one that returned is not touched
         raise UpstreamTimeout(url, f"no complete answer within {timeout:g} s")
 
-    def _verified(self, url: str, digest: str, timeout: float, limit: int, cutoff: Cutoff) -> bytes:
-        data = self._get(url, timeout, limit, cutoff)
+    def _verified(self, url: str, digest: str, timeout: float, limit: int, rid: str | None,
+                  cutoff: Cutoff) -> bytes:
+        data = self._get(url, timeout, limit, cutoff, rid)
         # Verified in this thread, off the trio thread: BLAKE3, ~130 us per MiB.
         # The only check of these bytes against their name at this tier (the
         # store then keeps only a cheap local check, see blockstore.py).
@@ -129,20 +133,22 @@ class BlockClient:
             raise CorruptBlock(url, f"sent {len(data)} bytes that do not match the digest")
         return data
 
-    def _get(self, url: str, timeout: float, limit: int, cutoff: Cutoff) -> bytes:
+    def _get(self, url: str, timeout: float, limit: int, cutoff: Cutoff, rid: str | None = None) -> bytes:
         with cutoff:
             try:
-                return self._request(url, timeout, limit, cutoff)
+                return self._request(url, timeout, limit, cutoff, rid)
             except FetchFailure as error:
                 if cutoff.is_cut:
                     raise UpstreamTimeout(url, f"cut off at the deadline ({error.why})") from None
                 raise
 
-    def _request(self, url: str, timeout: float, limit: int, cutoff: Cutoff) -> bytes:
+    def _request(self, url: str, timeout: float, limit: int, cutoff: Cutoff, rid: str | None) -> bytes:
         timeouts = urllib3.Timeout(connect=min(self.connect_timeout, timeout), read=timeout)
+        # Headers given to a request replace the pool's: keep the credential.
+        headers = {**self._pool.headers, REQUEST_ID_HEADER: rid} if rid else None
         try:
             response = self._pool.request(
-                "GET", url, timeout=timeouts, preload_content=False, redirect=False
+                "GET", url, timeout=timeouts, preload_content=False, redirect=False, headers=headers
             )
         except urllib3.exceptions.NewConnectionError as error:  # a ConnectTimeoutError subclass, but no timeout
             raise HostFailure(url, f"cannot connect: {_reason(error)}") from None

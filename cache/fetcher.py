@@ -23,6 +23,8 @@ from functools import partial
 import trio
 
 from icbdcore.flights import Flight, Flights
+from icbdcore.logs import current_request_id, request_id
+from icbdcore.metrics import observe_fetch
 from icbdcore.source import Unavailable
 from icbdcore.wire import block_path, check_digest, check_name, parse_version
 
@@ -96,7 +98,8 @@ class Fetcher:
         self._latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.prefetches: deque[PrefetchProgress] = deque(maxlen=8)
         self.counts = dict.fromkeys(
-            ("gets", "hits", "coalesced", "demand_fetches", "prefetched", "upstream_bytes",
+            ("gets", "hits", "hit_bytes", "coalesced", "demand_fetches", "demand_bytes", "prefetched",
+             "upstream_bytes",
              "failovers", "not_held", "host_failures", "timeouts", "corrupt", "unavailable",
              "store_errors"), 0)
 
@@ -113,16 +116,20 @@ class Fetcher:
 
     # --- reading -------------------------------------------------------------
 
-    async def get(self, digest: str, *, imi: str | None = None, version: int | None = None) -> bytes:
-        """The verified bytes of a block; raises Unavailable within `deadline`."""
+    async def get(self, digest: str, *, imi: str | None = None, version: int | None = None,
+                  rid: str | None = None) -> bytes:
+        """The verified bytes of a block; raises Unavailable within `deadline`.
+        `rid`: the block fetch's request id (default: the current one), passed
+        on to the upstream if the block has to be fetched."""
         check_digest(digest)
         _check_hints(imi, version)
         started = time.perf_counter()
         self.counts["gets"] += 1
+        rid = rid or current_request_id()
         while True:
             flight = self._inflight.get(digest)
             if flight is None:
-                flight = self._launch(digest, imi, version, prefetch=False)
+                flight = self._launch(digest, imi, version, prefetch=False, rid=rid)
             else:
                 self.counts["coalesced"] += 1
             await flight.answered.wait()
@@ -134,11 +141,16 @@ class Fetcher:
                 return flight.value
             # We joined a prefetch that found the block stored: read it ourselves.
 
-    def _launch(self, digest: str, imi: str | None, version: int | None, *, prefetch: bool) -> Flight[bytes]:
+    def _launch(self, digest: str, imi: str | None, version: int | None, *, prefetch: bool,
+                rid: str | None = None) -> Flight[bytes]:
         if self._nursery is None:
             raise RuntimeError("Fetcher used outside `async with`")
 
         async def fly(flight: Flight[bytes]) -> None:
+            with request_id(rid):
+                await fetch(flight)
+
+        async def fetch(flight: Flight[bytes]) -> None:
             if prefetch:
                 # Only ask whether it is there: a prefetch is no hit and must not promote.
                 if await self._in_store(digest):
@@ -148,10 +160,17 @@ class Fetcher:
                 data = await self._store_get(digest)
                 if data is not None:
                     self.counts["hits"] += 1
+                    self.counts["hit_bytes"] += len(data)
+                    log.debug("block %s: in the store", digest)
                     flight.answer(data)
                     return
-            data = await self._from_upstreams(block_path(digest, imi, version), digest, imi, version, MAX_BLOCK)
-            self.counts["prefetched" if prefetch else "demand_fetches"] += 1
+            data = await self._from_upstreams(block_path(digest, imi, version), digest, imi, version, MAX_BLOCK,
+                                              rid=rid)
+            if prefetch:
+                self.counts["prefetched"] += 1
+            else:
+                self.counts["demand_fetches"] += 1
+                self.counts["demand_bytes"] += len(data)
             self.counts["upstream_bytes"] += len(data)
             flight.answer(data)  # readers go on; the flight stays registered until stored
             await self._store_put(digest, data)
@@ -165,11 +184,13 @@ class Fetcher:
         upstreams, verified against `digest`, with the same backoff and
         failover as blocks but bounds of its own (a manifest may be tens of
         MiB); not kept in the block store. Raises Unavailable."""
-        return await self._from_upstreams(path, digest, imi, version, limit, attempt_timeout, deadline)
+        return await self._from_upstreams(path, digest, imi, version, limit, attempt_timeout, deadline,
+                                          rid=current_request_id(), block=False)
 
     async def _from_upstreams(self, path: str, digest: str, imi: str | None, version: int | None,
                               limit: int, attempt_timeout: float | None = None,
-                              deadline: float | None = None) -> bytes:
+                              deadline: float | None = None, *, rid: str | None = None,
+                              block: bool = True) -> bytes:
         """GET `path` from the candidates in order, round after round, until
         one delivers bytes that match `digest`, none holds them, or the
         deadline passes."""
@@ -191,14 +212,19 @@ class Fetcher:
                     started = time.perf_counter()
                     try:
                         data = await self.client.get(up.url + path, digest, limit=limit,
-                                                    timeout=attempt_timeout)
+                                                    timeout=attempt_timeout, rid=rid)
                     except FetchFailure as error:
                         self.upstreams.failed(up, error)
                         self.counts[_COUNTER[error.kind]] += 1
                         anyone_failed |= error.kind != "not_held"
                         tried.append(f"{up.id}: {error.why}")
+                        log.debug("%s from %s failed: %s", path, up.id, error.why)
                         continue
-                    self.upstreams.succeeded(up, time.perf_counter() - started, len(data))
+                    seconds = time.perf_counter() - started
+                    self.upstreams.succeeded(up, seconds, len(data))
+                    if block:  # the latency histogram is of blocks (a manifest may be MiBs)
+                        observe_fetch(up.id, seconds)
+                    log.debug("%s: %d bytes from %s in %.1f ms", path, len(data), up.id, seconds * 1000)
                     return data
                 if not anyone_failed:
                     break  # every upstream answered that it lacks the block: waiting will not help

@@ -48,7 +48,9 @@ import xxhash
 from icbdcore.catalog import Catalog, Profile
 from icbdcore.clients import Credentials
 from icbdcore.layout import Layout
+from icbdcore.logs import current_request_id, new_request_id
 from icbdcore.manifest import MAX_MANIFEST, Manifest
+from icbdcore.metrics import observe_fetch
 from icbdcore.signing import PublicKey
 from icbdcore.source import Unavailable
 from icbdcore.wire import check_name, manifest_path, parse_version
@@ -191,13 +193,16 @@ class CacheGroup:
     # --- ImageSource ----------------------------------------------------------------------
 
     async def block(self, digest: str, imi: str, version: int) -> bytes:
+        # One request id for this block, whichever cache or replica serves it.
+        rid = current_request_id() or new_request_id()
         tried = []
         for member in self.order(digest):
             if tried:
                 self.counters.failovers += 1
+            started = time.perf_counter()
             try:
                 data = await member.remote.client.fetch(member.url, digest, imi=imi, version=version,
-                                                        timeout=self.attempt_timeout)
+                                                        timeout=self.attempt_timeout, rid=rid)
             except FetchFailure as error:
                 tried.append(f"{member.url}: {error.why}")
                 if error.kind in ("host", "timeout"):
@@ -205,6 +210,9 @@ class CacheGroup:
                 elif error.kind == "corrupt":  # never served; a cache that sends such bytes is worth a line
                     log.warning("cache server %s: block %s %s; refused", member.url, digest, error.why)
                 continue
+            seconds = time.perf_counter() - started
+            observe_fetch(member.url, seconds)
+            log.debug("block %s: from %s in %.1f ms", digest, member.url, seconds * 1000)
             self._answered(member)
             member.blocks += 1
             member.bytes += len(data)
@@ -214,7 +222,7 @@ class CacheGroup:
                 self.counters.failovers += 1
             async with self._fallback_slots:
                 try:
-                    data = await self.fallback.get(digest, imi=imi, version=version)
+                    data = await self.fallback.get(digest, imi=imi, version=version, rid=rid)
                 except Unavailable as error:
                     self.counters.fallback_errors += 1
                     tried.append(f"replicas: {error}")

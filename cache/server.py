@@ -12,7 +12,7 @@ import trio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from icbdcore import http
+from icbdcore import http, metrics
 from icbdcore.auth import READER, BadTable, NodeTokens
 from icbdcore.catalog import Profile
 from icbdcore.clients import Credentials, async_client
@@ -29,6 +29,7 @@ from icbdcore.wire import (
     IMIS_ROUTE,
     KEY_ROUTE,
     MANIFEST_ROUTE,
+    METRICS_ROUTE,
     PREFETCH_JOB_ROUTE,
     PREFETCH_ROUTE,
     PROFILE_ROUTE,
@@ -116,8 +117,9 @@ class CacheServer:
                     log.info("cache %s (site %s) on %s", self.id, self.site, self.listen)
                     nursery.start_soon(membership.run)
                     await membership.ready(STARTUP_WAIT, shutdown)
-                    await http.serve(http.build_app(self.routes(), self.tokens.table), self.listen, shutdown,
-                                     tls=self.tls, task_status=task_status)
+                    with metrics.NodeCollector(self.describe_metrics):
+                        await http.serve(http.build_app(self.routes(), self.tokens.table), self.listen, shutdown,
+                                         tls=self.tls, task_status=task_status)
                     nursery.cancel_scope.cancel()
             finally:
                 await master.aclose()
@@ -137,6 +139,15 @@ class CacheServer:
         return {"id": self.id, "role": "cache", "site": self.site, "url": self.url,
                 "versions": {}, "transfers": [], **self.cache.stats(),
                 "prefetch_jobs": [j.to_json() for j in list(self.jobs.values())[-8:]]}
+
+    def describe_metrics(self, sample: metrics.Sample) -> None:
+        assert self.cache is not None
+        metrics.node_info(sample, self.id, "cache", self.site)
+        sample.add("icbd_master_reachable", self.cache.master_reachable)
+        metrics.describe_catalog(sample, self.cache.freshness())
+        metrics.describe_store(sample, self.cache.store.stats())
+        if self.cache.fetcher is not None:
+            metrics.describe_fetcher(sample, self.cache.fetcher.stats())
 
     # --- routes --------------------------------------------------------------------
 
@@ -275,6 +286,7 @@ class CacheServer:
         the master under this server's node credential."""
         return [
             Endpoint("GET", "/", self.status, OPEN),
+            Endpoint("GET", METRICS_ROUTE, metrics.endpoint, OPEN),
             Endpoint("GET", IMIS_ROUTE, self.list_imis, READER),
             Endpoint("GET", KEY_ROUTE, self.get_key, READER),
             Endpoint("GET", MANIFEST_ROUTE, self.get_manifest, READER),
@@ -295,6 +307,7 @@ def _hints(request: Request) -> tuple[str | None, int | None]:
 
 def run(args) -> int:
     setup_logging(args.log, args.verbose)
+    metrics.set_recording(not args.no_metrics)
     token = require_token(args.token)
     if not args.master:
         raise CliError("a cache server needs --master URL (or ICBD_MASTER)")
@@ -304,4 +317,4 @@ def run(args) -> int:
         name=args.name, url=advertised_url(args.advertise, args.listen, tls), heartbeat=args.heartbeat, tls=tls,
         master_key=master_key_argument(args),
     )
-    return run_until_signal(server.run)
+    return run_until_signal(server.run, "cache server")

@@ -219,6 +219,8 @@ class Cluster:
         self.env = {**os.environ, "ICBD_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
         self.env.pop("ICBD_MASTER", None)
         self.env.pop("ICBD_CA", None)
+        # The host's /etc/icbd/icbd.toml (a site's own settings) is not the test cluster's.
+        self.env["ICBD_CONFIG"] = os.devnull
         self.tls = ClusterTls(root / "tls") if tls else None
         if self.tls:
             self.env["ICBD_CA"] = self.tls.ca

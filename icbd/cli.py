@@ -1,7 +1,8 @@
 """The `icbd` command line: servers, admin commands, mount, boot and bench.
 
 Global options come before the subcommand. Every command exits 0 on success
-and otherwise prints one line on stderr and exits non-zero.
+and otherwise prints one line on stderr and exits non-zero. Every command
+reads the config file (icbd/config.py) for what its command line leaves out.
 """
 
 from __future__ import annotations
@@ -13,13 +14,19 @@ import sys
 
 from icbdcore.errors import CliError
 
+from . import config
+
 # Commands that keep running: a token given to them on the command line is
 # moved into their environment at once (see _token_out_of_argv).
 DAEMONS = ("master", "replica", "cache", "mount")
 
 EPILOG = """\
+config file: /etc/icbd/icbd.toml, or --config FILE (env ICBD_CONFIG): global keys (master,
+  token-file, ca, master-key) and a table per command with its options by their long names
+  ([replica] data = "/srv/icbd"); the command line and the environment override it.
+  `icbd config show COMMAND` prints the effective settings and where each came from.
 environment: ICBD_MASTER (for --master), ICBD_TOKEN (for --token), ICBD_CA (for --ca),
-  ICBD_MASTER_KEY (for --master-key)
+  ICBD_MASTER_KEY (for --master-key), ICBD_CONFIG (for --config)
 examples:
   icbd master --data /srv/icbd --listen 0.0.0.0:7400 --token-file /etc/icbd/admin.token \\
       --source-root /srv/trees
@@ -80,6 +87,18 @@ def _node_options(p: argparse.ArgumentParser, *, needs_master: bool) -> None:
     p.add_argument("--heartbeat", type=float, default=2.0, metavar="S", help="seconds between heartbeats (default 2)")
     p.add_argument("--log", metavar="FILE", help="log to FILE (rotated) instead of stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--no-metrics", action="store_true",
+                   help="serve no GET /metrics and record nothing for it (metrics cost next to nothing: "
+                   "see docs/OPERATIONS.md)")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("icbd")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replicas, caches and mounts: the master's public key (`icbd key show`), "
                         "or a file holding it (env ICBD_MASTER_KEY)")
     parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    parser.add_argument("--config", metavar="FILE",
+                        help="the config file (env ICBD_CONFIG; default /etc/icbd/icbd.toml, if it exists)")
+    parser.add_argument("--version", action="version", version=f"icbd {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -160,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a boot profile recording ends after S seconds without a new block (default 10)")
     p.add_argument("--no-profiles", action="store_true",
                    help="neither record nor replay boot profiles")
-    p.add_argument("--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("--foreground", action="store_true",
+                   help="stay in the foreground (under systemd: reports READY=1 once the mount answers)")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve the mount's Prometheus metrics at http://HOST:PORT/metrics")
     p.add_argument("--log", metavar="FILE", help="log to FILE (rotated)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(handler="icbd.mounting:main")
@@ -269,6 +294,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="qemu accelerator (auto: KVM when it answers, else TCG)")
     p.set_defaults(handler="icbd.boot:main", qemu_args=[])
 
+    p = sub.add_parser("doctor", help="check this host for the roles it plays; exit 1 if anything fails",
+                       description="Check this host for its roles (from --role, else from the config file's "
+                       "tables): btrfs, /dev/fuse and fusermount3, qemu and KVM, the clock against the "
+                       "master, reaching the master, replicas and caches, TLS certificates and their "
+                       "expiry, the token's role, disk space and the config file. One verdict per check, "
+                       "with the fix where one is known; exit 1 if any check fails.")
+    p.add_argument("--role", action="append", choices=("master", "replica", "cache", "mount", "desktop", "admin"),
+                   help="a role of this host (repeatable; default: from the config file's tables, else admin)")
+    p.add_argument("--kernel", metavar="FILE",
+                   help="a kernel to probe KVM with (default: /boot/vmlinuz-$(uname -r) if there)")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                   help="seconds to wait for each node that is checked (default 5)")
+    p.set_defaults(handler="icbd.doctor:main")
+
+    config = sub.add_parser("config", help="the config file").add_subparsers(dest="action", metavar="ACTION")
+    config.required = True
+    p = config.add_parser("show", help="print the effective settings of a command and where each came from")
+    p.add_argument("target", nargs="*", metavar="COMMAND", help="e.g. replica, mount or imi create "
+                   "(default: the global settings and every table of the file)")
+    p.set_defaults(handler="icbd.config:show")
+    p = config.add_parser("sample", help="print a commented sample config file")
+    p.set_defaults(handler="icbd.config:sample")
+
+    p = sub.add_parser("completion", help="print a shell completion script",
+                       description="Print a completion script for SHELL: e.g. "
+                       "`icbd completion bash > /etc/bash_completion.d/icbd`.")
+    p.add_argument("shell", choices=("bash", "zsh", "tcsh"))
+    p.set_defaults(handler="icbd.completion:main")
+
     p = sub.add_parser("bench", help="run the transfer and read-path benchmarks")
     p.add_argument("--quick", action="store_true", help="small images, fewer runs (about 10 minutes)")
     p.add_argument("--out", default="bench-out", metavar="DIR", help="where to write report.json, report.md and plots")
@@ -335,21 +389,53 @@ def _resolve_credentials(args) -> None:
         trust_context(args.ca)  # a wrong file is a one-line error now, not a failure per call
 
 
+def parse(argv: list[str]) -> tuple[argparse.Namespace, argparse.ArgumentParser, dict]:
+    """`argv` parsed, before the config file fills in: the namespace, the
+    parser and the original defaults of its settings (icbd.config.prepare)."""
+    # argparse cannot take a trailing free-form list after options, so what
+    # follows `--` is split off here and handed to `icbd boot` as qemu arguments.
+    if "--" in argv and "boot" in argv[: argv.index("--")]:
+        cut = argv.index("--")
+        parser = build_parser()
+        original = config.prepare(parser)
+        args = parser.parse_args(argv[:cut])
+        if args.command == "boot":
+            args.qemu_args = argv[cut + 1:]
+            return args, parser, original
+        # "boot" was a value of another command; parse as usual
+    parser = build_parser()
+    original = config.prepare(parser)
+    return parser.parse_args(argv), parser, original
+
+
+def apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser, original: dict) -> None:
+    """Fill in from the environment, the config file and the defaults what
+    the command line left out (icbd/config.py). `icbd doctor` reports a bad
+    file as one of its checks instead of refusing to start."""
+    found = config.locate(getattr(args, "config", None))
+    args.config_file = found
+    args.config_error = None
+    try:
+        config.load(parser, found)
+    except config.ConfigError as error:
+        if args.command != "doctor":
+            raise
+        args.config_error = str(error)
+        found.settings = {}
+    args.config_origins = config.resolve(parser, config.command_path(args, parser), args, found, original)
+    args.config_original = original
+    args.config_parser = parser
+
+
 def main(argv: list[str] | None = None) -> int:
     from_sys = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
-    # argparse cannot take a trailing free-form list after options, so what
-    # follows `--` is split off here and handed to `icbd boot` as qemu arguments.
-    args = None
-    if "--" in argv and "boot" in argv[: argv.index("--")]:
-        cut = argv.index("--")
-        args = build_parser().parse_args(argv[:cut])
-        if args.command == "boot":
-            args.qemu_args = argv[cut + 1:]
-        else:
-            args = None  # "boot" was a value of another command; parse as usual
-    if args is None:
-        args = build_parser().parse_args(argv)
+    args, parser, original = parse(argv)
+    try:
+        apply_config(args, parser, original)
+    except CliError as error:
+        print(f"icbd: {error}", file=sys.stderr)
+        return error.exit_code
     if (from_sys and args.command in DAEMONS and getattr(args, "token", None)
             and not getattr(args, "token_file", None) and _token_out_of_argv(argv) is not None):
         _reexec_without_token(argv, args.token)

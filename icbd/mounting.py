@@ -16,8 +16,13 @@ the background: it forks before trio starts (a process with threads must not
 fork), the child detaches and logs to --log or <cache-dir>/mount.log
 (rotated), and tells the waiting parent "ready" or one error line through a
 pipe; the parent exits 0 or 1 on that line. `--foreground` serves in the
-calling process (what tests and service managers use). SIGINT and SIGTERM
+calling process (what tests and service managers use): under systemd it
+reports READY=1 once the mount answers and feeds the watchdog from its trio
+loop (icbdcore/service.py). SIGINT, SIGTERM and `umount MOUNTPOINT`
 unmount cleanly.
+
+`--metrics-listen HOST:PORT` serves the mount's Prometheus metrics
+(`GET /metrics`, icbdcore/metrics.py) from the same trio loop.
 """
 
 from __future__ import annotations
@@ -27,22 +32,26 @@ import os
 import select
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from functools import partial
 from pathlib import Path
 
 import trio
 
 from cache.group import CacheGroup
 from cache.site import SiteCache
+from icbdcore import http, metrics
 from icbdcore.clients import Credentials
 from icbdcore.errors import CliError, plain_errors
 from icbdcore.layout import Layout
-from icbdcore.logs import setup_logging
+from icbdcore.logs import setup_logging, stderr_is_journal
 from icbdcore.mounts import mounted_at
+from icbdcore.service import ServiceManager
 from icbdcore.source import ImageSource, Unavailable
 from icbdcore.trust import master_key_argument
 from icbdfs.fs import MountOptions
@@ -63,17 +72,29 @@ def main(args) -> int:
     mountpoint = _check_mountpoint(args.mountpoint)
     open_source = _source_opener(args)
     cache_dir = Path(args.cache_dir or DEFAULT_CACHE_DIR).absolute()
+    listen = getattr(args, "metrics_listen", None)
+    if listen:
+        try:
+            http.parse_listen(listen)
+        except ValueError as error:
+            raise CliError(f"--metrics-listen: {error}") from None
+    metrics.set_recording(bool(listen))
+    labels = {"node": f"{socket.gethostname()}:{mountpoint}", "site": args.site or ""} if listen else None
+    serving = partial(_serve_opened, open_source, mountpoint, options, metrics_listen=listen, metrics_labels=labels)
     if args.foreground:
         setup_logging(Path(args.log).absolute() if args.log else None, args.verbose)
-        trio.run(_serve_opened, open_source, mountpoint, options, None)
+        manager = ServiceManager()
+        trio.run(partial(serving, lambda: manager.ready(f"serving {mountpoint}"), manager))
         return 0
-    log_file = Path(args.log).absolute() if args.log else Layout(cache_dir).mount_log
+    # Started by systemd (a .mount unit, fstab): the journal keeps the log, unless --log says otherwise.
+    log_file = Path(args.log).absolute() if args.log else None if stderr_is_journal() else Layout(cache_dir).mount_log
     try:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
+        if log_file is not None:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise CliError(f"cannot create {log_file.parent} for the log: {error.strerror}; give --log FILE") from None
     pid = _start_in_background(
-        lambda ready: trio.run(_serve_opened, open_source, mountpoint, options, ready),
+        lambda ready: trio.run(serving, ready),
         log_file,
         args.verbose,
         wait=max(60.0, 3 * options.timeout),
@@ -106,13 +127,34 @@ async def _serve_opened(
     mountpoint: str,
     options: MountOptions,
     ready: Callable[[], None] | None,
+    manager: ServiceManager | None = None,
+    *,
+    metrics_listen: str | None = None,
+    metrics_labels: dict[str, str] | None = None,
 ) -> None:
     try:
         with plain_errors():
-            async with open_source() as source:
-                await serve(source, mountpoint, options, ready=ready)
+            async with open_source() as source, trio.open_nursery() as nursery:
+                if metrics_listen:
+                    await _start_metrics(nursery, metrics_listen)
+                if manager is not None:
+                    nursery.start_soon(manager.feed_watchdog)
+                await serve(source, mountpoint, options, ready=ready, metrics_labels=metrics_labels)
+                if manager is not None:
+                    manager.stopping(f"unmounted {mountpoint}")
+                nursery.cancel_scope.cancel()
     except (Unavailable, OSError) as error:
         raise CliError(f"cannot open the source of iMIs: {error}") from None
+
+
+async def _start_metrics(nursery: trio.Nursery, listen: str) -> None:
+    """`GET /metrics` on `listen`, in the mount's own trio loop, until the mount ends."""
+    never = trio.Event()  # the nursery's cancellation stops it
+    try:
+        await nursery.start(partial(http.serve, metrics.metrics_app(), listen, never, max_connections=64))
+    except OSError as error:
+        raise CliError(f"--metrics-listen {listen}: cannot listen there: {error.strerror or error}") from None
+    log.info("metrics on http://%s/metrics", listen)
 
 
 def _options(args) -> MountOptions:
@@ -188,9 +230,10 @@ def _is_icbd(fstype: str, fsname: str) -> bool:
 
 # --- running in the background ---------------------------------------------------
 
-def _start_in_background(run: Callable[[Callable[[], None]], None], log_file: Path, verbose: bool,
+def _start_in_background(run: Callable[[Callable[[], None]], None], log_file: Path | None, verbose: bool,
                          wait: float) -> int:
-    """Fork; the child calls `run(ready)` detached, logging to `log_file`.
+    """Fork; the child calls `run(ready)` detached, logging to `log_file`
+    (None: to stderr, which is then the journal's stream).
 
     Returns the child's pid once it called `ready`; raises CliError with its
     error line if it failed first.
@@ -218,7 +261,7 @@ def _start_in_background(run: Callable[[Callable[[], None]], None], log_file: Pa
         os.setsid()
         os.chdir("/")
         devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
+        for fd in (0, 1) if log_file is None else (0, 1, 2):
             os.dup2(devnull, fd)
         setup_logging(log_file, verbose)
         run(lambda: report("ready"))
@@ -228,13 +271,14 @@ def _start_in_background(run: Callable[[Callable[[], None]], None], log_file: Pa
         report(f"error: {error}")
     except BaseException as error:
         log.exception("mount failed")
-        report(f"error: {type(error).__name__}: {error}; see {log_file}")
+        report(f"error: {type(error).__name__}: {error}; see {log_file or 'the journal'}")
     finally:
         logging.shutdown()
         os._exit(code)
 
 
-def _wait_for_child(pid: int, read_fd: int, log_file: Path, wait: float) -> None:
+def _wait_for_child(pid: int, read_fd: int, log_file: Path | None, wait: float) -> None:
+    where = log_file or "the journal"
     deadline = time.monotonic() + wait
     data = b""
     with os.fdopen(read_fd, "rb", buffering=0) as pipe:
@@ -242,7 +286,7 @@ def _wait_for_child(pid: int, read_fd: int, log_file: Path, wait: float) -> None
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([pipe], [], [], left)[0]:
                 os.kill(pid, signal.SIGTERM)
-                raise CliError(f"the mount was not ready within {wait:g} s; see {log_file}")
+                raise CliError(f"the mount was not ready within {wait:g} s; see {where}")
             chunk = pipe.read(4096)
             if not chunk:
                 break
@@ -251,4 +295,4 @@ def _wait_for_child(pid: int, read_fd: int, log_file: Path, wait: float) -> None
     if line == "ready":
         return
     os.waitpid(pid, 0)  # it has reported and is exiting
-    raise CliError(line.removeprefix("error: ") or f"the mount process died; see {log_file}")
+    raise CliError(line.removeprefix("error: ") or f"the mount process died; see {where}")

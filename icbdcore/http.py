@@ -4,7 +4,12 @@ failure, credentials and roles, and the answers for immutable objects.
 
 Every route under /v1/ needs a credential (`Authorization: Bearer T`) and
 declares the role it needs where it is declared (`Endpoint`); `GET /`, the
-node's status, is open. A bad request gets a 4xx with `{"error": ...}`,
+node's status, and `GET /metrics` are open (and the master's `/ui`).
+
+Every request is handled under a request id (X-Request-Id): the caller's
+if it sent a well-formed one, else a new one; the answer carries it, every
+line logged while handling it ends with rid=ID, and the calls the node makes
+for it to other nodes pass it on. A bad request gets a 4xx with `{"error": ...}`,
 never a 5xx; a 5xx means a bug or a failing disk, and is logged.
 
 Connections are bounded: at most `max_connections` at once (beyond it a new
@@ -42,7 +47,17 @@ from starlette.routing import Route
 
 from .auth import READER, ROLES, Identity
 from .errors import CliError
-from .wire import API, AUTH_ROUTE, DIGEST_HEADER, IMMUTABLE, InvalidInput, Refused, error_body
+from .logs import new_request_id, request_id, valid_request_id
+from .wire import (
+    API,
+    AUTH_ROUTE,
+    DIGEST_HEADER,
+    IMMUTABLE,
+    REQUEST_ID_HEADER,
+    InvalidInput,
+    Refused,
+    error_body,
+)
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +304,37 @@ def endpoints(routes: list[Endpoint]) -> list[Endpoint]:
     return table
 
 
-def build_app(routes: list[Endpoint], tokens: TokenLookup) -> Guard:
+_RID_HEADER = REQUEST_ID_HEADER.lower().encode("latin-1")
+
+
+class RequestIds:
+    """ASGI middleware: the request id of each request (see the module's
+    docstring), in icbdcore.logs's context while it is handled."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = None
+        for name, value in scope["headers"]:
+            if name == _RID_HEADER:
+                given = valid_request_id(value.decode("latin-1"))
+        rid = given or new_request_id()
+        header = (_RID_HEADER, rid.encode("latin-1"))
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), header]}
+            await send(message)
+
+        with request_id(rid):
+            await self.app(scope, receive, send_with_id)
+
+
+def build_app(routes: list[Endpoint], tokens: TokenLookup) -> RequestIds:
     app = Starlette(
         routes=endpoints(routes),
         exception_handlers={
@@ -299,7 +344,7 @@ def build_app(routes: list[Endpoint], tokens: TokenLookup) -> Guard:
             Exception: _on_crash,
         },
     )
-    return Guard(app, tokens)
+    return RequestIds(Guard(app, tokens))
 
 
 @dataclass(frozen=True)

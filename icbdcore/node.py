@@ -19,6 +19,7 @@ from .clients import tls_failure
 from .errors import CliError, plain_errors
 from .layout import Layout
 from .records import read_json, write_json
+from .service import ReadyNotice, ServiceManager
 from .wire import NODES_ROUTE, InvalidInput, check_node_url, heartbeat_path
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,12 @@ def node_id(layout: Layout, role: str, given: str | None) -> str:
     return generated
 
 
-def run_until_signal(main: Callable[[trio.Event], Awaitable[None]]) -> int:
-    """Run `main(shutdown)` under trio; SIGINT/SIGTERM set `shutdown`."""
+def run_until_signal(main: Callable[..., Awaitable[None]], what: str = "icbd") -> int:
+    """Run `main(shutdown, task_status=...)` under trio; SIGINT/SIGTERM set
+    `shutdown`. Under systemd (icbdcore/service.py) the service manager
+    hears READY=1 when `main` reports that it serves, STOPPING=1 at the
+    signal, and WATCHDOG=1 from this loop while it turns."""
+    manager = ServiceManager()
 
     async def wrapper() -> None:
         shutdown = trio.Event()
@@ -73,11 +78,13 @@ def run_until_signal(main: Callable[[trio.Event], Awaitable[None]]) -> int:
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     async for signum in signals:
                         log.info("%s: stopping", signal.Signals(signum).name)
+                        manager.stopping()
                         shutdown.set()
                         return
 
             nursery.start_soon(watch_signals)
-            await main(shutdown)
+            nursery.start_soon(manager.feed_watchdog)
+            await main(shutdown, task_status=ReadyNotice(manager, what))
             nursery.cancel_scope.cancel()
 
     try:

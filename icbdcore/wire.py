@@ -215,6 +215,9 @@ NODE_HEADER = "X-Icbd-Node"  # the calling node's id, on node-to-node calls
 STREAM_ID_HEADER = "X-Icbd-Stream-Id"  # names one run of `btrfs send`, for resuming
 STREAM_DIGEST_HEADER = "X-Icbd-Stream-Digest"  # the whole stream's digest, once known
 DIGEST_HEADER = "X-Icbd-Digest"  # the digest of an immutable object in the body
+# One id per transfer or block fetch, made at its first hop and passed on to
+# every node it involves, which log it as rid=... (icbdcore/logs.py).
+REQUEST_ID_HEADER = "X-Request-Id"
 
 IMIS_ROUTE = API + "/imis"
 IMI_ROUTE = IMIS_ROUTE + "/{name}"
@@ -238,6 +241,11 @@ PREFETCH_JOB_ROUTE = PREFETCH_ROUTE + "/{job_id}"
 AUTH_ROUTE = API + "/auth"
 TOKENS_ROUTE = API + "/tokens"
 TOKEN_ROUTE = TOKENS_ROUTE + "/{token_name}"
+# Open routes (outside /v1/, no credential): Prometheus metrics on every node,
+# the status page on the master and the facts it shows.
+METRICS_ROUTE = "/metrics"
+UI_ROUTE = "/ui"
+UI_STATUS_ROUTE = "/ui/status"
 
 
 def imi_path(name: str) -> str:

@@ -41,6 +41,7 @@ from collections.abc import Iterable
 import trio
 
 from icbdcore.flights import Flight, Flights
+from icbdcore.logs import new_request_id, request_id
 from icbdcore.source import ImageSource, Unavailable
 
 log = logging.getLogger(__name__)
@@ -199,17 +200,21 @@ class BlockCache:
         self._stats["source_blocks"] += 1
         if self._evicted.pop(digest, False) is None:
             self._stats["refetched_blocks"] += 1
-        try:
-            data = await self._source.block(digest, imi, version)
-            self._stats["source_bytes"] += len(data)
-            self._store(digest, data)
-            return data
-        except Unavailable:
-            self._stats["source_errors"] += 1
-            raise
-        finally:
-            if digest not in self._blocks:  # failed, cancelled or too large: nobody will read it here
-                self._read(digest)
+        # The first hop of a block fetch: its request id starts here and goes
+        # with it to the cache server and on to the replica.
+        with request_id(new_request_id()):
+            try:
+                data = await self._source.block(digest, imi, version)
+                self._stats["source_bytes"] += len(data)
+                self._store(digest, data)
+                return data
+            except Unavailable as error:
+                self._stats["source_errors"] += 1
+                log.warning("block %s of %s@%d: %s", digest, imi, version, error)
+                raise
+            finally:
+                if digest not in self._blocks:  # failed, cancelled or too large: nobody will read it here
+                    self._read(digest)
 
     def _store(self, digest: str, data: bytes) -> None:
         if len(data) > self._capacity or digest in self._blocks:

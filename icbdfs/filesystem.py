@@ -60,6 +60,7 @@ async def open_filesystem(
             ),
             stats,
             follow=blocks.follow,
+            ready=blocks.__contains__,
         )
         manifests = Manifests(
             source,

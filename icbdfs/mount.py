@@ -7,6 +7,7 @@ the background around it. SIGINT and SIGTERM unmount cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from icbdcore import metrics
 from icbdcore.errors import CliError, plain_errors
 from icbdcore.source import ImageSource
 
@@ -40,42 +42,89 @@ async def serve(
     options: MountOptions | None = None,
     *,
     ready: Callable[[], None] | None = None,
+    metrics_labels: dict[str, str] | None = None,
 ) -> None:
     """Mount every iMI of `source` at `mountpoint` and serve until unmounted or signalled.
 
-    `ready` is called once the mount answers. Raises CliError when the
-    catalogue cannot be read or the mount fails.
+    `ready` is called once the mount answers. With `metrics_labels` (node,
+    site) the mount's figures are in the process's metrics registry while it
+    serves. Raises CliError when the catalogue cannot be read or the mount
+    fails.
     """
     options = options or MountOptions()
     mountpoint = os.path.abspath(mountpoint)
     with plain_errors():
-        await _serve(source, mountpoint, options, ready)
+        await _serve(source, mountpoint, options, ready, metrics_labels)
 
 
 async def _serve(source: ImageSource, mountpoint: str, options: MountOptions,
-                 ready: Callable[[], None] | None) -> None:
+                 ready: Callable[[], None] | None, metrics_labels: dict[str, str] | None) -> None:
     async with open_filesystem(source, options) as ops:
-        await _first_catalog(ops, options.timeout)
-        try:
-            pyfuse3.init(ops, mountpoint, set(FUSE_OPTIONS))
-        except RuntimeError as error:
-            raise CliError(
-                f"cannot mount at {mountpoint} ({error}): it must be an empty folder and /dev/fuse usable"
-            ) from None
-        ops.attach_kernel()
-        log.info("mounted at %s (timeout %g s, refresh %g s)", mountpoint, options.timeout, options.refresh)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_stop_on_signal)
-                nursery.start_soon(_announce, mountpoint, options, ready)
-                await pyfuse3.main(options.min_tasks, options.max_tasks)
-                nursery.cancel_scope.cancel()
-        finally:
-            ops.attach_kernel(False)
-            # Also right after an external unmount: libfuse sees the dead
-            # connection and skips the unmount.
-            pyfuse3.close(unmount=True)
-            log.info("unmounted %s; %s", mountpoint, dict(ops.stats))
+        collecting = contextlib.nullcontext()
+        if metrics_labels is not None:
+            collecting = metrics.NodeCollector(lambda sample: describe_mount(ops, sample, metrics_labels))
+        with collecting:
+            await _serve_filesystem(ops, mountpoint, options, ready)
+
+
+def describe_mount(ops: Operations, sample: metrics.Sample, labels: dict[str, str]) -> None:
+    """A mount's metrics: reads, EIOs, its memory, its source (cache servers,
+    failovers, the replica fallback, or an embedded cache), profiles."""
+    status = ops.status()
+    metrics.node_info(sample, labels.get("node", ""), "mount", labels.get("site", ""))
+    for name, key in (("icbd_mount_reads_total", "reads"), ("icbd_mount_read_bytes_total", "read_bytes"),
+                      ("icbd_mount_eio_total", "eio"), ("icbd_mount_memory_hits_total", "lru_hits"),
+                      ("icbd_mount_memory_misses_total", "lru_misses"),
+                      ("icbd_mount_source_blocks_total", "source_blocks"),
+                      ("icbd_mount_source_bytes_total", "source_bytes"),
+                      ("icbd_mount_source_errors_total", "source_errors"),
+                      ("icbd_profile_blocks_ready_total", "profile_ready_blocks"),
+                      ("icbd_profile_blocks_late_total", "profile_late_blocks"),
+                      ("icbd_profile_replays_total", "profile_replays")):
+        sample.add(name, status.get(key, 0))
+    sample.add("icbd_mount_memory_bytes", status.get("lru_bytes"))
+    metrics.describe_catalog(sample, status)
+    source = status.get("source") or {}
+    if "caches" in source:  # cache servers (cache/group.py)
+        sample.add("icbd_mount_failovers_total", source.get("failovers"))
+        sample.add("icbd_mount_replica_fallback_blocks_total", source.get("fallback_blocks"))
+        sample.add("icbd_mount_degraded_seconds_total", source.get("degraded_seconds"))
+        for cache in source["caches"]:
+            sample.add("icbd_mount_cache_up", cache.get("state") == "up", cache=cache.get("url"))
+            sample.add("icbd_mount_cache_blocks_total", cache.get("blocks"), cache=cache.get("url"))
+            sample.add("icbd_mount_cache_errors_total", cache.get("errors"), cache=cache.get("url"))
+    else:  # an embedded cache (cache/site.py)
+        sample.add("icbd_master_reachable", source.get("master_reachable"))
+        if isinstance(source.get("store"), dict):
+            metrics.describe_store(sample, source["store"])
+        if isinstance(source.get("fetcher"), dict):
+            metrics.describe_fetcher(sample, source["fetcher"])
+            sample.add("icbd_mount_failovers_total", source["fetcher"].get("failovers"))
+
+
+async def _serve_filesystem(ops: Operations, mountpoint: str, options: MountOptions,
+                            ready: Callable[[], None] | None) -> None:
+    await _first_catalog(ops, options.timeout)
+    try:
+        pyfuse3.init(ops, mountpoint, set(FUSE_OPTIONS))
+    except RuntimeError as error:
+        raise CliError(
+            f"cannot mount at {mountpoint} ({error}): it must be an empty folder and /dev/fuse usable"
+        ) from None
+    ops.attach_kernel()
+    log.info("mounted at %s (timeout %g s, refresh %g s)", mountpoint, options.timeout, options.refresh)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal)
+            nursery.start_soon(_announce, mountpoint, options, ready)
+            await pyfuse3.main(options.min_tasks, options.max_tasks)
+            nursery.cancel_scope.cancel()
+    finally:
+        ops.attach_kernel(False)
+        # Also right after an external unmount: libfuse sees the dead
+        # connection and skips the unmount.
+        pyfuse3.close(unmount=True)
+        log.info("unmounted %s; %s", mountpoint, dict(ops.stats))
 
 
 async def _first_catalog(ops: Operations, timeout: float) -> None:

@@ -71,6 +71,7 @@ class _Version:
     recording: dict[str, None] | None = None  # ordered set; None: not started
     closed: bool = False
     last_new: float = 0.0
+    unread: set[str] | None = None  # blocks of the replayed profile no reader has touched yet
 
 
 class BootProfiles:
@@ -81,9 +82,13 @@ class BootProfiles:
         options: ProfileOptions,
         stats: Counter[str],
         follow: Follow | None = None,
+        ready: Callable[[str], bool] | None = None,
     ):
+        """`ready(digest)`: whether a block is in the mount's memory, for the
+        counts of profile blocks ready (or late) at their first read."""
         self._source = source
         self._follow = follow
+        self._ready = ready
         self._nursery = nursery
         self._options = options
         self._stats = stats
@@ -100,7 +105,12 @@ class BootProfiles:
     def touched(self, imi: str, version: int, digests: Iterable[str]) -> None:
         """Readers touched these blocks of the version (called on every read)."""
         state = self._versions.get((imi, version))
-        if state is None or state.closed:
+        if state is None:
+            return
+        unread = state.unread
+        if unread:
+            self._first_reads(unread, digests)
+        if state.closed:
             return
         recording = state.recording
         if recording is None:
@@ -113,6 +123,14 @@ class BootProfiles:
                 state.last_new = trio.current_time()
         if len(recording) >= self._options.max_blocks:
             state.closed = True
+
+    def _first_reads(self, unread: set[str], digests: Iterable[str]) -> None:
+        """Count the profile's blocks at their first read: there already, or late."""
+        for digest in digests:
+            if digest in unread:
+                unread.discard(digest)
+                ready = self._ready is not None and self._ready(digest)
+                self._stats["profile_ready_blocks" if ready else "profile_late_blocks"] += 1
 
     def recorded(self, imi: str, version: int) -> list[str] | None:
         """The recording so far (for tests and status)."""
@@ -135,6 +153,10 @@ class BootProfiles:
             return
         self._stats["profile_replays"] += 1
         self._stats["profile_blocks"] += len(wanted)
+        # Blocks read before the profile was known were not ready for their reader.
+        already = [d for d in wanted if state.recording is not None and d in state.recording]
+        self._stats["profile_late_blocks"] += len(already)
+        state.unread = set(wanted).difference(already)
         log.info("replaying boot profile of %s@%d: %d blocks", state.imi, state.version, len(wanted))
         if self._follow is not None and state.window > 0:
             self._nursery.start_soon(self._follow_in_memory, state, wanted)

@@ -10,6 +10,8 @@ stores (here) and the token table it hands its nodes (tokens.py)."""
 from __future__ import annotations
 
 import logging
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -17,7 +19,7 @@ import trio
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from icbdcore import http
+from icbdcore import http, metrics
 from icbdcore.auth import ADMIN, NODE, READER
 from icbdcore.clients import Credentials, async_client
 from icbdcore.errors import CliError
@@ -32,6 +34,7 @@ from icbdcore.wire import (
     IMI_ROUTE,
     IMIS_ROUTE,
     KEY_ROUTE,
+    METRICS_ROUTE,
     NODE_HEADER,
     NODE_ROUTE,
     NODES_ROUTE,
@@ -46,6 +49,8 @@ from icbdcore.wire import (
     SUBSCRIPTIONS_ROUTE,
     TOKEN_ROUTE,
     TOKENS_ROUTE,
+    UI_ROUTE,
+    UI_STATUS_ROUTE,
     UPDATE_ROUTE,
     VERSION_ROUTE,
     Refused,
@@ -60,9 +65,11 @@ from .blockindex import BlockIndex
 from .catalogue import SignedCatalogue
 from .conversion import convert_format1
 from .nameserver import ALIVE, NameServer, UnknownNode
+from .overview import Overview
 from .readroutes import read_routes
 from .repository import Repository, RepositoryError
 from .sources import SourceRoots
+from .statuspage import status_page
 from .streams import SendsBusy, SendSpools, Spool, range_start
 from .tokens import TokenStore
 
@@ -112,6 +119,7 @@ class Master:
         self.catalogue: SignedCatalogue
         self._nursery: trio.Nursery | None = None
         self._http: httpx.AsyncClient | None = None
+        self.overview = Overview(self)
 
     async def run(self, shutdown: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await btrfs.ensure_btrfs(self.data, self.image_size)
@@ -146,8 +154,9 @@ class Master:
             else:
                 log.info("no --source-root: imi create is refused")
             # serve() returns once SIGINT/SIGTERM closed the server; then stop the rest.
-            await http.serve(http.build_app(self.routes(), self.tokens.table), self.listen, shutdown,
-                             tls=self.tls, task_status=task_status)
+            with metrics.NodeCollector(self.describe_metrics):
+                await http.serve(http.build_app(self.routes(), self.tokens.table), self.listen, shutdown,
+                                 tls=self.tls, task_status=task_status)
             nursery.cancel_scope.cancel()
         log.info("master stopped")
 
@@ -181,7 +190,31 @@ class Master:
         doc = self.self_description()
         doc["imis"] = len(self.repo.imis)
         doc["nodes"] = len(self.names.nodes)
+        doc["time"] = time.time()  # the master's clock, for `icbd doctor`'s skew check
         return json_response(doc)
+
+    def catalogue_age(self) -> float | None:
+        """Seconds since the served catalogue was signed."""
+        issued = self.catalogue.doc.get("issued") if self.catalogue.doc else None
+        try:
+            return round((datetime.now(UTC) - datetime.fromisoformat(issued)).total_seconds(), 1)
+        except (TypeError, ValueError):
+            return None
+
+    def describe_metrics(self, sample: metrics.Sample) -> None:
+        metrics.node_info(sample, MASTER_ID, "master", self.site)
+        sample.add("icbd_catalog_serial", self.catalogue.serial)
+        sample.add("icbd_catalog_age_seconds", self.catalogue_age())
+        spools = self.spools.all()
+        sample.add("icbd_master_streams_running", sum(1 for s in spools if not s.complete and not s.error))
+        sample.add("icbd_master_stream_spool_bytes", sum(s.written for s in spools))
+        sample.add("icbd_served_blocks_total", self.blocks.served_blocks)
+        sample.add("icbd_served_bytes_total", self.blocks.served_bytes)
+        self.overview.describe(sample)
+
+    async def ui_status(self, request: Request) -> Response:
+        """`GET /ui/status`: what the status page shows (open, like `GET /`)."""
+        return json_response(self.overview.document(), headers={"Cache-Control": "no-store"})
 
     # --- iMIs ------------------------------------------------------------------
 
@@ -314,15 +347,19 @@ class Master:
 
     async def get_stream(self, request: Request) -> Response:
         name, version, parent = self._stream_args(request)
-        spool = self._spool(name, version, parent, request.headers.get(NODE_HEADER, ""))
+        node = request.headers.get(NODE_HEADER, "")
+        spool = self._spool(name, version, parent, node)
         headers = {STREAM_ID_HEADER: spool.stream_id, "ETag": f'"{spool.stream_id}"', "Accept-Ranges": "bytes"}
         offset = range_start(request.headers.get("range"))
         if_range = request.headers.get("if-range", "").strip('"')
+        what = f"{name} version {version} ({f'delta from {parent}' if parent else 'full'}) to {node}"
         if offset is None or (if_range and if_range != spool.stream_id):
             if spool.complete:
                 headers["Content-Length"] = str(spool.size)
                 headers[STREAM_DIGEST_HEADER] = spool.digest or ""
-            return StreamingResponse(spool.chunks(0), media_type="application/octet-stream", headers=headers)
+            log.info("sending %s", what)
+            return StreamingResponse(_logged(spool.chunks(0), what, 0), media_type="application/octet-stream",
+                                     headers=headers)
         # A resumed transfer: serve from `offset` what exists (all of it if the
         # spool is complete), so every answer has a known range.
         await spool.wait_beyond(offset)
@@ -337,7 +374,8 @@ class Master:
                                  headers={"Content-Range": f"bytes */{total}", **headers})
         headers["Content-Range"] = f"bytes {offset}-{end - 1}/{total}"
         headers["Content-Length"] = str(end - offset)
-        return StreamingResponse(spool.chunks(offset, end), status_code=206,
+        log.info("sending %s from byte %d", what, offset)
+        return StreamingResponse(_logged(spool.chunks(offset, end), what, offset), status_code=206,
                                  media_type="application/octet-stream", headers=headers)
 
     async def get_stream_digest(self, request: Request) -> Response:
@@ -472,6 +510,9 @@ class Master:
         """Every route of the master and the role it needs (docs/API.md)."""
         return [
             Endpoint("GET", "/", self.status, OPEN),
+            Endpoint("GET", METRICS_ROUTE, metrics.endpoint, OPEN),
+            Endpoint("GET", UI_ROUTE, status_page, OPEN),
+            Endpoint("GET", UI_STATUS_ROUTE, self.ui_status, OPEN),
             Endpoint("GET", IMIS_ROUTE, self.list_imis, READER),
             Endpoint("POST", IMIS_ROUTE, self.create_imi, ADMIN),
             Endpoint("GET", KEY_ROUTE, self.get_key, READER),
@@ -499,8 +540,23 @@ class Master:
         ]
 
 
+async def _logged(chunks, what: str, offset: int):
+    """The chunks of a stream answer, and a log line when it ends (carrying
+    the transfer's request id, as the line that began it)."""
+    sent = 0
+    started = time.monotonic()
+    try:
+        async for chunk in chunks:
+            yield chunk
+            sent += len(chunk)
+    finally:
+        log.info("sent %d bytes of %s%s in %.2fs", sent, what, f" from byte {offset}" if offset else "",
+                 time.monotonic() - started)
+
+
 def run(args) -> int:
     setup_logging(args.log, args.verbose)
+    metrics.set_recording(not args.no_metrics)
     token = require_token(args.token, "the master's own token is the admin credential: choose a long random "
                           "one (e.g. `openssl rand -base64 32`) and give it to the admins")
     if len(token) < STRONG_TOKEN:
@@ -522,5 +578,5 @@ def run(args) -> int:
         tls=tls,
         ca=args.ca,
     )
-    return run_until_signal(master.run)
+    return run_until_signal(master.run, "master")
 

@@ -3,6 +3,7 @@ replicas alike): manifests and blocks, immutable and cacheable forever."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from starlette.requests import Request
@@ -21,6 +22,8 @@ from icbdcore.wire import (
 
 from .blockindex import BlockIndex
 
+log = logging.getLogger(__name__)
+
 ManifestLookup = Callable[[str, int], tuple[bytes, str] | None]  # -> (bytes, digest)
 
 
@@ -38,7 +41,9 @@ def read_routes(manifests: ManifestLookup, blocks: BlockIndex) -> list[Endpoint]
         digest = check_digest(request.path_params["digest"])
         data = await blocks.read(digest)
         if data is None:
+            log.debug("block %s: not held", digest)
             raise Refused(404, f"this node holds no intact block {digest}")
+        log.debug("block %s: %d bytes served", digest, len(data))
         return immutable_response(data, digest, "application/octet-stream")
 
     return [

@@ -42,11 +42,13 @@ import urllib3
 from icbdcore.clients import Credentials, pool
 from icbdcore.cutoff import Cutoff
 from icbdcore.layout import Layout
+from icbdcore.logs import current_request_id, new_request_id
 from icbdcore.manifest import MAX_MANIFEST, Manifest, VersionRecord
 from icbdcore.records import now_iso, read_json, write_bytes, write_json
 from icbdcore.signing import Untrusted
 from icbdcore.trust import Trust
 from icbdcore.wire import (
+    REQUEST_ID_HEADER,
     STREAM_ID_HEADER,
     InvalidInput,
     StreamHasher,
@@ -163,6 +165,7 @@ class Transfer:
     error: str | None = None
     _t0: float = field(default_factory=time.monotonic)
     seconds: float = 0.0
+    rid: str = field(default_factory=new_request_id)  # the transfer's request id, on every call it makes
 
     def finish(self, error: str | None = None) -> None:
         self.seconds = round(time.monotonic() - self._t0, 3)
@@ -174,7 +177,7 @@ class Transfer:
         doc = {
             "imi": self.imi, "version": self.version, "parent": self.parent, "bytes": self.bytes,
             "network_bytes": self.network_bytes, "seconds": seconds, "state": self.state,
-            "started": self.started, "resumed_from": self.resumed_from,
+            "started": self.started, "resumed_from": self.resumed_from, "rid": self.rid,
         }
         if self.error:
             doc["error"] = self.error
@@ -379,10 +382,19 @@ class Receiver:
         with stop.cutoff:
             return self._get_capped(path, limit, stop)
 
+    def _headers(self) -> dict:
+        """The pool's headers (a request's own replace them) and the
+        transfer's request id (this thread runs in its context)."""
+        headers = dict(self.pool.headers)
+        rid = current_request_id()
+        if rid:
+            headers[REQUEST_ID_HEADER] = rid
+        return headers
+
     def _get_capped(self, path: str, limit: int, stop: Stop) -> bytes:
         try:
             response = self.pool.request(
-                "GET", self.master_url + path, preload_content=False,
+                "GET", self.master_url + path, preload_content=False, headers=self._headers(),
                 timeout=urllib3.Timeout(connect=5, read=60),
             )
         except urllib3.exceptions.HTTPError as error:
@@ -438,7 +450,7 @@ class Receiver:
                 log.info("resuming %s v%d from byte %d of the spooled stream", name, version, have)
             url = self.master_url + stream_path(name, version, parent)
             while True:
-                headers = dict(self.pool.headers)  # per-request headers replace the pool's
+                headers = self._headers()
                 if have:
                     headers["Range"] = f"bytes={have}-"
                     headers["If-Range"] = f'"{spool.stream_id}"'

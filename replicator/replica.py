@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 
 import httpx
@@ -19,14 +19,14 @@ import trio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from icbdcore import http
+from icbdcore import http, metrics
 from icbdcore.auth import NODE, READER, BadTable, NodeTokens
 from icbdcore.catalog import Catalog, ImiInfo
 from icbdcore.clients import Credentials, async_client
 from icbdcore.errors import CliError
 from icbdcore.http import OPEN, Endpoint, json_body, json_response
 from icbdcore.layout import DATA_FORMAT, Layout
-from icbdcore.logs import setup_logging
+from icbdcore.logs import request_id, setup_logging
 from icbdcore.manifest import MAX_MANIFEST, Manifest, VersionRecord
 from icbdcore.node import (
     Membership,
@@ -39,7 +39,14 @@ from icbdcore.node import (
 from icbdcore.records import read_capped, read_json, write_json
 from icbdcore.signing import PublicKey, Untrusted
 from icbdcore.trust import SignedCatalog, Trust, master_key_argument
-from icbdcore.wire import IMIS_ROUTE, NOTIFY_ROUTE, InvalidInput, check_name, check_site
+from icbdcore.wire import (
+    IMIS_ROUTE,
+    METRICS_ROUTE,
+    NOTIFY_ROUTE,
+    InvalidInput,
+    check_name,
+    check_site,
+)
 
 from . import btrfs
 from .blockindex import BlockIndex
@@ -96,6 +103,10 @@ class Replica:
         self.signed: SignedCatalog | None = None  # the newest catalogue the master signed
         self.catalog = Catalog()  # the subscribed iMIs, as the master last said
         self.transfers: deque[Transfer] = deque(maxlen=TRANSFERS_KEPT)
+        # Finished transfers since start, for metrics: (imi, result) -> count; imi -> bytes, seconds.
+        self.transfer_counts: Counter[tuple[str, str]] = Counter()
+        self.transfer_bytes: Counter[str] = Counter()
+        self.transfer_seconds: Counter[str] = Counter()
         self.id = ""
         self._wake = trio.Event()
         self._retry_at: dict[str, float] = {}
@@ -144,8 +155,9 @@ class Replica:
                 self._wake.set()  # resume what an earlier run left unfinished, now
                 nursery.start_soon(self._sync_loop)
                 await self.membership.ready(STARTUP_WAIT, shutdown)
-                await http.serve(http.build_app(self.routes(), self.tokens.table), self.listen, shutdown,
-                                 tls=self.tls, task_status=task_status)
+                with metrics.NodeCollector(self.describe_metrics):
+                    await http.serve(http.build_app(self.routes(), self.tokens.table), self.listen, shutdown,
+                                     tls=self.tls, task_status=task_status)
                 nursery.cancel_scope.cancel()
         finally:
             await master.aclose()
@@ -191,6 +203,30 @@ class Replica:
             "served": {"blocks": self.blocks.served_blocks, "bytes": self.blocks.served_bytes},
             **(self.trust.freshness() if self.trust else {}),
         }
+
+    def describe_metrics(self, sample: metrics.Sample) -> None:
+        metrics.node_info(sample, self.id, "replica", self.site)
+        sample.add("icbd_master_reachable", bool(self.membership and self.membership.reachable))
+        if self.trust is not None:
+            metrics.describe_catalog(sample, self.trust.freshness())
+        for name, versions in self.versions_held().items():
+            sample.add("icbd_replica_versions_held", len(versions), imi=name)
+        for (name, result), count in sorted(self.transfer_counts.items()):
+            sample.add("icbd_transfers_total", count, imi=name, result=result)
+        for name in sorted(self.transfer_bytes.keys() | self.transfer_seconds.keys()):
+            sample.add("icbd_transfer_bytes_total", self.transfer_bytes[name], imi=name)
+            sample.add("icbd_transfer_seconds_total", round(self.transfer_seconds[name], 3), imi=name)
+        running = [t for t in self.transfers if t.state == "running"]
+        sample.add("icbd_transfers_running", len(running))
+        sample.add("icbd_transfer_running_bytes", sum(t.network_bytes for t in running))
+        sample.add("icbd_served_blocks_total", self.blocks.served_blocks)
+        sample.add("icbd_served_bytes_total", self.blocks.served_bytes)
+        sample.add("icbd_disk_free_bytes", shutil.disk_usage(self.data).free)
+
+    def _count_transfer(self, transfer: Transfer) -> None:
+        self.transfer_counts[(transfer.imi, transfer.state)] += 1
+        self.transfer_bytes[transfer.imi] += transfer.network_bytes
+        self.transfer_seconds[transfer.imi] += transfer.seconds
 
     def _save_transfers(self) -> None:
         self._save(self.layout.transfers_file, [t.to_json() for t in self.transfers])
@@ -357,6 +393,12 @@ class Replica:
         parent = self.choose_parent(name, version)
         transfer = Transfer(name, version, parent)
         self.transfers.append(transfer)
+        # The transfer's request id goes with every call it makes to the master.
+        with request_id(transfer.rid):
+            return await self._transfer(name, version, record, transfer)
+
+    async def _transfer(self, name: str, version: int, record: VersionRecord, transfer: Transfer) -> bool:
+        parent = transfer.parent
         log.info("fetching %s version %d (%s)", name, version, f"delta from {parent}" if parent else "full")
         try:
             manifest = await self.receiver.receive(name, version, parent, record, transfer)
@@ -364,12 +406,14 @@ class Replica:
             if not isinstance(error, ReceiveFailed | OSError | btrfs.BtrfsError | ValueError):
                 log.exception("%s version %d: unexpected failure", name, version)
             transfer.finish(str(error) or type(error).__name__)
+            self._count_transfer(transfer)
             self._back_off(name, f"version {version} failed: {error}")
             self._save_transfers()
             if self.membership:
                 self.membership.poke()
             return False
         transfer.finish()
+        self._count_transfer(transfer)
         self._retry_delay.pop(name, None)
         self._retry_at.pop(name, None)
         self.blocks.add(name, version, manifest)
@@ -474,6 +518,7 @@ class Replica:
         """Every route of a replica and the role it needs (docs/API.md)."""
         return [
             Endpoint("GET", "/", self.status, OPEN),
+            Endpoint("GET", METRICS_ROUTE, metrics.endpoint, OPEN),
             Endpoint("POST", NOTIFY_ROUTE, self.notify, NODE),
             Endpoint("GET", IMIS_ROUTE, self.list_imis, READER),
             *read_routes(self._manifest, self.blocks),
@@ -489,11 +534,13 @@ def _transfer_from_json(doc: dict) -> Transfer:
     transfer.started = doc.get("started", "")
     transfer.error = doc.get("error")
     transfer.resumed_from = doc.get("resumed_from", 0)
+    transfer.rid = doc.get("rid") or transfer.rid
     return transfer
 
 
 def run(args) -> int:
     setup_logging(args.log, args.verbose)
+    metrics.set_recording(not args.no_metrics)
     token = require_token(args.token)
     if not args.master:
         raise CliError("a replica needs --master URL (or ICBD_MASTER)")
@@ -504,7 +551,7 @@ def run(args) -> int:
         image_size=args.image_size, heartbeat=args.heartbeat, resume_spool=args.resume_spool, tls=tls,
         master_key=master_key_argument(args),
     )
-    return run_until_signal(replica.run)
+    return run_until_signal(replica.run, "replica")
 
 
 def _check_format(layout: Layout) -> None:

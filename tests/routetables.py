@@ -1,6 +1,6 @@
 """Every route of every node and the role it needs, taken from the nodes'
 own route tables (so a route added to a node is in every test that walks
-them), and the contract they must match (DESIGN.md "Trust", docs/API.md)."""
+them), and the contract they must match (docs/API.md)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ OPEN = None
 CONTRACT = {
     "master": {
         ("GET", "/"): OPEN,
+        ("GET", "/metrics"): OPEN,
+        ("GET", "/ui"): OPEN,
+        ("GET", "/ui/status"): OPEN,
         ("GET", "/v1/auth"): READER,
         ("GET", "/v1/imis"): READER,
         ("GET", "/v1/key"): READER,
@@ -49,6 +52,7 @@ CONTRACT = {
     },
     "replica": {
         ("GET", "/"): OPEN,
+        ("GET", "/metrics"): OPEN,
         ("GET", "/v1/auth"): READER,
         ("POST", "/v1/notify"): NODE,
         ("GET", "/v1/imis"): READER,
@@ -57,6 +61,7 @@ CONTRACT = {
     },
     "cache": {
         ("GET", "/"): OPEN,
+        ("GET", "/metrics"): OPEN,
         ("GET", "/v1/auth"): READER,
         ("GET", "/v1/imis"): READER,
         ("GET", "/v1/key"): READER,
