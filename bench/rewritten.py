@@ -15,6 +15,7 @@ from harness.data import MIB, drop_caches, write_image
 from icbdcore.wire import SUBSCRIPTIONS_ROUTE
 
 from .context import BenchContext
+from .images.ext4 import iter_changed_blocks
 from .results import Result
 from .transfer import _rsync, _transfer
 
@@ -131,3 +132,93 @@ def _in_place_edit(old: Path, target: Path, build: Path) -> None:
                         out.seek(offset + start)
                         out.write(y[start:start + PAGE])
             offset += len(y)
+
+
+def delta_desktop_rebuild(ctx: BenchContext) -> list[Result]:
+    """The desktop image rebuilt with one more package and written as a fresh
+    file, as a build tool writes it: icbd's delta against rsync's."""
+    tiny = ctx.pick(quick=False, full=False, tiny=True)
+    releases = _small_releases(ctx) if tiny else _desktop_releases(ctx)
+    room = f"{4 * releases['image_bytes'] // (1 << 30) + 4}G"
+    cluster = ctx.cluster("desktop-rebuild")
+    cluster.master(image_size=room)
+    replica = cluster.replica("r1", image_size=room)
+    by_layout: dict[str, dict] = {}
+    for layout in ("kept", "fresh"):
+        name = f"desk-{layout}"
+        source = ctx.scratch / f"{name}-src"
+        source.mkdir()
+        shutil.copyfile(releases["old"], source / "rootfs.img")
+        cluster.icbd("imi", "create", name, "--from", str(source))
+        cluster.api("POST", SUBSCRIPTIONS_ROUTE, json={"imi": name, "node": replica.id}).raise_for_status()
+        ctx.step(f"desktop rebuild ({layout} layout): first version")
+        _publish(cluster, name, replica, 1)
+        build = releases[layout]
+        ctx.step(f"desktop rebuild ({layout} layout): the rebuild, written fresh")
+        write_build("fresh file from a tool", build, cluster.master_node.data / "work" / name / "rootfs.img")
+        result = _publish(cluster, name, replica, 2)
+        result["changed_4k_blocks"] = sum(1 for _ in iter_changed_blocks(releases["old"], build))
+        rsync_dir = ctx.scratch / "rsync"
+        (rsync_dir / "old").mkdir(parents=True)
+        (rsync_dir / "new").mkdir()
+        shutil.copyfile(releases["old"], rsync_dir / "old" / "rootfs.img")
+        shutil.copyfile(build, rsync_dir / "new" / "rootfs.img")
+        result["rsync"] = _rsync(rsync_dir / "new", rsync_dir / "old")
+        shutil.rmtree(rsync_dir)
+        shutil.rmtree(source)
+        by_layout[layout] = result
+    kept = by_layout["kept"]
+    return [Result("delta_desktop_rebuild", kept["network_bytes"], kept["rsync"]["bytes"], "bytes", detail={
+        "what": f"bytes on the wire for {releases['what']} rebuilt with one more package "
+                f"({releases['package']}) and written over the old image as a fresh file (qemu-img "
+                "convert), against rsync --inplace --no-whole-file's bytes for the same two images. "
+                "The value is the image built on the previous release's layout (bench/images/ext4.py "
+                "with a base: files keep their blocks); under fresh_layout, the same release laid out "
+                "from scratch, so that every file after the new one moves.",
+        "image_bytes": releases["image_bytes"],
+        "kept_layout": kept, "fresh_layout": by_layout["fresh"],
+    })]
+
+
+def _desktop_releases(ctx: BenchContext) -> dict:
+    """The Debian desktop (bench/images/debian_desktop.py): release 1, and
+    release 2 with `hello` built on release 1's layout and from scratch."""
+    from .images.debian_desktop import Recipe, build_debian_desktop
+    from .suite import NotAvailable
+
+    folders = {key: ctx.scratch / f"desktop-{key}" for key in ("old", "kept", "fresh")}
+    try:
+        ctx.step("desktop rebuild: building release 1 (cached by recipe)")
+        info = build_debian_desktop(folders["old"], Recipe(label="1"))
+        old = folders["old"] / "rootfs.img"
+        ctx.step("desktop rebuild: building release 2 on release 1's layout")
+        build_debian_desktop(folders["kept"], Recipe(label="2", extra_packages=("hello",), base=old))
+        ctx.step("desktop rebuild: building release 2 from scratch")
+        build_debian_desktop(folders["fresh"], Recipe(label="2", extra_packages=("hello",)))
+    except Exception as error:  # no archive, no mmdebstrap: this host cannot build it
+        raise NotAvailable(f"the Debian desktop image cannot be built here: {error}") from error
+    return {"old": old, "kept": folders["kept"] / "rootfs.img", "fresh": folders["fresh"] / "rootfs.img",
+            "image_bytes": info.image_bytes, "package": "hello",
+            "what": f"the Debian desktop image ({info.image_bytes // MIB} MiB, "
+                    f"{info.used_bytes // MIB} MiB used)"}
+
+
+def _small_releases(ctx: BenchContext) -> dict:
+    """A small stand-in at the tiny size: this host's Python library as an
+    ext4 image, and again with rsync's binary added as the "package"."""
+    from .images import ext4
+
+    tree = ctx.scratch / "small-tree"
+    shutil.copytree("/usr/lib/python3.11", tree / "usr" / "lib" / "python3.11", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "site-packages", "dist-packages"))
+    options = {"epoch": 1_700_000_000, "uuid": bytes(16), "hash_seed": bytes(16), "free_bytes": 16 * MIB}
+    old = ctx.scratch / "small-old.img"
+    stats = ext4.make_image(tree, old, **options)
+    (tree / "usr" / "bin").mkdir(parents=True)
+    shutil.copy2("/usr/bin/rsync", tree / "usr" / "bin" / "rsync")
+    kept, fresh = ctx.scratch / "small-kept.img", ctx.scratch / "small-fresh.img"
+    ext4.make_image(tree, kept, base=old, **options)
+    ext4.make_image(tree, fresh, **options)
+    image_bytes = stats.geometry.blocks_count * ext4.BLOCK
+    return {"old": old, "kept": kept, "fresh": fresh, "image_bytes": image_bytes, "package": "/usr/bin/rsync",
+            "what": f"a small ext4 image of this host's /usr/lib/python3.11 ({image_bytes // MIB} MiB)"}

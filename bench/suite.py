@@ -67,6 +67,7 @@ BENCHMARKS = (
     Benchmark("fanout", "bench.transfer:fanout", ("fanout",), 1.0),
     Benchmark("delta_rewritten", "bench.rewritten:delta_rewritten",
               ("delta_rewritten", "delta_rewritten_publish"), 1.5),
+    Benchmark("delta_desktop_rebuild", "bench.rewritten:delta_desktop_rebuild", ("delta_desktop_rebuild",), 2.0),
     Benchmark("chunking", "bench.chunking:chunking", ("chunking_ext4_image", "chunking_tar", "chunking_cpio_gz"), 0.5),
     Benchmark("publish_small_change", "bench.transfer:publish_small_change", ("publish_small_change",), 0.7),
     # Network namespaces and tbf qdiscs: reported as not available where
