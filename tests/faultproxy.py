@@ -90,6 +90,13 @@ class FaultProxy:
         self.hold_manifests = False
         self.release.set()
 
+    def cut(self) -> None:
+        """Close every connection open now, as a failing link would (new ones still pass)."""
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            conn.close()
+
     def close(self) -> None:
         self._stop.set()
         self.release.set()
