@@ -81,7 +81,8 @@ def measured(report: dict) -> dict:
         "replica_mb_per_core": replica["icbd"]["mb_per_cpu_s"] * 1e6,
         "nginx_replica_mb_per_core": replica["nginx"]["mb_per_cpu_s"] * 1e6,
         "storm_p50_ms": storm["p50_ms"], "storm_p99_ms": storm["p99_ms"],
-        "storm_readers": storm.get("readers"),
+        "storm_readers": storm.get("readers") or master["sites_count"] * master.get("readers_per_site", 0),
+        "slowest_mbit": slowest["rate_mbit"],
         "node_list_bytes_per_node": control.get("node_list_bytes_per_node"),
         "catalogue_bytes": control.get("catalogue_bytes"),
         "heartbeat_body_bytes": control.get("heartbeat_body_bytes"),
@@ -140,6 +141,10 @@ def tables(m: dict) -> str:
     say(f"| WAN link bytes per site per update | {m['wan_over_stream']:.3f} × one stream |")
     say(f"| publish to held, less the link time (slowest site) | {m['publish_overhead_s']:.1f} s for a "
         f"{_gb(m['stream_bytes'])} stream |")
+    say(f"| an update to every one of {m['sites_measured']} sites behind the nginx | {m['converge_s']:.1f} s "
+        f"(slowest link {m['slowest_mbit']} Mbit/s) |")
+    say(f"| boot storm, {m['storm_readers']} readers at {m['sites_measured']} sites on this host's cores | block "
+        f"latency p50 {m['storm_p50_ms']:.0f} ms, p99 {m['storm_p99_ms']:.0f} ms (bound by this host's CPU) |")
     if m["node_list_bytes_per_node"]:
         say(f"| control calls, nothing published | {m['control_bytes_per_s_per_node']:,.0f} B/s per node at the "
             f"master; node list {m['node_list_bytes_per_node']:,} B per node listed, catalogue "

@@ -1,4 +1,5 @@
-# UNTESTED: an example, not run by icbd's tests (contrib/nginx/ is).
+# UNTESTED: an example, not run by icbd's tests (contrib/nginx/ is); it compiles
+# (varnishd -C, Varnish 7.1).
 #
 # Varnish (Debian 12: varnish 7.1) in front of an icbd replica (or the
 # master: then set the backend to it, and streams are cached too). Give its
@@ -13,7 +14,7 @@
 vcl 4.1;
 
 backend icbd {
-    .host = "replica.site.example";
+    .host = "192.0.2.10";   # the replica's address (Varnish resolves it when it loads the VCL)
     .port = "7401";
     .first_byte_timeout = 300s;   # the master may be making a stream again
     .between_bytes_timeout = 60s;
