@@ -291,7 +291,8 @@ def _cell(text: str) -> str:
 def write_plots(out: Path, results: list[Result]) -> list[Path]:
     by_name = {r.name: r for r in results if math.isfinite(r.ratio)}
     written = [_plot_ratios(out / "ratios.png", results)]
-    for plot in (_plot_boot, _plot_transfer, _plot_reads, _plot_storm):
+    for plot in (_plot_boot, _plot_transfer, _plot_reads, _plot_storm, _plot_scale_egress, _plot_scale_sites,
+                 _plot_scale_throughput):
         path = plot(out, by_name)
         if path is not None:
             written.append(path)
@@ -408,3 +409,89 @@ def _plot_storm(out: Path, rows: dict[str, Result]) -> Path | None:
     ax.set_title("Boot storm through one site cache")
     ax.legend()
     return _save(fig, out / "boot_storm_egress.png")
+
+
+def _plot_scale_egress(out: Path, rows: dict[str, Result]) -> Path | None:
+    """Master egress per publish over one stream: replicas straight to the
+    master, and N replicas behind one nginx; replica egress with M cache
+    servers behind one nginx, and straight to the replica."""
+    master, replica = rows.get("scale_master_egress"), rows.get("scale_replica_egress")
+    if master is None and replica is None:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    if master is not None:
+        sweep = master.detail.get("by_replicas_behind_nginx", {})
+        labels = [f"{master.detail.get('sites_count')} direct"] + [f"{n} behind nginx" for n in sweep]
+        values = [master.detail.get("direct_master_over_one_stream", 0)] + \
+            [v["master_over_one_stream"] for v in sweep.values()]
+        left.bar(range(len(values)), values, color=["tab:gray"] + ["tab:blue"] * len(sweep))
+        left.axhline(1.05, color="tab:red", linestyle="--", linewidth=1, label="budget 1.05")
+        left.set_xticks(range(len(values)), labels, rotation=15)
+        left.set_ylabel("master stream bytes / one stream")
+        left.set_title("Master egress per publish")
+        left.legend(fontsize="small")
+    if replica is not None:
+        by = replica.detail.get("by_cache_servers", {})
+        x = range(len(by))
+        right.bar([i - 0.2 for i in x], [v["direct"]["over_working_set"] for v in by.values()], width=0.4,
+                  color="tab:gray", label="straight to the replica")
+        right.bar([i + 0.2 for i in x], [v["nginx"]["over_working_set"] for v in by.values()], width=0.4,
+                  label="behind one nginx")
+        right.axhline(1.05, color="tab:red", linestyle="--", linewidth=1, label="budget 1.05")
+        right.set_xticks(list(x), [f"M = {m}" for m in by])
+        right.set_ylabel("replica egress / boot working set")
+        right.set_title("Replica egress, M cache servers")
+        right.legend(fontsize="small")
+    return _save(fig, out / "scale_egress.png")
+
+
+def _plot_scale_sites(out: Path, rows: dict[str, Result]) -> Path | None:
+    """Per site: publish-to-held seconds (direct, nginx) and storm latency p50/p99."""
+    converge, storm = rows.get("scale_converge_seconds"), rows.get("scale_storm_p99_ms")
+    if converge is None and storm is None:
+        return None
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7))
+    if converge is not None:
+        sites = converge.detail.get("sites", {})
+        x = range(len(sites))
+        labels = [f"{name}\n{v['rate_mbit']} Mbit/s" for name, v in sites.items()]
+        top.bar([i - 0.27 for i in x], [v["seconds_direct"] for v in sites.values()], width=0.27,
+                color="tab:gray", label="replicas straight to the master")
+        top.bar(list(x), [v["seconds_nginx"] for v in sites.values()], width=0.27,
+                label="replicas behind the shared nginx")
+        top.bar([i + 0.27 for i in x], [v["link_seconds_for_one_stream"] for v in sites.values()], width=0.27,
+                color="tab:green", alpha=0.6, label="link time of one delta stream")
+        top.set_xticks(list(x), labels, fontsize="small")
+        top.set_ylabel("seconds, publish to held")
+        top.set_title("Time until each site holds the update")
+        top.legend(fontsize="small")
+    if storm is not None:
+        sites = storm.detail.get("sites", {})
+        x = range(len(sites))
+        bottom.bar([i - 0.2 for i in x], [v["p50_ms"] for v in sites.values()], width=0.4, label="p50")
+        bottom.bar([i + 0.2 for i in x], [v["p99_ms"] for v in sites.values()], width=0.4, color="tab:orange",
+                   label="p99")
+        bottom.axhline(storm.baseline, color="black", linestyle=":", linewidth=1,
+                       label="one reader alone, warm cache (p99)")
+        bottom.set_xticks(list(x), list(sites), fontsize="small")
+        bottom.set_ylabel("block latency, ms")
+        bottom.set_title(f"Boot storm at every site at once ({storm.detail.get('readers')} readers)")
+        bottom.legend(fontsize="small")
+    return _save(fig, out / "scale_sites.png")
+
+
+def _plot_scale_throughput(out: Path, rows: dict[str, Result]) -> Path | None:
+    present = [(label, rows[name]) for label, name in (("site cache server", "scale_cache_throughput"),
+                                                       ("replica", "scale_replica_throughput")) if name in rows]
+    if not present:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = range(len(present))
+    ax.bar([i - 0.2 for i in x], [r.value for _, r in present], width=0.4, label="icbd (Python, one process)")
+    ax.bar([i + 0.2 for i in x], [r.baseline for _, r in present], width=0.4, color="tab:gray",
+           label="nginx serving the same blocks from its cache")
+    ax.set_xticks(list(x), [label for label, _ in present])
+    ax.set_ylabel("MB/s per core (bytes served / server CPU s)")
+    ax.set_title("Serving warm 1 MiB blocks, per core")
+    ax.legend(fontsize="small")
+    return _save(fig, out / "scale_throughput.png")

@@ -88,6 +88,12 @@ BENCHMARKS = (
     Benchmark("boot", "bench.booting:boot_times", ("boot_cold", "boot_cold_profile", "boot_warm"), 3.0),
     Benchmark("boot_storm", "bench.booting:boot_storm",
               ("boot_storm", "boot_storm_readers", "boot_storm_seconds"), 2.0),
+    # K sites in network namespaces behind tbf links, a shared nginx: not
+    # available without namespaces or without nginx (scripts/install-packages).
+    Benchmark("scale", "bench.scale:scale",
+              ("scale_master_egress", "scale_converge_seconds", "scale_storm_p99_ms", "scale_replica_egress",
+               "scale_cache_throughput", "scale_replica_throughput", "scale_cpu_seconds_per_gb"), 8.0,
+              unavailable_on="harness.netns:NetworkError"),
 )
 
 

@@ -53,7 +53,7 @@ from icbdcore.manifest import MAX_MANIFEST, Manifest
 from icbdcore.metrics import observe_fetch
 from icbdcore.signing import PublicKey
 from icbdcore.source import Unavailable
-from icbdcore.wire import check_name, manifest_path, parse_version
+from icbdcore.wire import check_name, manifest_object_path, parse_version
 
 from .blockclient import BlockClient, FetchFailure
 from .fetcher import Fetcher
@@ -265,7 +265,7 @@ class CacheGroup:
             self._answered(member)
             return manifest
         if self.fallback is not None:
-            raw = await self.fallback.fetch_object(manifest_path(imi, version), record.digest, imi=imi,
+            raw = await self.fallback.fetch_object(manifest_object_path(record.digest), record.digest, imi=imi,
                                                    version=version, limit=MAX_MANIFEST,
                                                    attempt_timeout=60.0, deadline=120.0)
             return await trio.to_thread.run_sync(Manifest.from_bytes, raw, record.digest)

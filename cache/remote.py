@@ -37,7 +37,7 @@ from icbdcore.wire import (
     PREFETCH_ROUTE,
     InvalidInput,
     check_name,
-    manifest_path,
+    manifest_object_path,
     parse_version,
     profile_path,
 )
@@ -156,7 +156,7 @@ class RemoteCache:
         if record is None:
             raise Unavailable(f"{imi} has no version {version}")
         try:
-            raw = await self._capped_get(manifest_path(imi, version), MAX_MANIFEST, timeout=60)
+            raw = await self._capped_get(manifest_object_path(record.digest), MAX_MANIFEST, timeout=60)
         except httpx.HTTPError as error:
             raise Unavailable(f"manifest of {imi} v{version}: {error}") from None
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -28,16 +29,23 @@ from icbdcore.wire import (
     BLOCK_ROUTE,
     IMIS_ROUTE,
     KEY_ROUTE,
+    MANIFEST_OBJECT_ROUTE,
     MANIFEST_ROUTE,
     METRICS_ROUTE,
     PREFETCH_JOB_ROUTE,
     PREFETCH_ROUTE,
+    PROFILE_OBJECT_ROUTE,
     PROFILE_ROUTE,
+    REVALIDATE,
+    InvalidInput,
     Refused,
     check_digest,
     check_name,
     check_site,
+    content_digest,
+    manifest_object_path,
     parse_version,
+    profile_object_path,
 )
 
 from .fetcher import PrefetchProgress
@@ -72,7 +80,8 @@ class PrefetchJob:
 class CacheServer:
     def __init__(self, data: Path, listen: str, master_url: str, credentials: Credentials, site: str, size: int,
                  *, name: str | None = None, url: str | None = None, heartbeat: float = 2.0,
-                 tls: http.ServerTls | None = None, master_key: PublicKey | None = None):
+                 tls: http.ServerTls | None = None, master_key: PublicKey | None = None,
+                 upstreams: list[str] = ()):
         self.data = data
         self.listen = listen
         self.master_url = master_url
@@ -84,6 +93,8 @@ class CacheServer:
         self.url = url or http.url_for_listen(listen, tls)
         self.heartbeat = heartbeat
         self.master_key = master_key
+        self.static_upstreams = [upstream_url(url) for url in upstreams]
+        self._profiles: dict[str, tuple[str, int]] = {}  # digest of a profile served -> (iMI, version)
         # The master's table of tokens, believed only with its signature.
         self.tokens = NodeTokens(Layout(data).token_table_file, verify=self._verify_table)
         self.id = ""
@@ -105,7 +116,7 @@ class CacheServer:
         # recorded reaches the master that way.
         credentials = self.credentials.as_node(self.id)
         async with SiteCache.open(self.data, self.master_url, credentials, self.site, self.size,
-                                  master_key=self.master_key) as cache:
+                                  master_key=self.master_key, upstreams=self.static_upstreams) as cache:
             self.cache = cache
             self.tokens.load()  # once the master's key is known
             master = async_client(credentials, self.master_url)
@@ -182,7 +193,23 @@ class CacheServer:
         except Unavailable as error:
             # In the catalogue, but no upstream delivers it now: a gateway failing.
             raise Refused(504, str(error)) from None
-        return immutable_response(raw, digest, "application/json")
+        return immutable_response(raw, digest, "application/json", request, cache_control=REVALIDATE,
+                                  headers={"Content-Location": manifest_object_path(digest)})
+
+    async def get_manifest_object(self, request: Request) -> Response:
+        """A manifest by its digest: immutable, whichever version lists it."""
+        assert self.cache is not None
+        digest = check_digest(request.path_params["digest"])
+        catalog = await self.cache.catalog()
+        where = next(((name, version) for name, info in catalog.imis.items()
+                      for version, record in info.versions.items() if record.digest == digest), None)
+        if where is None:
+            raise Refused(404, f"no version in this site's catalogue has manifest {digest}")
+        try:
+            raw, _ = await self.cache.manifest_bytes(*where)
+        except Unavailable as error:
+            raise Refused(504, str(error)) from None
+        return immutable_response(raw, digest, "application/json", request)
 
     async def get_block(self, request: Request) -> Response:
         assert self.cache is not None
@@ -193,7 +220,7 @@ class CacheServer:
         except Unavailable as error:
             # The site cannot get it now: a gateway failing, not a bad request.
             raise Refused(504, f"block {digest} unavailable: {error}") from None
-        return immutable_response(data, digest, "application/octet-stream")
+        return immutable_response(data, digest, "application/octet-stream", request)
 
     async def prefetch(self, request: Request) -> Response:
         """{"imi", "version"?, "profile"?: bool} stages a version (or just its boot
@@ -261,7 +288,21 @@ class CacheServer:
         name = check_name(request.path_params["name"])
         version = parse_version(request.path_params["version"])
         profile = await self._profile(name, version)
-        return json_response(profile.to_json())  # as the master signed it
+        raw = json_response(profile.to_json()).body  # as the master signed it
+        digest = content_digest(raw)
+        self._profiles[digest] = (name, version)
+        return immutable_response(raw, digest, "application/json", request, cache_control=REVALIDATE,
+                                  headers={"Content-Location": profile_object_path(digest)})
+
+    async def get_profile_object(self, request: Request) -> Response:
+        """A boot profile this server served, by its digest: immutable."""
+        digest = check_digest(request.path_params["digest"])
+        where = self._profiles.get(digest)
+        if where is not None:
+            raw = json_response((await self._profile(*where)).to_json()).body
+            if content_digest(raw) == digest:
+                return immutable_response(raw, digest, "application/json", request)
+        raise Refused(404, f"no boot profile {digest} here (ask for it by its version first)")
 
     async def put_profile(self, request: Request) -> Response:
         assert self.cache is not None
@@ -290,12 +331,28 @@ class CacheServer:
             Endpoint("GET", IMIS_ROUTE, self.list_imis, READER),
             Endpoint("GET", KEY_ROUTE, self.get_key, READER),
             Endpoint("GET", MANIFEST_ROUTE, self.get_manifest, READER),
+            Endpoint("GET", MANIFEST_OBJECT_ROUTE, self.get_manifest_object, READER),
             Endpoint("GET", BLOCK_ROUTE, self.get_block, READER),
             Endpoint("POST", PREFETCH_ROUTE, self.prefetch, READER),
             Endpoint("GET", PREFETCH_JOB_ROUTE, self.get_job, READER),
             Endpoint("GET", PROFILE_ROUTE, self.get_profile, READER),
+            Endpoint("GET", PROFILE_OBJECT_ROUTE, self.get_profile_object, READER),
             Endpoint(("PUT", "POST"), PROFILE_ROUTE, self.put_profile, READER),
         ]
+
+
+def upstream_url(url: str) -> str:
+    """An --upstream URL: http or https, a host, perhaps a port and a path
+    prefix (a CDN's), no user, query or fragment; without a trailing slash."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises on a bad port)
+    except ValueError:
+        parts = None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc
+            or parts.query or parts.fragment or not url.isascii() or not url.isprintable()):
+        raise InvalidInput(f"invalid --upstream {url[:100]!r}: give http(s)://HOST[:PORT][/PATH] of an HTTP cache")
+    return url.rstrip("/")
 
 
 def _hints(request: Request) -> tuple[str | None, int | None]:
@@ -312,9 +369,13 @@ def run(args) -> int:
     if not args.master:
         raise CliError("a cache server needs --master URL (or ICBD_MASTER)")
     tls = http.ServerTls.from_options(args.tls_cert, args.tls_key)
+    try:
+        upstreams = [upstream_url(url) for url in getattr(args, "upstream", None) or []]
+    except InvalidInput as error:
+        raise CliError(str(error)) from None
     server = CacheServer(
         Path(args.data).resolve(), args.listen, args.master, Credentials(token, ca=args.ca), args.site, args.size,
         name=args.name, url=advertised_url(args.advertise, args.listen, tls), heartbeat=args.heartbeat, tls=tls,
-        master_key=master_key_argument(args),
+        master_key=master_key_argument(args), upstreams=upstreams,
     )
     return run_until_signal(server.run, "cache server")

@@ -46,7 +46,7 @@ from icbdcore.wire import (
     InvalidInput,
     check_name,
     content_digest,
-    manifest_path,
+    manifest_object_path,
     parse_version,
     profile_path,
 )
@@ -69,7 +69,7 @@ CONTROL_TIMEOUT = 5.0
 
 class SiteCache:
     def __init__(self, data: Path, master_url: str, credentials: Credentials, site: str | None, size_bound: int,
-                 *, refresh: float = 2.0, master_key: PublicKey | None = None):
+                 *, refresh: float = 2.0, master_key: PublicKey | None = None, upstreams: list[str] = ()):
         self.data = data
         self.master_url = master_url.rstrip("/")
         self.site = site or ""
@@ -82,7 +82,8 @@ class SiteCache:
         self.store = BlockStore(self.layout.blocks, size_bound - share)
         self.meta = MetaStore([self.layout.cached_manifests, self.layout.cached_profiles], share)
         self.trust = Trust(self.layout, master_key)
-        self.upstreams = Upstreams(self.site, self.layout.upstreams_file, master_url=self.master_url)
+        self.upstreams = Upstreams(self.site, self.layout.upstreams_file, master_url=self.master_url,
+                                   static=list(upstreams))
         self.client = BlockClient(credentials)
         self.http = async_client(credentials, self.master_url, timeout=CONTROL_TIMEOUT)
         self.fetcher: Fetcher | None = None
@@ -100,10 +101,12 @@ class SiteCache:
     @classmethod
     @asynccontextmanager
     async def open(cls, data_dir: Path, master_url: str, credentials: Credentials, site: str | None,
-                   size_bound: int, *, refresh: float = 2.0, master_key: PublicKey | None = None):
+                   size_bound: int, *, refresh: float = 2.0, master_key: PublicKey | None = None,
+                   upstreams: list[str] = ()):
         Layout(data_dir).make_private_root()
         cache = await trio.to_thread.run_sync(lambda: cls(data_dir, master_url, credentials, site, size_bound,
-                                                          refresh=refresh, master_key=master_key))
+                                                          refresh=refresh, master_key=master_key,
+                                                          upstreams=upstreams))
         try:
             cache._load()
             async with Fetcher(cache.store, cache.upstreams, cache.client) as fetcher, trio.open_nursery() as nursery:
@@ -213,7 +216,7 @@ class SiteCache:
         raw = await trio.to_thread.run_sync(_read_if_matches, self.meta, path, digest)
         if raw is None:
             assert self.fetcher is not None
-            raw = await self.fetcher.fetch_object(manifest_path(imi, version), digest, imi=imi, version=version,
+            raw = await self.fetcher.fetch_object(manifest_object_path(digest), digest, imi=imi, version=version,
                                                   limit=MAX_MANIFEST, attempt_timeout=MANIFEST_ATTEMPT,
                                                   deadline=MANIFEST_DEADLINE)
             await self._keep(path, raw)

@@ -1,15 +1,25 @@
-"""Choosing where to fill a block from: the live replicas the master lists,
+"""Choosing where to fill a block from: the static upstreams given on the
+command line (`--upstream URL`: HTTP caches such as a site Squid, an nginx
+in front of a replica, a CDN), then the live replicas the master lists,
 best first, with a memory of which failed.
 
 Order of candidates for a block (hinted with an iMI version):
 
-1. healthy replicas, ranked by: holds the hinted version, same site, then
+1. healthy static upstreams, in the order given: a shared cache holds what
+   another cache server of the site already fetched, and asks a replica
+   itself when it does not;
+2. healthy replicas, ranked by: holds the hinted version, same site, then
    round-trip time (EWMA of pings and of small-block fetches; unmeasured last);
-2. the master, if known: it serves blocks too, but is the last resort, so a
+3. the master, if known: it serves blocks too, but is the last resort, so a
    boot storm lands on the site's replicas, not on the centre;
-3. upstreams backing off after a failure, soonest retry first: tried only when
+4. upstreams backing off after a failure, soonest retry first: tried only when
    every healthy one failed or lacks the block, so one lost packet does not
    leave a desktop with EIO for the whole backoff period.
+
+A static upstream is an HTTP cache, not a node: it is taken to hold every
+version (a 404 from it costs nothing, as from a replica), it is never saved
+in the candidate list, and what it sends is checked like anything else (a
+cache that serves a damaged block backs off as a replica would).
 
 Failure memory: each host failure doubles the backoff (1 s, 2 s, ... 60 s);
 corrupt data counts as three failures; one success clears it.
@@ -41,6 +51,7 @@ BACKOFF_CAP = 60.0
 CORRUPT_WEIGHT = 3  # corrupt data is a worse sign than a timeout: back off as if it failed three times
 RTT_ALPHA = 0.3  # weight of a new sample in the EWMA
 RTT_SAMPLE_MAX_BYTES = 64 << 10  # fetches of bigger blocks measure bandwidth more than round trips
+STATIC = "static"  # the role of an upstream given on the command line (an HTTP cache)
 
 
 @dataclass
@@ -60,7 +71,7 @@ class Upstream:
     not_held: int = 0
 
     def holds(self, imi: str | None, version: int | None) -> bool:
-        if imi is None:
+        if imi is None or self.role == STATIC:
             return True
         held = self.versions.get(imi, [])
         return version in held if version is not None else bool(held)
@@ -109,10 +120,12 @@ class Upstreams:
         path: Path | None = None,
         *,
         master_url: str | None = None,
+        static: list[str] = (),
         clock: Callable[[], float] = time.monotonic,
     ):
         self.site = site
         self.path = path
+        self._static = [Upstream(url.rstrip("/"), url.rstrip("/"), STATIC, site or "") for url in static]
         # The master from the command line, for when its own list does not name it.
         self._fallback_master = (
             Upstream("master", master_url.rstrip("/"), "master", "") if master_url else None
@@ -167,10 +180,10 @@ class Upstreams:
         self._by_id = fresh
 
     def __len__(self) -> int:
-        return len(self._by_id)
+        return len(self._static) + len(self._by_id)
 
     def all(self) -> list[Upstream]:
-        return list(self._by_id.values())
+        return [*self._static, *self._by_id.values()]
 
     def _master(self) -> Upstream | None:
         for up in self._by_id.values():
@@ -191,8 +204,8 @@ class Upstreams:
             u.rtt if u.rtt is not None else math.inf,
         ))
         master = self._master()
-        tail = [u for u in replicas if u.retry_at > now]
-        ordered = healthy
+        tail = [u for u in [*self._static, *replicas] if u.retry_at > now]
+        ordered = [u for u in self._static if u.retry_at <= now] + healthy
         if master is not None:
             (ordered if master.retry_at <= now else tail).append(master)
         tail.sort(key=lambda u: u.retry_at)
@@ -233,7 +246,7 @@ class Upstreams:
         )
 
     async def probe(self, client: BlockClient, timeout: float = 2.0) -> None:
-        """Ping every upstream once (`GET /`), concurrently, to measure round trips."""
+        """Ping every node upstream once (`GET /`), concurrently, to measure round trips."""
 
         async def one(up: Upstream) -> None:
             try:
@@ -242,7 +255,7 @@ class Upstreams:
                 self.failed(up, error)
 
         async with trio.open_nursery() as nursery:
-            for up in self._by_id.values():
+            for up in self._by_id.values():  # not the static ones: an HTTP cache has no status page
                 nursery.start_soon(one, up)
 
     async def keep_probing(self, client: BlockClient, interval: float = 15.0) -> None:

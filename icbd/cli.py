@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="silence after which a node is down (default 15)")
     p.add_argument("--source-root", action="append", metavar="DIR",
                    help="imi create --from takes only paths below DIR (repeatable; without it, create is refused)")
+    p.add_argument("--spool-ttl", type=float, default=600.0, metavar="S",
+                   help="keep a stream's spool this long after its last reader (default 600); its record stays, "
+                   "and the stream is made again, and checked, when asked for later")
     p.set_defaults(handler="replicator.master:run")
 
     p = sub.add_parser("replica", help="run a replica node that holds subscribed iMIs")
@@ -154,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", metavar="ID", help="node id (default: generated once and kept in DATA)")
     p.add_argument("--size", type=_size, default=_size("10G"), metavar="BYTES",
                    help="bound on cached block bytes (default 10G)")
+    p.add_argument("--upstream", action="append", metavar="URL",
+                   help="an HTTP cache to fill from first (a site Squid or nginx in front of a replica, a CDN), "
+                   "tried in the order given, before the replicas the master lists (repeatable)")
     p.set_defaults(handler="cache.server:run")
 
     p = sub.add_parser("mount", help="mount every iMI read-only at MOUNTPOINT")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import resource
 import ssl
 from collections.abc import Awaitable, Callable
@@ -45,7 +46,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .auth import READER, ROLES, Identity
+from .auth import READER, ROLES, Identity, allows
 from .errors import CliError
 from .logs import new_request_id, request_id, valid_request_id
 from .wire import (
@@ -53,6 +54,7 @@ from .wire import (
     AUTH_ROUTE,
     DIGEST_HEADER,
     IMMUTABLE,
+    NO_STORE,
     REQUEST_ID_HEADER,
     InvalidInput,
     Refused,
@@ -172,11 +174,79 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def immutable_response(data: bytes, digest: str, media_type: str) -> Response:
-    """An object that never changes (a block, a manifest), named by its digest:
-    any tier and any stock HTTP cache between tiers may keep it forever."""
-    return Response(data, media_type=media_type,
-                    headers={"Cache-Control": IMMUTABLE, "ETag": f'"{digest}"', DIGEST_HEADER: digest})
+_RANGE = re.compile(r"bytes=([0-9]{0,18})-([0-9]{0,18})\Z")
+UNSATISFIABLE = "unsatisfiable"
+
+
+def byte_range(request: Request, size: int, etag: str) -> tuple[int, int] | str | None:
+    """The part of an object of `size` bytes a request asks for, as
+    (start, end) with `end` exclusive; None for the whole object (no Range,
+    a form not understood, several ranges, or an If-Range naming another
+    version), or UNSATISFIABLE. One range of RFC 9110: `bytes=A-B`,
+    `bytes=A-`, `bytes=-N`."""
+    header = request.headers.get("range")
+    if not header:
+        return None
+    if_range = request.headers.get("if-range")
+    if if_range is not None and if_range.strip() != etag:
+        return None
+    match = _RANGE.match(header.strip().replace(" ", ""))
+    if not match or not (match.group(1) or match.group(2)):
+        return None
+    first, last = match.group(1), match.group(2)
+    if not first:  # the last N bytes
+        count = int(last)
+        if count == 0:
+            return UNSATISFIABLE
+        return max(0, size - count), size
+    start = int(first)
+    end = size if not last else min(size, int(last) + 1)
+    if last and int(last) < start:
+        return None  # malformed: RFC 9110 says ignore it
+    if start >= size:
+        return UNSATISFIABLE
+    return start, end
+
+
+def not_modified(request: Request, etag: str) -> bool:
+    """Whether an If-None-Match of the request names `etag` (or is `*`)."""
+    header = request.headers.get("if-none-match")
+    if not header:
+        return False
+    tags = {tag.strip().removeprefix("W/") for tag in header.split(",")}
+    return "*" in tags or etag in tags
+
+
+def object_headers(digest: str, cache_control: str = IMMUTABLE) -> dict[str, str]:
+    """The headers of an object named by `digest`: a strong ETag, ranges, and
+    (by default) leave for any cache to keep it forever."""
+    return {"Cache-Control": cache_control, "ETag": f'"{digest}"', DIGEST_HEADER: digest,
+            "Accept-Ranges": "bytes"}
+
+
+def immutable_response(data: bytes, digest: str, media_type: str, request: Request | None = None, *,
+                       cache_control: str = IMMUTABLE, headers: dict | None = None) -> Response:
+    """An object that never changes (a block, a manifest, a profile), named
+    by its digest: any tier and any stock HTTP cache between tiers may keep
+    it forever. The bytes never depend on who asks. With the request: 304
+    for an If-None-Match naming it, 206 for a Range, 416 for one beyond it.
+    `cache_control` is REVALIDATE for what a name maps to now (a version's
+    manifest by number), which keeps the same ETag but must be asked again."""
+    head = {**object_headers(digest, cache_control), **(headers or {})}
+    if request is None:
+        return Response(data, media_type=media_type, headers=head)
+    etag = head["ETag"]
+    if not_modified(request, etag):
+        return Response(status_code=304, headers=head)
+    part = byte_range(request, len(data), etag)
+    if part == UNSATISFIABLE:
+        return Response(status_code=416, media_type=media_type,
+                        headers={**head, "Content-Range": f"bytes */{len(data)}"})
+    if part is None:
+        return Response(data, media_type=media_type, headers=head)
+    start, end = part
+    return Response(data[start:end], status_code=206, media_type=media_type,
+                    headers={**head, "Content-Range": f"bytes {start}-{end - 1}/{len(data)}"})
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -290,8 +360,15 @@ def _needs(role: str, handler: Handler) -> Handler:
 
 
 async def whoami(request: Request) -> Response:
-    """`GET /v1/auth`: the role and name of the presented token (for a proxy's auth_request)."""
+    """`GET /v1/auth[?role=ROLE]`: the role and name of the presented token,
+    for a proxy's auth_request; 403 if it lacks `role`."""
     identity = request.scope[IDENTITY]
+    wanted = request.query_params.get("role")
+    if wanted is not None:
+        if wanted not in ROLES:
+            raise Refused(400, f"unknown role {wanted[:20]!r}: one of {', '.join(ROLES)}")
+        if not allows(identity.role, wanted):
+            raise Refused(403, f"token {identity.name!r} has the {identity.role} role, not {wanted}")
     return json_response({"role": identity.role, "name": identity.name})
 
 
@@ -334,6 +411,31 @@ class RequestIds:
             await self.app(scope, receive, send_with_id)
 
 
+class NoStoreByDefault:
+    """ASGI middleware: an answer that does not say how it may be cached (a
+    control call, an error, a status page) says `Cache-Control: no-store`,
+    so no shared cache between tiers ever keeps it. Objects named by their
+    digest say otherwise themselves (immutable_response)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_marked(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"cache-control" for name, _ in headers):
+                    headers.append((b"cache-control", NO_STORE.encode()))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_marked)
+
+
 def build_app(routes: list[Endpoint], tokens: TokenLookup) -> RequestIds:
     app = Starlette(
         routes=endpoints(routes),
@@ -344,7 +446,7 @@ def build_app(routes: list[Endpoint], tokens: TokenLookup) -> RequestIds:
             Exception: _on_crash,
         },
     )
-    return RequestIds(Guard(app, tokens))
+    return RequestIds(NoStoreByDefault(Guard(app, tokens)))
 
 
 @dataclass(frozen=True)
@@ -477,7 +579,7 @@ class _Gate:
 
 _REFUSAL_BODY = json.dumps(error_body("too many connections; retry in 1 s")).encode()
 _REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
-            b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(_REFUSAL_BODY) + _REFUSAL_BODY)
+            b"cache-control: no-store\r\nconnection: close\r\ncontent-length: %d\r\n\r\n" % len(_REFUSAL_BODY) + _REFUSAL_BODY)
 
 
 async def _refuse(stream: trio.abc.Stream) -> None:

@@ -237,6 +237,18 @@ class Manifest:
             out.update(dict.fromkeys(self.blocks_of(entry)))
         return list(out)
 
+    def block_sizes(self) -> dict[str, int]:
+        """The size of each block of the read set, in its order."""
+        sizes: dict[str, int] = {}
+        for entry in self.files():
+            if entry.pack is not None:
+                pack = self.packs[entry.pack[0]]
+                sizes[pack.digest] = pack.size
+                continue
+            for index, digest in enumerate(entry.chunks):
+                sizes[digest] = entry.chunk_span(index, self.chunk_size)[1]
+        return sizes
+
     def pack_of(self, entry: Entry) -> tuple[Pack, int] | None:
         """The pack holding a packed file's bytes, and where in it they start."""
         if entry.pack is None:

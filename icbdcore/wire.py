@@ -16,9 +16,16 @@ import blake3
 API = "/v1"
 DEFAULT_CHUNK_SIZE = 1 << 20
 
-# Blocks and manifests never change once published, so every tier (and any
-# stock HTTP cache between tiers) may keep them forever.
+# Objects named by their digest (blocks, manifests, boot profiles, version
+# streams) never change, so every tier (and any stock HTTP cache between
+# tiers: nginx, Squid, Varnish, a CDN) may keep them forever.
 IMMUTABLE = "public, max-age=31536000, immutable"
+# Every other answer (control calls: heartbeats, the catalogue, registration,
+# status, errors) must never be kept by a shared cache.
+NO_STORE = "no-store"
+# What a name maps to now (a version's manifest or boot profile by version
+# number): a cache may keep it, but asks again (If-None-Match) before each use.
+REVALIDATE = "no-cache"
 
 ROLES = ("master", "replica", "cache")
 
@@ -212,8 +219,6 @@ def error_body(message: str) -> dict:
 # side, so that a route and the URLs that reach it cannot drift apart.
 
 NODE_HEADER = "X-Icbd-Node"  # the calling node's id, on node-to-node calls
-STREAM_ID_HEADER = "X-Icbd-Stream-Id"  # names one run of `btrfs send`, for resuming
-STREAM_DIGEST_HEADER = "X-Icbd-Stream-Digest"  # the whole stream's digest, once known
 DIGEST_HEADER = "X-Icbd-Digest"  # the digest of an immutable object in the body
 # One id per transfer or block fetch, made at its first hop and passed on to
 # every node it involves, which log it as rid=... (icbdcore/logs.py).
@@ -230,6 +235,10 @@ STREAM_ROUTE = VERSION_ROUTE + "/stream"
 STREAM_DIGEST_ROUTE = STREAM_ROUTE + "/digest"
 PROFILE_ROUTE = VERSION_ROUTE + "/profile"
 BLOCK_ROUTE = API + "/blocks/{digest}"
+# Immutable objects by their digest (blocks above): one URL, one content, forever.
+MANIFEST_OBJECT_ROUTE = API + "/manifests/{digest}"
+PROFILE_OBJECT_ROUTE = API + "/profiles/{digest}"
+STREAM_OBJECT_ROUTE = API + "/streams/{digest}"
 NODES_ROUTE = API + "/nodes"
 NODE_ROUTE = NODES_ROUTE + "/{node_id}"
 HEARTBEAT_ROUTE = NODE_ROUTE + "/heartbeat"
@@ -280,6 +289,18 @@ def stream_path(name: str, version: int, parent: int | None = None) -> str:
 def stream_digest_path(name: str, version: int, parent: int | None = None) -> str:
     path = STREAM_DIGEST_ROUTE.format(name=check_name(name), version=parse_version(version))
     return f"{path}?parent={parse_version(parent)}" if parent is not None else path
+
+
+def manifest_object_path(digest: str) -> str:
+    return MANIFEST_OBJECT_ROUTE.format(digest=check_digest(digest))
+
+
+def profile_object_path(digest: str) -> str:
+    return PROFILE_OBJECT_ROUTE.format(digest=check_digest(digest))
+
+
+def stream_object_path(digest: str) -> str:
+    return STREAM_OBJECT_ROUTE.format(digest=check_digest(digest))
 
 
 def profile_path(name: str, version: int) -> str:

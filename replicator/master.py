@@ -17,13 +17,23 @@ from pathlib import Path
 import httpx
 import trio
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import RedirectResponse, Response, StreamingResponse
 
 from icbdcore import http, metrics
 from icbdcore.auth import ADMIN, NODE, READER
 from icbdcore.clients import Credentials, async_client
 from icbdcore.errors import CliError
-from icbdcore.http import OPEN, Endpoint, json_body, json_response
+from icbdcore.http import (
+    OPEN,
+    UNSATISFIABLE,
+    Endpoint,
+    byte_range,
+    immutable_response,
+    json_body,
+    json_response,
+    not_modified,
+    object_headers,
+)
 from icbdcore.layout import DATA_FORMAT, Layout
 from icbdcore.logs import setup_logging
 from icbdcore.node import TABLE_HELD, TABLE_SENT, advertised_url, require_token, run_until_signal
@@ -39,12 +49,13 @@ from icbdcore.wire import (
     NODE_ROUTE,
     NODES_ROUTE,
     NOTIFY_ROUTE,
+    PROFILE_OBJECT_ROUTE,
     PROFILE_ROUTE,
     PUBLISH_ROUTE,
+    REVALIDATE,
     ROLLBACK_ROUTE,
-    STREAM_DIGEST_HEADER,
     STREAM_DIGEST_ROUTE,
-    STREAM_ID_HEADER,
+    STREAM_OBJECT_ROUTE,
     STREAM_ROUTE,
     SUBSCRIPTIONS_ROUTE,
     TOKEN_ROUTE,
@@ -57,7 +68,10 @@ from icbdcore.wire import (
     check_digest,
     check_name,
     check_node_url,
+    content_digest,
     parse_version,
+    profile_object_path,
+    stream_object_path,
 )
 
 from . import btrfs
@@ -70,7 +84,7 @@ from .readroutes import read_routes
 from .repository import Repository, RepositoryError
 from .sources import SourceRoots
 from .statuspage import status_page
-from .streams import SendsBusy, SendSpools, Spool, range_start
+from .streams import SendsBusy, SendSpools, Spool, StreamFailed, Withdrawn
 from .tokens import TokenStore
 
 log = logging.getLogger(__name__)
@@ -78,6 +92,12 @@ log = logging.getLogger(__name__)
 MASTER_ID = "master"
 MAX_PROFILE_BODY = 16 << 20
 NOTIFY_TIMEOUT = 3.0
+# A request for a stream's record waits this long for a send under way to
+# end, then answers 202 (ask again): long enough that a delta made at
+# publish is usually ready in one call, short enough for any proxy between.
+RECORD_WAIT = 20.0
+# The old route GET .../stream waits longer: its caller wants the bytes.
+STREAM_WAIT = 120.0
 # Issued tokens are 43 characters (256 bits); the master's own is chosen by a person.
 STRONG_TOKEN = 32
 
@@ -98,6 +118,7 @@ class Master:
         source_roots: SourceRoots | None = None,
         tls: http.ServerTls | None = None,
         ca: str | None = None,
+        spool_ttl: float = 600.0,
     ):
         self.data = data
         self.listen = listen
@@ -112,6 +133,8 @@ class Master:
         self.blocks = BlockIndex(self.layout)
         self.sources = source_roots or SourceRoots([], data)
         self.tokens = TokenStore(self.layout.tokens_file, token)
+        self.spool_ttl = spool_ttl
+        self.stream_served = {"requests": 0, "bytes": 0}  # stream objects sent, for status and benchmarks
         # Made in run(), once DATA (perhaps a btrfs image mounted on it) is there.
         self.key: SigningKey
         self.repo: Repository
@@ -120,6 +143,7 @@ class Master:
         self._nursery: trio.Nursery | None = None
         self._http: httpx.AsyncClient | None = None
         self.overview = Overview(self)
+        self._profiles: dict[str, tuple[str, int]] = {}  # profile digest -> (iMI, version)
 
     async def run(self, shutdown: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await btrfs.ensure_btrfs(self.data, self.image_size)
@@ -127,7 +151,7 @@ class Master:
         self.key = SigningKey.load_or_create(self.layout.keys)
         await self._check_format()
         self.repo = Repository(self.layout, self.chunk_size, self.key)
-        self.spools = SendSpools(self.layout, key=self.key)
+        self.spools = SendSpools(self.layout, ttl=self.spool_ttl, key=self.key)
         await self.repo.open()
         self.catalogue = SignedCatalogue(self.layout, self.key, self.repo.catalog)
         self.catalogue.bump("started")
@@ -175,14 +199,19 @@ class Master:
     def self_description(self) -> dict:
         transfers = [
             {"imi": s.name, "version": s.version, "parent": s.parent, "bytes": s.size,
-             "state": "failed" if s.error else ("done" if s.complete else "running"), "readers": s.readers}
+             "state": "failed" if s.error else ("done" if s.complete else "running"), "readers": s.readers,
+             **({"digest": s.digest} if s.complete else {}), **({"again": True} if s.expect is not None else {})}
             for s in self.spools.all()
         ]
         return {
             "id": MASTER_ID, "role": "master", "site": self.site, "url": self.url, "state": ALIVE,
             "versions": {n: sorted(i.versions) for n, i in sorted(self.repo.imis.items())},
             "transfers": transfers,
-            "served": {"blocks": self.blocks.served_blocks, "bytes": self.blocks.served_bytes},
+            "served": {"blocks": self.blocks.served_blocks, "bytes": self.blocks.served_bytes,
+                       "stream_requests": self.stream_served["requests"],
+                       "stream_bytes": self.stream_served["bytes"]},
+            "streams": {"records": self.spools.records(), "made_again": self.spools.regenerated,
+                        "withdrawn": self.spools.withdrawn},
             "catalog_serial": self.catalogue.serial,
         }
 
@@ -277,6 +306,7 @@ class Master:
         record = await self.repo.publish(name, message)
         self.catalogue.bump(f"published {name} version {record.version}")
         self.blocks.add(name, record.version, self.repo.manifest(name, record.version))
+        self._make_at_publish(name, record.version)
         self._notify(self.names.subscribers(name), name)
         return json_response({**record.to_json(), "publish": self.repo.last_publish.get(name)}, status=201)
 
@@ -292,6 +322,14 @@ class Master:
         self.catalogue.bump(f"rolled {name} back to version {version}")
         self._notify(self.names.subscribers(name), name)
         return json_response(self._imi_doc(name))
+
+    def _version_of(self, digest: str) -> tuple[str, int] | None:
+        """The (iMI, version) whose manifest has this digest."""
+        for imi in self.repo.imis.values():
+            for version, record in imi.versions.items():
+                if record.digest == digest:
+                    return imi.name, version
+        return None
 
     def _manifest(self, name: str, version: int) -> tuple[bytes, str] | None:
         try:
@@ -334,70 +372,143 @@ class Master:
                 raise Refused(400, "a version cannot be its own parent")
         return name, version, parent
 
-    def _spool(self, name: str, version: int, parent: int | None, node: str) -> Spool:
+    def _snapshots(self, name: str, version: int, parent: int | None) -> tuple[Path, Path | None]:
+        return (self.repo.snapshot_path(name, version),
+                self.repo.snapshot_path(name, parent) if parent else None)
+
+    def _make_at_publish(self, name: str, version: int) -> None:
+        """Start the stream every up-to-date replica will ask for (the delta
+        from the previous version; the full stream of a first version) now,
+        so its record is ready, or nearly, when they are told."""
+        parent = max((v for v in self.repo.get(name).versions if v < version), default=None)
         try:
-            return self.spools.get(
-                name, version, parent,
-                self.repo.snapshot_path(name, version),
-                self.repo.snapshot_path(name, parent) if parent else None,
-                node=node,
-            )
+            self.spools.make(name, version, parent, *self._snapshots(name, version, parent), node=MASTER_ID)
+        except SendsBusy as busy:
+            log.info("not making %s v%d from %s at publish (%s); it is made when asked for", name, version,
+                     parent, busy)
+
+    async def _made(self, name: str, version: int, parent: int | None, node: str, wait: float) -> dict | None:
+        """The signed record of a stream, made first if it was not (waiting
+        at most `wait` seconds for that); None if it is still being made."""
+        try:
+            spool = self.spools.make(name, version, parent, *self._snapshots(name, version, parent), node=node)
         except SendsBusy as busy:
             raise Refused(503, str(busy), retry_after=busy.retry_after) from None
-
-    async def get_stream(self, request: Request) -> Response:
-        name, version, parent = self._stream_args(request)
-        node = request.headers.get(NODE_HEADER, "")
-        spool = self._spool(name, version, parent, node)
-        headers = {STREAM_ID_HEADER: spool.stream_id, "ETag": f'"{spool.stream_id}"', "Accept-Ranges": "bytes"}
-        offset = range_start(request.headers.get("range"))
-        if_range = request.headers.get("if-range", "").strip('"')
-        what = f"{name} version {version} ({f'delta from {parent}' if parent else 'full'}) to {node}"
-        if offset is None or (if_range and if_range != spool.stream_id):
-            if spool.complete:
-                headers["Content-Length"] = str(spool.size)
-                headers[STREAM_DIGEST_HEADER] = spool.digest or ""
-            log.info("sending %s", what)
-            return StreamingResponse(_logged(spool.chunks(0), what, 0), media_type="application/octet-stream",
-                                     headers=headers)
-        # A resumed transfer: serve from `offset` what exists (all of it if the
-        # spool is complete), so every answer has a known range.
-        await spool.wait_beyond(offset)
-        if spool.error is not None:
-            raise Refused(503, f"stream failed on the master: {spool.error}; retry later")
-        end = spool.size
-        total = str(spool.size) if spool.complete else "*"
-        if spool.complete:
-            headers[STREAM_DIGEST_HEADER] = spool.digest or ""
-        if offset >= end:
-            return json_response({"error": "range beyond the end of the stream"}, status=416,
-                                 headers={"Content-Range": f"bytes */{total}", **headers})
-        headers["Content-Range"] = f"bytes {offset}-{end - 1}/{total}"
-        headers["Content-Length"] = str(end - offset)
-        log.info("sending %s from byte %d", what, offset)
-        return StreamingResponse(_logged(spool.chunks(offset, end), what, offset), status_code=206,
-                                 media_type="application/octet-stream", headers=headers)
+        if spool is not None:
+            with trio.move_on_after(wait):
+                await spool.wait_done()
+            if spool.error is not None:
+                raise Refused(503, f"stream failed on the master: {spool.error}; retry later", retry_after=1)
+        return self.spools.record(name, version, parent)
 
     async def get_stream_digest(self, request: Request) -> Response:
+        """The stream's signed record (a control call: never cached). 202
+        with Retry-After while the master is still making the stream."""
         name, version, parent = self._stream_args(request)
-        spool = self.spools.find(name, version, parent)
-        if spool is None:
-            raise Refused(404, "no such stream on the master (start it with GET .../stream)")
-        if not spool.complete:
-            raise Refused(409, "the stream is not complete yet")
-        return json_response(spool.describe())
+        record = await self._made(name, version, parent, request.headers.get(NODE_HEADER, ""), RECORD_WAIT)
+        if record is None:
+            spool = self.spools.find(name, version, parent)
+            return json_response({"state": "making", "bytes": spool.size if spool else 0}, status=202,
+                                 headers={"Retry-After": "1"})
+        return json_response(record, headers={"Content-Location": stream_object_path(record["digest"])})
+
+    async def get_stream(self, request: Request) -> Response:
+        """The stream of (version, parent): a redirect to its object once made."""
+        name, version, parent = self._stream_args(request)
+        record = await self._made(name, version, parent, request.headers.get(NODE_HEADER, ""), STREAM_WAIT)
+        if record is None:
+            return json_response({"error": "the stream is still being made; ask again"}, status=202,
+                                 headers={"Retry-After": "1"})
+        return RedirectResponse(stream_object_path(record["digest"]), status_code=307)
+
+    async def get_stream_object(self, request: Request) -> Response:
+        """`GET /v1/streams/DIGEST`: the stream's bytes, immutable: one URL,
+        one content forever, whoever asks; Range and If-None-Match as for
+        any object. Made again (and checked) if its spool has expired."""
+        digest = check_digest(request.path_params["digest"])
+        try:
+            key = self.spools.key_of(digest)
+        except Withdrawn:
+            raise Refused(410, f"stream {digest} can no longer be made (its bytes changed); ask for the "
+                               "stream record again") from None
+        except KeyError:
+            raise Refused(404, f"no stream {digest} on the master") from None
+        record = self.spools.record(*key)
+        assert record is not None
+        headers = object_headers(digest)
+        etag = headers["ETag"]
+        if not_modified(request, etag):
+            return Response(status_code=304, headers=headers)
+        size = record["bytes"]
+        part = byte_range(request, size, etag)
+        if part == UNSATISFIABLE:
+            return json_response({"error": "range beyond the end of the stream"}, status=416,
+                                 headers={**headers, "Content-Range": f"bytes */{size}"})
+        start, end = part if part is not None else (0, size)
+        if part is not None:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        headers["Content-Length"] = str(end - start)
+        status = 206 if part is not None else 200
+        if request.method == "HEAD":
+            return Response(status_code=status, headers=headers, media_type="application/octet-stream")
+        try:
+            spool = self.spools.spool_of(key, *self._snapshots(*key), node=request.headers.get(NODE_HEADER, ""))
+        except SendsBusy as busy:
+            raise Refused(503, str(busy), retry_after=busy.retry_after) from None
+        self.stream_served["requests"] += 1
+        what = f"stream {digest} ({key[0]} version {key[1]}, {f'delta from {key[2]}' if key[2] else 'full'})"
+        log.info("sending %s%s", what, f" from byte {start}" if start else "")
+        return StreamingResponse(_logged(self._counted(spool, start, end), what, start), status_code=status,
+                                 media_type="application/octet-stream", headers=headers)
+
+    async def _counted(self, spool: Spool, start: int, end: int):
+        try:
+            async for data in spool.chunks(start, end):
+                self.stream_served["bytes"] += len(data)
+                yield data
+        except StreamFailed as error:
+            # Cut the answer short: a reader never takes a short body for a whole one.
+            log.warning("stream %s v%s from %s cut off for a reader: %s", spool.name, spool.version,
+                        spool.parent, error)
+            raise
 
     # --- boot profiles -----------------------------------------------------------
 
     async def get_profile(self, request: Request) -> Response:
+        """The boot profile for a version (or the nearest older one): what the
+        name maps to now, so a cache must ask again (If-None-Match gives 304);
+        the same bytes are the immutable object /v1/profiles/DIGEST."""
         name = check_name(request.path_params["name"])
         version = parse_version(request.path_params["version"])
         imi = self.repo.get(name)
         for candidate in sorted((v for v in imi.versions if v <= version), reverse=True):
             doc = read_json(self.layout.profile_file(name, candidate))
             if isinstance(doc, dict):
-                return json_response(doc)  # as signed when stored
+                raw = _rendered(doc)  # as signed when stored
+                digest = content_digest(raw)
+                self._profiles[digest] = (name, candidate)
+                return immutable_response(raw, digest, "application/json", request, cache_control=REVALIDATE,
+                                          headers={"Content-Location": profile_object_path(digest)})
         raise Refused(404, f"no boot profile for {name} version {version} or older")
+
+    async def get_profile_object(self, request: Request) -> Response:
+        digest = check_digest(request.path_params["digest"])
+        where = self._profiles.get(digest)
+        if where is None:
+            self._index_profiles()
+            where = self._profiles.get(digest)
+        doc = read_json(self.layout.profile_file(*where)) if where else None
+        raw = _rendered(doc) if isinstance(doc, dict) else None
+        if raw is None or content_digest(raw) != digest:
+            raise Refused(404, f"no boot profile {digest} on the master")
+        return immutable_response(raw, digest, "application/json", request)
+
+    def _index_profiles(self) -> None:
+        for imi in self.repo.imis.values():
+            for version in imi.versions:
+                doc = read_json(self.layout.profile_file(imi.name, version))
+                if isinstance(doc, dict):
+                    self._profiles[content_digest(_rendered(doc))] = (imi.name, version)
 
     async def put_profile(self, request: Request) -> Response:
         name = check_name(request.path_params["name"])
@@ -524,7 +635,9 @@ class Master:
             Endpoint("GET", VERSION_ROUTE, self.get_version, READER),
             Endpoint("GET", STREAM_ROUTE, self.get_stream, NODE),
             Endpoint("GET", STREAM_DIGEST_ROUTE, self.get_stream_digest, NODE),
+            Endpoint("GET", STREAM_OBJECT_ROUTE, self.get_stream_object, NODE),
             Endpoint("GET", PROFILE_ROUTE, self.get_profile, READER),
+            Endpoint("GET", PROFILE_OBJECT_ROUTE, self.get_profile_object, READER),
             Endpoint(("PUT", "POST"), PROFILE_ROUTE, self.put_profile, NODE),
             Endpoint("GET", NODES_ROUTE, self.list_nodes, READER),
             Endpoint("POST", NODES_ROUTE, self.register_node, NODE),
@@ -536,7 +649,7 @@ class Master:
             Endpoint("GET", TOKENS_ROUTE, self.list_tokens, ADMIN),
             Endpoint("POST", TOKENS_ROUTE, self.create_token, ADMIN),
             Endpoint("DELETE", TOKEN_ROUTE, self.revoke_token, ADMIN),
-            *read_routes(self._manifest, self.blocks),
+            *read_routes(self._manifest, self.blocks, self._version_of),
         ]
 
 
@@ -577,6 +690,12 @@ def run(args) -> int:
         source_roots=SourceRoots.from_options(args.source_root or [], data),
         tls=tls,
         ca=args.ca,
+        spool_ttl=args.spool_ttl,
     )
     return run_until_signal(master.run, "master")
 
+
+
+def _rendered(doc: dict) -> bytes:
+    """A stored document's bytes as served (json_response's rendering)."""
+    return json_response(doc).body

@@ -1,5 +1,9 @@
 """The read path a node serves from the versions it holds (master and
-replicas alike): manifests and blocks, immutable and cacheable forever."""
+replicas alike): manifests and blocks. An object named by its digest
+(`/v1/blocks/DIGEST`, `/v1/manifests/DIGEST`) is immutable and cacheable
+forever by any tier or stock HTTP cache; a manifest named by its version
+(`.../versions/V/manifest`) has the same bytes and ETag, but a cache asks
+again before reusing it (an iMI deleted and created again reuses the name)."""
 
 from __future__ import annotations
 
@@ -13,10 +17,13 @@ from icbdcore.auth import READER
 from icbdcore.http import Endpoint, immutable_response
 from icbdcore.wire import (
     BLOCK_ROUTE,
+    MANIFEST_OBJECT_ROUTE,
     MANIFEST_ROUTE,
+    REVALIDATE,
     Refused,
     check_digest,
     check_name,
+    manifest_object_path,
     parse_version,
 )
 
@@ -25,9 +32,10 @@ from .blockindex import BlockIndex
 log = logging.getLogger(__name__)
 
 ManifestLookup = Callable[[str, int], tuple[bytes, str] | None]  # -> (bytes, digest)
+VersionLookup = Callable[[str], tuple[str, int] | None]  # manifest digest -> (iMI, version)
 
 
-def read_routes(manifests: ManifestLookup, blocks: BlockIndex) -> list[Endpoint]:
+def read_routes(manifests: ManifestLookup, blocks: BlockIndex, versions: VersionLookup) -> list[Endpoint]:
     async def get_manifest(request: Request) -> Response:
         name = check_name(request.path_params["name"])
         version = parse_version(request.path_params["version"])
@@ -35,7 +43,16 @@ def read_routes(manifests: ManifestLookup, blocks: BlockIndex) -> list[Endpoint]
         if found is None:
             raise Refused(404, f"this node holds no version {version} of {name}")
         raw, digest = found
-        return immutable_response(raw, digest, "application/json")
+        return immutable_response(raw, digest, "application/json", request, cache_control=REVALIDATE,
+                                  headers={"Content-Location": manifest_object_path(digest)})
+
+    async def get_manifest_object(request: Request) -> Response:
+        digest = check_digest(request.path_params["digest"])
+        where = versions(digest)
+        found = manifests(*where) if where is not None else None
+        if found is None or found[1] != digest:
+            raise Refused(404, f"this node holds no manifest {digest}")
+        return immutable_response(found[0], digest, "application/json", request)
 
     async def get_block(request: Request) -> Response:
         digest = check_digest(request.path_params["digest"])
@@ -44,9 +61,10 @@ def read_routes(manifests: ManifestLookup, blocks: BlockIndex) -> list[Endpoint]
             log.debug("block %s: not held", digest)
             raise Refused(404, f"this node holds no intact block {digest}")
         log.debug("block %s: %d bytes served", digest, len(data))
-        return immutable_response(data, digest, "application/octet-stream")
+        return immutable_response(data, digest, "application/octet-stream", request)
 
     return [
         Endpoint("GET", MANIFEST_ROUTE, get_manifest, READER),
+        Endpoint("GET", MANIFEST_OBJECT_ROUTE, get_manifest_object, READER),
         Endpoint("GET", BLOCK_ROUTE, get_block, READER),
     ]

@@ -1,19 +1,30 @@
 """A replica's receive of one version, verified and atomic.
 
-1. The stream from the master goes through `btrfs receive` under
-   DATA/incoming/NAME/V.recv/, hashed as it goes, and is spooled beside it
-   (V-from-P.stream) so that a transfer cut off by a crash or the network
-   resumes with an HTTP Range request for the rest: the local receive starts
-   over from the spool, the network does not.
-2. It is accepted only if receive exited 0, the stream digest matches the
-   one in the stream record the master signed (`GET .../stream/digest`,
-   checked by icbdcore.trust; never a digest from the stream's own response
-   headers), the subvolume is read-only with a received UUID, and the
-   manifest matches the digest of the version record the master signed.
-3. Records are written, then the subvolume moves to DATA/imis/NAME/V (one
-   rename), so nothing partial is ever visible there.
-4. On failure the partial subvolume is deleted; the spool is kept only when
-   the stream itself was fine but cut short, or the replica is stopping.
+1. The replica asks the master for the stream record of (version, parent)
+   (`GET .../stream/digest`, a control call that always reaches the master;
+   202 while the master is still making the stream) and checks it against
+   the master's key (icbdcore.trust): it names the stream's digest, its
+   length and the digest of each 4 MiB piece.
+2. It fetches the stream as the object `GET /v1/streams/DIGEST` from its
+   --master URL, which may be a stock HTTP cache in front of the master:
+   every piece is checked against the record before `btrfs receive` sees
+   it, so a cache that serves a damaged object is caught at the first bad
+   piece, never trusted. The transfer then fails over to the master's own
+   URL (from its node list) and goes on from the last good piece. A
+   connection cut off midway is resumed with a plain `Range: bytes=N-`
+   (the URL names the content, so any copy of it continues any other).
+   Checked pieces are spooled beside the receive
+   (DATA/incoming/NAME/V-from-P.stream), so a transfer cut off by a crash or
+   a stop resumes after a restart: the local receive starts over from the
+   spool, the network does not.
+3. It is accepted only if receive exited 0, every byte matched the record,
+   the subvolume is read-only with a received UUID, and the manifest
+   (`GET /v1/manifests/DIGEST`, cacheable too) matches the digest of the
+   version record the master signed.
+4. Records are written, then the subvolume moves to DATA/imis/NAME/V (one
+   rename), so nothing partial is ever visible there. On failure the
+   partial subvolume is deleted; the spool is kept only when what it holds
+   was fine but cut short, or the replica is stopping.
 
 The stream is copied in a worker thread, which trio cannot interrupt. When
 the receive is cancelled (the replica stops), the thread is stopped at once
@@ -46,15 +57,15 @@ from icbdcore.logs import current_request_id, new_request_id
 from icbdcore.manifest import MAX_MANIFEST, Manifest, VersionRecord
 from icbdcore.records import now_iso, read_json, write_bytes, write_json
 from icbdcore.signing import Untrusted
-from icbdcore.trust import Trust
+from icbdcore.trust import StreamRecord, Trust
 from icbdcore.wire import (
+    NODES_ROUTE,
     REQUEST_ID_HEADER,
-    STREAM_ID_HEADER,
     InvalidInput,
-    StreamHasher,
-    manifest_path,
+    content_digest,
+    manifest_object_path,
     stream_digest_path,
-    stream_path,
+    stream_object_path,
 )
 
 from . import btrfs
@@ -62,6 +73,9 @@ from . import btrfs
 log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20  # see streams.READ_SIZE
+# Requests in a row that bring no new checked piece before a transfer gives
+# up (and is retried later, from what it holds).
+MAX_STALLS = 3
 STOP_WAIT = 10.0  # the longest a stopping receive waits for its thread (it takes milliseconds)
 # A stream's signed record lists a digest per 4 MiB piece: 67 bytes each, so
 # 16 MiB holds the record of a stream of about 1 TB.
@@ -72,44 +86,48 @@ _UNSATISFIED = re.compile(r"bytes \*/(\d+)\Z")
 
 @dataclass(frozen=True)
 class Step:
-    """What one answer to a stream request means for the transfer.
+    """What one answer to a request for a stream object means for the transfer.
 
-    kind: "begin" (a whole new stream follows: spool it from byte 0),
-    "continue" (the rest from the byte asked for follows), "done" (nothing
-    is left: the spool already holds the whole stream) or "failed".
+    kind: "whole" (the whole stream follows: skip the bytes held), "part"
+    (the rest from the byte asked for follows), "done" (nothing is left: the
+    bytes held are the whole stream), "gone" (the master no longer makes this
+    stream: ask for its record again), "wrong" (the source answers with an
+    object of another length: not to be trusted) or "failed".
     """
 
     kind: str
-    complete: bool = False  # the body ends the stream (no further request needed)
-    why: str | None = None  # for "failed"; None: take the server's own error text
-    resumable: bool = False  # for "failed": the spool may still be continued
+    why: str | None = None  # for "failed" and "gone"; None: take the server's own error text
+    resumable: bool = False  # for "failed": the bytes held may still be continued
 
 
-def next_step(status: int, headers: Mapping[str, str], have: int) -> Step:
+def next_step(status: int, headers: Mapping[str, str], have: int, total: int) -> Step:
     """The Range exchange of a resumable transfer, as a pure function.
 
-    The replica asks `Range: bytes=HAVE-` with `If-Range: "<stream id>"` once
-    it holds HAVE bytes. The master answers 206 with the part that exists
-    (`bytes HAVE-END/TOTAL`, TOTAL `*` while its spool still grows), 200 with
-    a whole new stream when the stream id changed (it restarted), or 416 when
-    HAVE is already the whole stream.
+    The replica asks `GET /v1/streams/DIGEST` with `Range: bytes=HAVE-` once
+    it holds HAVE bytes of the `total` its record gives. The object never
+    changes, so any answer that continues it will do: 206 from HAVE, or 200
+    with the whole stream (a cache that ignores ranges), whose first HAVE
+    bytes are skipped; 416 when HAVE is already the whole stream.
     """
     if status == 200:
-        if have:
-            return Step("failed", why="the master's stream changed; starting over")
-        return Step("begin", complete=True)
+        length = headers.get("Content-Length")
+        if length is not None and length != str(total):
+            return Step("wrong", why=f"the stream object has {length} bytes, its record {total}")
+        return Step("whole")
     if status == 416:
-        total = _UNSATISFIED.match(headers.get("Content-Range", ""))
-        if total and int(total.group(1)) == have:
+        if have == total:
             return Step("done")
-        return Step("failed", why="master refused the resume range")
+        return Step("failed", why="the source refused the resume range")
     if status == 206:
         match = _CONTENT_RANGE.match(headers.get("Content-Range", ""))
         if not match or int(match.group(1)) != have:
-            return Step("failed", why="master answered a range that does not continue the spool")
-        complete = match.group(3) != "*" and int(match.group(2)) + 1 == int(match.group(3))
-        return Step("continue", complete=complete)
-    return Step("failed", resumable=status >= 500)
+            return Step("failed", why="the source answered a range that does not continue the stream")
+        if match.group(3) != "*" and int(match.group(3)) != total:
+            return Step("wrong", why=f"the stream object has {match.group(3)} bytes, its record {total}")
+        return Step("part")
+    if status in (404, 410):
+        return Step("gone")
+    return Step("failed", resumable=status >= 500 or status == 429)
 
 
 class Stop:
@@ -150,6 +168,13 @@ class ReceiveFailed(Exception):
         self.resumable = resumable
 
 
+class CorruptPiece(ReceiveFailed):
+    """A source sent a piece that does not match the signed stream record."""
+
+    def __init__(self, message: str):
+        super().__init__(message, resumable=True)
+
+
 @dataclass
 class Transfer:
     """One version moving from the master to this replica (shown in status)."""
@@ -161,6 +186,7 @@ class Transfer:
     bytes: int = 0  # stream bytes through receive so far (spooled ones included)
     network_bytes: int = 0  # of which came over the network in this attempt
     resumed_from: int = 0
+    sources: list[str] = field(default_factory=list)  # where the bytes came from, failovers in order
     started: str = field(default_factory=now_iso)
     error: str | None = None
     _t0: float = field(default_factory=time.monotonic)
@@ -179,6 +205,8 @@ class Transfer:
             "network_bytes": self.network_bytes, "seconds": seconds, "state": self.state,
             "started": self.started, "resumed_from": self.resumed_from, "rid": self.rid,
         }
+        if self.sources:
+            doc["sources"] = list(self.sources)
         if self.error:
             doc["error"] = self.error
         return doc
@@ -195,45 +223,52 @@ FAST_LINK = 100e6  # bytes per second
 
 
 class ResumeSpool:
-    """The replica's copy of a stream so far, from which a cut-off transfer resumes."""
+    """The replica's copy of a stream so far (checked pieces only), from which
+    a cut-off transfer resumes; named by the stream's digest."""
 
     def __init__(self, path: Path, meta_path: Path, policy: str):
         self.path = path
         self.meta_path = meta_path
         self.policy = policy
-        self.stream_id: str | None = None
+        self.digest: str | None = None
         self.fd: int | None = None
         self._judged = policy != "auto"
         self._first_byte: float | None = None  # when the first chunk arrived
         self._first_received = 0
 
-    def open(self) -> None:
-        """Keep an earlier attempt's spool if it names its stream, else start empty."""
+    def open(self, digest: str | None = None) -> None:
+        """Keep an earlier attempt's spool if it is of this stream, else start empty."""
         meta = read_json(self.meta_path, {}) if self.path.exists() else {}
-        self.stream_id = meta.get("stream_id") if isinstance(meta, dict) else None
-        if not self.stream_id or self.policy == "never":
-            self.stream_id = None
+        self.digest = meta.get("digest") if isinstance(meta, dict) else None
+        if not self.digest or self.policy == "never" or (digest is not None and self.digest != digest):
+            self.digest = None
             self.discard()
         if self.policy != "never":
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        if self.stream_id:
+        if self.digest:
             self._judged = True  # a resumed transfer keeps spooling
 
-    def replay(self, feed) -> int:
-        """Hand the spooled bytes to `feed`; return how many there were."""
+    def replay(self, record: StreamRecord, feed) -> int:
+        """Hand the spooled pieces that match `record` to `feed`, in order;
+        cut the spool after the last of them; return how many bytes there were."""
         offset = 0
-        if self.fd is None or not self.stream_id:
+        if self.fd is None or not self.digest:
             return 0
-        while data := os.pread(self.fd, CHUNK, offset):
+        while offset < record.bytes:
+            length = min(record.piece_size, record.bytes - offset)
+            data = os.pread(self.fd, length, offset)
+            if len(data) != length or content_digest(data) != record.pieces[offset // record.piece_size]:
+                break
             feed(data)
-            offset += len(data)
+            offset += length
+        os.ftruncate(self.fd, offset)
         return offset
 
-    def begin(self, stream_id: str, about: dict) -> None:
-        self.stream_id = stream_id
+    def begin(self, digest: str, about: dict) -> None:
+        self.digest = digest
         if self.fd is not None:
             os.ftruncate(self.fd, 0)
-            write_json(self.meta_path, {"stream_id": stream_id, **about})
+            write_json(self.meta_path, {"digest": digest, **about})
 
     def append(self, data: bytes, offset: int, received: int) -> None:
         if self.fd is None:
@@ -264,6 +299,14 @@ class ResumeSpool:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+@dataclass
+class _Progress:
+    """How far a transfer got: checked bytes fed to `btrfs receive`."""
+
+    have: int
+    received: int = 0  # bytes that came over the network, in all attempts
 
 
 class Receiver:
@@ -369,9 +412,10 @@ class Receiver:
         return manifest
 
     async def fetch_manifest(self, name: str, version: int, record: VersionRecord) -> tuple[bytes, Manifest]:
-        """A version's manifest from the master, refused unread past
-        MAX_MANIFEST bytes, checked against the record; its bytes and itself."""
-        raw = await self._in_thread(self._get_blocking, manifest_path(name, version), MAX_MANIFEST)
+        """A version's manifest (the object named by the record's digest)
+        from the master, refused unread past MAX_MANIFEST bytes, checked
+        against the record; its bytes and itself."""
+        raw = await self._in_thread(self._get_blocking, manifest_object_path(record.digest), MAX_MANIFEST)
         # Raises if it does not match the record; parsing a large manifest is CPU work.
         manifest = await trio.to_thread.run_sync(Manifest.from_bytes, raw, record.digest)
         return raw, manifest
@@ -433,60 +477,29 @@ class Receiver:
         self, name: str, version: int, parent: int | None, spool_path: Path, spool_meta: Path,
         target: Path, transfer: Transfer, stop: Stop,
     ) -> str:
+        record = self._stream_record(name, version, parent, stop)
         spool = ResumeSpool(spool_path, spool_meta, self.spool_policy)
         process = btrfs.start_receive(target)
         stop.watch(process)
-        hasher = StreamHasher()
 
         def feed(data: bytes) -> None:
-            hasher.update(data)
             _feed(process, data)
 
         try:
-            spool.open()
-            have = spool.replay(feed)
+            spool.open(record.digest)
+            have = spool.replay(record, feed)
             transfer.bytes = transfer.resumed_from = have
             if have:
                 log.info("resuming %s v%d from byte %d of the spooled stream", name, version, have)
-            url = self.master_url + stream_path(name, version, parent)
-            while True:
-                headers = self._headers()
-                if have:
-                    headers["Range"] = f"bytes={have}-"
-                    headers["If-Range"] = f'"{spool.stream_id}"'
-                response = self._open(url, headers)
-                try:
-                    step = next_step(response.status, response.headers, have)
-                    if step.kind == "done":
-                        break
-                    if step.kind == "failed":
-                        why = _error_text(response) if step.why is None else step.why
-                        raise ReceiveFailed(why, resumable=step.resumable)
-                    if step.kind == "begin":
-                        spool.begin(response.headers.get(STREAM_ID_HEADER, ""),
-                                    {"imi": name, "version": version, "parent": parent})
-                    complete = step.complete
-                    have = self._copy_body(response, spool, have, feed, transfer, stop)
-                except BaseException:
-                    response.close()  # its body may be half read: never reuse the connection
-                    raise
-                finally:
-                    with contextlib.suppress(urllib3.exceptions.HTTPError, OSError):
-                        response.drain_conn()  # e.g. a 416's body, before the next request on it
-                    stop.cutoff.release()
-                    response.release_conn()
-                if complete:
-                    break
+            else:
+                spool.begin(record.digest, {"imi": name, "version": version, "parent": parent})
+            progress = _Progress(have)
+            self._download(record, progress, spool, feed, transfer, stop)
             process.stdin.close()
             code = process.wait()
             stderr = process.stderr.read().decode(errors="replace").strip()
             if code != 0:
                 raise ReceiveFailed(f"btrfs receive failed: {_last_line(stderr, code)}")
-            record = self._stream_record(name, version, parent, stop)
-            if hasher.hexdigest() != record.digest or have != record.bytes:
-                changed = " (the master's stream changed during the transfer)" if record.stream_id != spool.stream_id else ""
-                raise ReceiveFailed(f"stream digest mismatch: got {have} bytes, digest {hasher.hexdigest()}; "
-                                    f"the master signed {record.bytes} bytes, digest {record.digest}{changed}")
             return record.digest
         except OSError as error:
             # ENOSPC and friends: fail this transfer, keep the node.
@@ -497,36 +510,181 @@ class Receiver:
                 process.kill()
                 process.wait()
 
-    def _open(self, url: str, headers: dict) -> urllib3.BaseHTTPResponse:
-        try:
-            return self.pool.request(
-                "GET", url, headers=headers, preload_content=False,
-                timeout=urllib3.Timeout(connect=5, read=120),
-            )
-        except urllib3.exceptions.HTTPError as error:
-            raise ReceiveFailed(f"cannot reach the master: {error}", resumable=True) from None
+    def _download(self, record: StreamRecord, progress: _Progress, spool: ResumeSpool, feed,
+                  transfer: Transfer, stop: Stop) -> None:
+        """Every byte of the stream object from `progress.have` on, each piece
+        checked against `record` before it is fed: from --master first; after
+        a damaged piece, from the master's own URL. A cut connection is asked
+        again from the last good piece (a few times in a row without progress
+        at most, then the transfer fails and is retried later)."""
+        sources = [self.master_url]
+        origin_asked = False
+        stalls = 0
+        while progress.have < record.bytes:
+            source = sources[-1]
+            if not transfer.sources or transfer.sources[-1] != source:
+                transfer.sources.append(source)
+            before = progress.have
+            try:
+                self._fetch_part(source, record, progress, spool, feed, transfer, stop)
+            except CorruptPiece as error:
+                log.error("%s", error)
+                if not origin_asked:
+                    origin_asked = True
+                    origin = self._origin_url(stop)
+                    if origin is not None and origin not in sources:
+                        log.warning("taking the stream from the master's own URL %s instead", origin)
+                        sources.append(origin)
+                        continue
+                raise
+            except ReceiveFailed as error:
+                if not error.resumable or stop.is_set():
+                    raise
+                stalls = 0 if progress.have > before else stalls + 1
+                if stalls >= MAX_STALLS:
+                    raise
+                log.info("%s; asking again from byte %d", error, progress.have)
+                if stop.cutoff.is_cut:
+                    raise
+                time.sleep(min(0.5 * stalls, 2.0))
 
-    def _copy_body(self, response, spool: ResumeSpool, have: int, feed, transfer: Transfer, stop) -> int:
+    def _fetch_part(self, source: str, record: StreamRecord, progress: _Progress, spool: ResumeSpool, feed,
+                    transfer: Transfer, stop: Stop) -> None:
+        """One request for the rest of the stream object at `source`."""
+        url = source + stream_object_path(record.digest)
+        headers = self._headers()
+        if progress.have:
+            headers["Range"] = f"bytes={progress.have}-"
+        response = self._open(url, headers)
+        try:
+            step = next_step(response.status, response.headers, progress.have, record.bytes)
+            if step.kind == "done":
+                return
+            if step.kind == "gone":
+                raise ReceiveFailed(f"{source} no longer has stream {record.digest} ({response.status}); "
+                                    "asking for its record again")
+            if step.kind == "wrong":
+                raise CorruptPiece(f"{source}: {step.why}")
+            if step.kind == "failed":
+                why = _error_text(response, source) if step.why is None else f"{source}: {step.why}"
+                raise ReceiveFailed(why, resumable=step.resumable)
+            skip = progress.have if step.kind == "whole" else 0
+            self._take_body(response, source, record, progress, skip, spool, feed, transfer, stop)
+        except BaseException:
+            response.close()  # its body may be half read: never reuse the connection
+            raise
+        finally:
+            with contextlib.suppress(urllib3.exceptions.HTTPError, OSError):
+                response.drain_conn()  # e.g. a 416's body, before the next request on it
+            stop.cutoff.release()
+            response.release_conn()
+
+    def _take_body(self, response, source: str, record: StreamRecord, progress: _Progress, skip: int,
+                   spool: ResumeSpool, feed, transfer: Transfer, stop: Stop) -> None:
+        size = record.piece_size
+        buffer = bytearray()
         try:
             for data in response.stream(CHUNK, decode_content=False):
                 if stop.is_set():
                     raise ReceiveFailed("stopped", resumable=True)
-                spool.append(data, have, transfer.network_bytes + len(data))
-                feed(data)
-                have += len(data)
-                transfer.bytes = have
+                progress.received += len(data)
                 transfer.network_bytes += len(data)
+                if skip:
+                    cut = min(skip, len(data))
+                    data, skip = data[cut:], skip - cut
+                buffer += data
+                while progress.have < record.bytes:
+                    length = min(size, record.bytes - progress.have)
+                    if len(buffer) < length:
+                        break
+                    piece = bytes(buffer[:length])
+                    del buffer[:length]
+                    index = progress.have // size
+                    if content_digest(piece) != record.pieces[index]:
+                        raise CorruptPiece(f"{source} sent piece {index} of stream {record.digest} (bytes "
+                                           f"{progress.have}-{progress.have + length - 1}) that does not match "
+                                           "the stream record the master signed")
+                    spool.append(piece, progress.have, progress.received)
+                    feed(piece)
+                    progress.have += length
+                    transfer.bytes = progress.have
+                if progress.have >= record.bytes and buffer:
+                    raise CorruptPiece(f"{source} sent more bytes than the {record.bytes} of stream "
+                                       f"{record.digest}")
         except (urllib3.exceptions.HTTPError, ConnectionError) as error:
-            raise ReceiveFailed(f"stream cut off at byte {have}: {error}", resumable=True) from None
-        return have
+            raise ReceiveFailed(f"stream cut off at byte {progress.have}: {error}", resumable=True) from None
+        if progress.have < record.bytes:
+            raise ReceiveFailed(f"stream cut off at byte {progress.have} of {record.bytes}", resumable=True)
 
-    def _stream_record(self, name: str, version: int, parent: int | None, stop: Stop):
-        """The stream record the master signed: the only source of the digest a stream must have."""
-        raw = self._get_capped(stream_digest_path(name, version, parent), MAX_STREAM_RECORD, stop)
+    def _open(self, url: str, headers: dict) -> urllib3.BaseHTTPResponse:
+        try:
+            return self.pool.request(
+                "GET", url, headers=headers, preload_content=False, redirect=False,
+                timeout=urllib3.Timeout(connect=5, read=120),
+            )
+        except urllib3.exceptions.HTTPError as error:
+            raise ReceiveFailed(f"cannot reach {url.split('/v1/')[0]}: {error}", resumable=True) from None
+
+    def _stream_record(self, name: str, version: int, parent: int | None, stop: Stop) -> StreamRecord:
+        """The stream record the master signed: the only source of the digests
+        a stream must have. While the master is still making the stream (202),
+        ask again."""
+        path = stream_digest_path(name, version, parent)
+        waited = False
+        while True:
+            if stop.is_set():
+                raise ReceiveFailed("stopped", resumable=True)
+            response = self._open(self.master_url + path, self._headers())
+            try:
+                if response.status == 202:
+                    retry = response.headers.get("Retry-After", "1")
+                    pause = min(float(retry), 2.0) if retry.isdigit() else 1.0
+                    if not waited:
+                        log.info("the master is making the stream of %s v%d from %s; waiting", name,
+                                 version, parent)
+                        waited = True
+                    raw = None
+                elif response.status != 200:
+                    raise ReceiveFailed(_error_text(response, "the master"), resumable=True)
+                else:
+                    raw = self._read_capped(response, path, MAX_STREAM_RECORD)
+            finally:
+                with contextlib.suppress(urllib3.exceptions.HTTPError, OSError):
+                    response.drain_conn()
+                stop.cutoff.release()
+                response.release_conn()
+            if raw is not None:
+                break
+            time.sleep(pause)
         try:
             return self.trust.stream_record(json.loads(raw), name, version, parent)
         except (Untrusted, InvalidInput, ValueError) as error:
             raise ReceiveFailed(f"refusing the stream record: {error}") from None
+
+    def _read_capped(self, response, path: str, limit: int) -> bytes:
+        length = response.headers.get("Content-Length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise ReceiveFailed(f"master announced {length} bytes for {path}, over {limit}")
+        try:
+            data = response.read(limit + 1)
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise ReceiveFailed(f"cannot read {path} from the master: {error}", resumable=True) from None
+        if len(data) > limit:
+            raise ReceiveFailed(f"master sent more than {limit} bytes for {path}")
+        return data
+
+    def _origin_url(self, stop: Stop) -> str | None:
+        """The master's own URL from its node list, if --master is another
+        (an HTTP cache in front of it); None if it cannot be learnt."""
+        try:
+            raw = self._get_capped(NODES_ROUTE, 16 << 20, stop)
+            nodes = json.loads(raw).get("nodes", [])
+            urls = [n.get("url") for n in nodes if isinstance(n, dict) and n.get("role") == "master"]
+        except (ReceiveFailed, ValueError, AttributeError) as error:
+            log.warning("cannot learn the master's own URL: %s", error)
+            return None
+        url = urls[0].rstrip("/") if urls and isinstance(urls[0], str) else None
+        return url if url and url != self.master_url else None
 
 
 def _feed(process, data: bytes) -> None:
@@ -542,8 +700,8 @@ def _last_line(text: str, code) -> str:
     return lines[-1] if lines else f"exit status {code}"
 
 
-def _error_text(response) -> str:
+def _error_text(response, who: str = "the master") -> str:
     try:
-        return f"master answered {response.status}: {json.loads(response.data)['error']}"
+        return f"{who} answered {response.status}: {json.loads(response.data)['error']}"
     except Exception:
-        return f"master answered {response.status}"
+        return f"{who} answered {response.status}"

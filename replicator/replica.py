@@ -508,6 +508,14 @@ class Replica:
             log.error("%s version %d: %s", name, version, error)
             return None
 
+    def _version_of(self, digest: str) -> tuple[str, int] | None:
+        """The held (iMI, version) whose manifest has this digest."""
+        for name, versions in self.held.items():
+            for version, record in versions.items():
+                if record.digest == digest:
+                    return name, version
+        return None
+
     def _manifest(self, name: str, version: int) -> tuple[bytes, str] | None:
         record = self.held.get(name, {}).get(version)
         if record is None:
@@ -521,7 +529,7 @@ class Replica:
             Endpoint("GET", METRICS_ROUTE, metrics.endpoint, OPEN),
             Endpoint("POST", NOTIFY_ROUTE, self.notify, NODE),
             Endpoint("GET", IMIS_ROUTE, self.list_imis, READER),
-            *read_routes(self._manifest, self.blocks),
+            *read_routes(self._manifest, self.blocks, self._version_of),
         ]
 
 

@@ -14,9 +14,8 @@ import re
 import socket
 import threading
 import time
-import uuid
 
-from icbdcore.wire import STREAM_DIGEST_HEADER, STREAM_ID_HEADER, content_digest
+from icbdcore.wire import DIGEST_HEADER, content_digest
 
 _REQUEST_LINE = re.compile(rb"(GET|POST|PUT|DELETE|HEAD) (\S+) HTTP/1\.1\r\n")
 
@@ -49,10 +48,10 @@ class FaultProxy:
     - `hold_manifests`: manifest requests wait for `release`;
     - `patch_sets`: a list of {body offset: byte}; each stream answer takes
       the next one (answers must have a Content-Length: complete spools);
-    - `forged_streams`: a list of stream bodies; each stream request is
-      answered with the next one instead of the master's, as a man in the
-      middle would: a 200 with its own stream id and the forged body's
-      digest, the master never asked.
+    - `forged_streams`: a list of stream bodies; each request for a stream
+      object is answered with the next one instead of the master's, as a man
+      in the middle would: a 200 with the forged body's digest, the master
+      never asked.
     """
 
     def __init__(self, upstream_port: int):
@@ -90,6 +89,13 @@ class FaultProxy:
         self.hold_stream_at = None
         self.hold_manifests = False
         self.release.set()
+
+    def cut(self) -> None:
+        """Close every connection open now, as a failing link would (new ones still pass)."""
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            conn.close()
 
     def close(self) -> None:
         self._stop.set()
@@ -129,8 +135,9 @@ class FaultProxy:
                 match = _REQUEST_LINE.search(data)
                 if match:
                     path = match.group(2).split(b"?")[0]
-                    conn.kind = ("stream" if path.endswith(b"/stream") else
-                                 "manifest" if path.endswith(b"/manifest") else "other")
+                    conn.kind = ("stream" if path.startswith(b"/v1/streams/") else
+                                 "manifest" if path.startswith(b"/v1/manifests/") or path.endswith(b"/manifest")
+                                 else "other")
                     conn.sent, conn.head, conn.body_start = 0, b"", None
                     conn.hold_at, conn.patches = None, {}
                     if conn.kind == "stream" and self.forged_streams:
@@ -157,8 +164,7 @@ class FaultProxy:
             "HTTP/1.1 200 OK\r\n"
             "content-type: application/octet-stream\r\n"
             f"content-length: {len(body)}\r\n"
-            f"{STREAM_ID_HEADER}: {uuid.uuid4().hex}\r\n"
-            f"{STREAM_DIGEST_HEADER}: {content_digest(body)}\r\n"
+            f"{DIGEST_HEADER}: {content_digest(body)}\r\n"
             "connection: close\r\n\r\n"
         )
         conn.client.sendall(head.encode() + body)

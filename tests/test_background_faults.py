@@ -261,8 +261,9 @@ async def test_a_failed_subvolume_delete_is_retried_and_does_not_end_a_replica(t
 
 
 async def test_enospc_on_a_spool_record_does_not_end_the_master(tmp_path, monkeypatch, caplog):
-    """The send finished, its record cannot be written: the readers still get
-    the whole stream; the spool is just not kept across a restart."""
+    """The send finished, its record cannot be written: the record is served
+    from memory and the readers still get the whole stream; it is just not
+    kept across a restart."""
     data = os.urandom(100_000)
     layout = Layout(tmp_path / "master")
     layout.make_dirs()
@@ -281,11 +282,13 @@ async def test_enospc_on_a_spool_record_does_not_end_the_master(tmp_path, monkey
     spools = SendSpools(layout)
     async with trio.open_nursery() as nursery:
         await nursery.start(spools.run)
-        spool = spools.get("demo", 1, None, Path("/nowhere/1"), None)
+        spool = spools.make("demo", 1, None, Path("/nowhere/1"), None)
         with trio.fail_after(5):
             got = b"".join([chunk async for chunk in spool.chunks(0)])
         nursery.cancel_scope.cancel()
     assert got == data and spool.complete and spool.digest == content_digest(data)
+    assert spools.record("demo", 1, None)["digest"] == spool.digest
+    assert not spool.meta_path.exists()
     assert "cannot write its record" in caplog.text
 
 

@@ -115,12 +115,17 @@ def qemu() -> str | None:
     return None if shutil.which("qemu-system-x86_64") else "qemu-system-x86_64 is not installed"
 
 
+def nginx() -> str | None:
+    return None if os.path.exists("/usr/sbin/nginx") else "nginx is not installed"
+
+
 # What each benchmark module needs beyond root, btrfs and FUSE (which the tiny
 # run has): the reasons it may be "not available" (bench/suite.py: NotAvailable
 # and Benchmark.unavailable_on).
 PROBES = {
     "bench.wan": (netns_with_tbf,),
     "bench.booting": (desktop_image, qemu),
+    "bench.scale": (netns_with_tbf, nginx),
 }
 
 

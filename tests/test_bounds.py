@@ -69,20 +69,21 @@ async def test_send_spools_are_capped_in_all_and_per_node(tmp_path, monkeypatch)
     spools = SendSpools(layout, max_sends=3, max_sends_per_node=2)
     async with trio.open_nursery() as nursery:
         await nursery.start(spools.run)
-        spools.get("demo", 1, None, Path("/s/1"), None, node="r1")
-        spools.get("demo", 2, None, Path("/s/2"), None, node="r1")
+        spools.make("demo", 1, None, Path("/s/1"), None, node="r1")
+        spools.make("demo", 2, None, Path("/s/2"), None, node="r1")
         with pytest.raises(SendsBusy, match="started by r1"):
-            spools.get("demo", 3, None, Path("/s/3"), None, node="r1")
-        assert spools.get("demo", 1, None, Path("/s/1"), None, node="r1")  # joining a running one is free
-        spools.get("demo", 3, None, Path("/s/3"), None, node="r2")
+            spools.make("demo", 3, None, Path("/s/3"), None, node="r1")
+        assert spools.make("demo", 1, None, Path("/s/1"), None, node="r1")  # joining a running one is free
+        spools.make("demo", 3, None, Path("/s/3"), None, node="r2")
         with pytest.raises(SendsBusy, match="most at once") as busy:
-            spools.get("demo", 4, None, Path("/s/4"), None, node="r3")
+            spools.make("demo", 4, None, Path("/s/4"), None, node="r3")
         assert busy.value.retry_after > 0
         release.set()
         with trio.fail_after(5):
             while any(not s.complete for s in spools.all()):
                 await trio.sleep(0.01)
-        spools.get("demo", 4, None, Path("/s/4"), None, node="r3")  # room again once they finish
+        assert spools.make("demo", 1, None, Path("/s/1"), None, node="r1") is None  # made: its record is there
+        assert spools.make("demo", 4, None, Path("/s/4"), None, node="r3")  # room again once they finish
         nursery.cancel_scope.cancel()
 
 

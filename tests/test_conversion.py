@@ -23,7 +23,6 @@ from trees import describe, make_tree
 from harness.cluster import wait_for
 from icbdcore.layout import DATA_FORMAT, Layout
 from icbdcore.signing import PublicKey
-from icbdcore.wire import STREAM_ID_HEADER
 
 pytestmark = [pytest.mark.btrfs]
 
@@ -71,7 +70,7 @@ def downgrade_master(data: Path) -> None:
         record = json.loads(path.read_text())
         pieces = [xxhash.xxh3_128_hexdigest(p.encode()) for p in record["pieces"]]
         path.write_text(json.dumps({"name": record["imi"], "version": record["version"], "parent": record["parent"],
-                                    "stream_id": record["stream_id"], "bytes": record["bytes"], "complete": True,
+                                    "stream_id": "0" * 32, "bytes": record["bytes"], "complete": True,
                                     "digest": xxhash.xxh3_128_hexdigest(record["digest"].encode()),
                                     "pieces": pieces}))
     for path in (layout.format_file, layout.serial_file, layout.master_public_key,
@@ -99,7 +98,7 @@ def test_a_master_converts_a_folder_of_format_1_in_place(cluster, tmp_path):
     registration = {"id": "someone", "role": "replica", "site": "a", "url": "http://127.0.0.1:9"}
     assert cluster.api("POST", "/v1/nodes", json=registration).status_code == 201
     stream = cluster.api("GET", "/v1/imis/demo/versions/2/stream?parent=1", headers={"X-Icbd-Node": "someone"})
-    assert stream.status_code == 200 and stream.headers[STREAM_ID_HEADER]
+    assert stream.status_code == 200 and stream.url.split("/v1/")[1].startswith("streams/")
     master.stop()
     downgrade_master(master.data)
     assert layout.data_format() == 1

@@ -131,7 +131,10 @@ def test_kill9_master_mid_transfer(cluster, tmp_path):
     master.start()
     status = cluster.wait_held(r1, "big", [1], timeout=180)
     assert cluster.icbd_json("imi", "versions", "big") == before  # nothing published twice or lost
-    assert any(t["state"] == "failed" for t in status["transfers"])
+    # The transfer was cut: it failed and ran again, or (the master back soon
+    # enough) it asked the restarted master for the rest from its last good piece.
+    assert any(t["state"] == "failed" for t in status["transfers"]) or \
+        "asking again from byte" in (cluster.root / "r1.log").read_text()
     assert describe(r1.data / "imis" / "big" / "1") == describe(tmp_path / "tree")
     assert list((master.data / "imis" / "big").iterdir()) == [master.data / "imis" / "big" / "1"]
 

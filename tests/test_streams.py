@@ -1,8 +1,10 @@
 """The master's stream spools (replicator/streams.py) without btrfs: a Spool
 over a temporary file, grown by hand the way `btrfs send` and the
 write-behind task grow it (`_advance`: bytes sent, in memory; `_on_disk`:
-written to the file; `_finish`), and read the way GET .../stream serves a
-whole stream or a Range. As any user.
+written to the file; `_finish`), and read the way GET /v1/streams/DIGEST
+serves a whole stream or a Range; and SendSpools making, expiring, making
+again and withdrawing streams, with `cat FILE` standing in for `btrfs send`
+(a real process whose output changes only when the file does). As any user.
 
 Pieces are 16 bytes here instead of 4 MiB (streams.READ_SIZE), and no piece
 is kept in memory once it is on disk (RECENT_CHUNKS) unless a test says
@@ -23,7 +25,7 @@ from icbdcore.records import write_json
 from icbdcore.signing import SigningKey
 from icbdcore.wire import content_digest, stream_digest
 from replicator import streams
-from replicator.streams import SendSpools, Spool, StreamFailed, range_start
+from replicator.streams import SendSpools, Spool, StreamChanged, StreamFailed, Withdrawn
 
 PIECE = 16
 DATA = bytes(range(256))[: 5 * PIECE + 7]  # five whole pieces and a short last one
@@ -105,29 +107,6 @@ def damage(path: Path, offset: int) -> None:
         byte = f.read(1)
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0xFF]))
-
-
-# --- Range: bytes=N- ------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("header, start", [
-    ("bytes=0-", 0),
-    ("bytes=4194304-", 4 << 20),
-    ("  bytes=17-  ", 17),
-    ("bytes=" + "9" * 18 + "-", int("9" * 18)),
-])
-def test_open_ended_range_gives_its_start(header, start):
-    assert range_start(header) == start
-
-
-@pytest.mark.parametrize("header", [
-    None, "", "bytes=", "bytes=-", "bytes=-5", "bytes=0-99", "bytes=5-10", "bytes=1-,5-",
-    "bytes=1-2,3-4", "bytes=abc-", "bytes=-1-", "bytes=+1-", "bytes=1.5-", "bytes = 1-",
-    "items=1-", "bytes=1", "bytes=" + "9" * 19 + "-", "bytes=0x10-", "bytes=1-\x00",
-])
-def test_other_range_forms_are_ignored(header):
-    """Anything but an open-ended range: the whole stream is sent (RFC 9110 lets a server ignore Range)."""
-    assert range_start(header) is None
 
 
 # --- a spool still growing --------------------------------------------------------------------
@@ -321,7 +300,7 @@ async def test_complete_spools_outlive_a_restart_and_incomplete_ones_do_not(tmp_
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(DATA)
     pieces = [content_digest(DATA[i:i + PIECE]) for i in range(0, len(DATA), PIECE)]
-    record = {"imi": "demo", "parent": 1, "stream_id": "abc", "bytes": len(DATA),
+    record = {"imi": "demo", "parent": 1, "bytes": len(DATA),
               "digest": stream_digest(pieces), "pieces": pieces, "piece_size": PIECE}
     write_json(kept.with_suffix(".json"), key.sign({**record, "version": 2, "complete": True}))
     write_json(dropped.with_suffix(".json"), key.sign({**record, "version": 3, "parent": 2, "complete": False}))
@@ -335,8 +314,127 @@ async def test_complete_spools_outlive_a_restart_and_incomplete_ones_do_not(tmp_
     for gone in (dropped, unrecorded, unsigned, foreign):
         assert not gone.exists() and not gone.with_suffix(".json").exists()
     spool = spools.find("demo", 2, 1)
-    assert spool.complete and spool.stream_id == "abc" and spool.describe()["bytes"] == len(DATA)
+    assert spool.complete and spool.describe()["bytes"] == len(DATA)
+    assert spools.record("demo", 2, 1)["digest"] == stream_digest(pieces)
     assert await read(spool, 9) == DATA[9:]
     damage(kept, 4 * PIECE)  # its pieces are checked as they are read back, as any spool's
     with pytest.raises(StreamFailed):
         await read(spool, 4 * PIECE)
+
+
+
+async def test_a_record_outlives_its_spool_file(tmp_path):
+    """A record whose spool file is gone (expired, or lost) is kept: the
+    object stays, to be made again when asked for."""
+    layout = Layout(tmp_path)
+    key = SigningKey.load_or_create(layout.keys)
+    path = layout.stream_spool("demo", 2, 1)
+    path.parent.mkdir(parents=True)
+    pieces = [content_digest(DATA[i:i + PIECE]) for i in range(0, len(DATA), PIECE)]
+    doc = key.sign({"imi": "demo", "version": 2, "parent": 1, "bytes": len(DATA), "complete": True,
+                    "digest": stream_digest(pieces), "pieces": pieces, "piece_size": PIECE})
+    write_json(path.with_suffix(".json"), doc)
+    path.write_bytes(DATA[:PIECE])  # cut short: not served, dropped
+    spools = SendSpools(layout, key=key)
+    spools.load()
+    assert spools.all() == [] and not path.exists()
+    assert spools.record("demo", 2, 1) == doc
+    assert spools.key_of(doc["digest"]) == ("demo", 2, 1)
+
+
+# --- a regenerated stream is checked against its record -------------------------------------
+
+
+async def test_a_regenerated_piece_that_differs_from_the_record_is_never_handed_out(tmp_path):
+    spool, sender = new_spool(tmp_path)
+    spool.expect = [content_digest(DATA[i:i + PIECE]) for i in range(0, len(DATA), PIECE)]
+    sender.send(DATA[:PIECE])
+    with pytest.raises(StreamChanged, match="piece 1"):
+        spool._advance(b"x" * PIECE)
+    assert spool.size == PIECE and len(spool.pieces) == 1  # the bad piece never reached readers
+    spool.expect = spool.expect[:5]  # a record of five whole pieces
+    with pytest.raises(StreamChanged, match="piece 5"):  # one piece more than the record lists
+        for start in range(PIECE, 6 * PIECE, PIECE):
+            spool._advance(DATA[start:start + PIECE] or b"y")
+
+
+class FakeSend:
+    """`cat FILE` for `btrfs send`: the bytes of (version, parent) are FILE's."""
+
+    def __init__(self, tmp_path: Path, monkeypatch):
+        self.folder = tmp_path / "snapshots"
+        self.folder.mkdir()
+        self.runs = 0
+
+        def argv(snapshot: Path, parent: Path | None) -> list[str]:
+            self.runs += 1
+            return ["cat", str(snapshot)]
+
+        monkeypatch.setattr(streams.btrfs, "send_argv", argv)
+
+    def snapshot(self, data: bytes) -> Path:
+        path = self.folder / "v2"
+        path.write_bytes(data)
+        return path
+
+
+async def test_streams_are_made_expire_are_made_again_and_are_withdrawn_when_they_change(tmp_path, monkeypatch):
+    send = FakeSend(tmp_path, monkeypatch)
+    layout = Layout(tmp_path / "data")
+    key = SigningKey.load_or_create(layout.keys)
+    snapshot = send.snapshot(DATA)
+    async with trio.open_nursery() as nursery:
+        spools = SendSpools(layout, ttl=3600, key=key)
+        await nursery.start(spools.run)
+
+        # Made once: the record names the bytes; a second make() finds it.
+        spool = spools.make("demo", 2, None, snapshot, None)
+        with trio.fail_after(10):
+            await spool.wait_done()
+        record = spools.record("demo", 2, None)
+        key.public.verify(record, "stream record")
+        assert record["digest"] == stream_digest(spool.pieces) and record["bytes"] == len(DATA)
+        assert "stream_id" not in record  # nothing in it names one run of the send
+        assert spools.make("demo", 2, None, snapshot, None) is None
+        digest = record["digest"]
+        assert spools.key_of(digest) == ("demo", 2, None)
+
+        # The spool expires; the record and the object stay.
+        spools.ttl = 0
+        spools._expire()
+        assert spools.all() == [] and not spool.path.exists() and spool.meta_path.exists()
+        spools.ttl = 3600
+
+        # Asked for again: made again, checked, the same bytes under the same name.
+        again = spools.spool_of(("demo", 2, None), snapshot, None)
+        assert again.expect == record["pieces"]
+        with trio.fail_after(10):
+            assert await read(again) == DATA
+        assert again.complete and spools.regenerated == 1 and send.runs == 2
+        assert spools.record("demo", 2, None) == record
+
+        # The snapshot's bytes change: the next making again is refused before a
+        # reader gets a changed byte, and the record is withdrawn.
+        spools._drop_spool(("demo", 2, None))
+        changed = bytearray(DATA)
+        changed[2 * PIECE + 3] ^= 1
+        send.snapshot(bytes(changed))
+        third = spools.spool_of(("demo", 2, None), snapshot, None)
+        got = bytearray()
+        with pytest.raises(StreamFailed), trio.fail_after(10):
+            async for data in third.chunks(0):
+                got += data
+        assert bytes(got) == DATA[:2 * PIECE]  # up to the changed piece, never a byte of it
+        assert spools.record("demo", 2, None) is None and spools.withdrawn == 1
+        with pytest.raises(Withdrawn):
+            spools.key_of(digest)
+        assert not third.meta_path.exists()
+
+        # The next request makes a new stream, with a new digest and record.
+        fresh = spools.make("demo", 2, None, snapshot, None)
+        with trio.fail_after(10):
+            await fresh.wait_done()
+        renewed = spools.record("demo", 2, None)
+        assert renewed["digest"] != digest and renewed["digest"] == stream_digest(fresh.pieces)
+        assert spools.key_of(renewed["digest"]) == ("demo", 2, None)
+        nursery.cancel_scope.cancel()

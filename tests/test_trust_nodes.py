@@ -272,7 +272,8 @@ def test_forged_manifests_stream_records_profiles_and_blocks_are_refused(cluster
     v1_manifest = cluster.api("GET", "/v1/imis/demo/versions/1/manifest").content
 
     # A replica: the manifest of version 1 served for version 2, then a stream record signed by another key.
-    to_master.forge("GET", r"/v1/imis/demo/versions/2/manifest", lambda answer: (200, v1_manifest))
+    v2_digest = cluster.api("GET", "/v1/imis/demo/versions/2").json()["digest"]
+    to_master.forge("GET", rf"/v1/manifests/{v2_digest}", lambda answer: (200, v1_manifest))
 
     def foreign_record(answer):
         status, body = answer
