@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a boot profile recording ends after S seconds without a new block (default 10)")
     p.add_argument("--no-profiles", action="store_true",
                    help="neither record nor replay boot profiles")
+    p.add_argument("--trace", metavar="FILE",
+                   help="write every read the mount serves (file, offset, length, when, how long) to FILE, "
+                   "a read trace `icbd replay` plays back")
     p.add_argument("--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--log", metavar="FILE", help="log to FILE (rotated)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -268,6 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                    help="qemu accelerator (auto: KVM when it answers, else TCG)")
     p.set_defaults(handler="icbd.boot:main", qemu_args=[])
+
+    p = sub.add_parser("replay", help="play a read trace back at full speed against a mount or a folder",
+                       description="Replay the reads of TRACE (written by icbd mount --trace) against the "
+                       "files under DIR, without the time between them: each read starts as soon as the "
+                       "reads that had finished before it in the trace have finished, as many at once as "
+                       "the trace had. Prints the seconds it took (with the global --json, as JSON).")
+    p.add_argument("trace", metavar="TRACE")
+    p.add_argument("--mount", required=True, metavar="DIR",
+                   help="the mount point, or a folder laid out like one (NAME/VERSION/PATH)")
+    p.add_argument("--only", metavar="NAME[/VERSION[/PATH]]", help="replay only the reads of these files")
+    p.add_argument("--buffered", action="store_true",
+                   help="read through the page cache (readahead off) instead of with O_DIRECT")
+    p.set_defaults(handler="icbd.replay:main")
 
     p = sub.add_parser("bench", help="run the transfer and read-path benchmarks")
     p.add_argument("--quick", action="store_true", help="small images, fewer runs (about 10 minutes)")

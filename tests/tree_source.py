@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=float, default=10.0)
     p.add_argument("--refresh", type=float, default=2.0)
     p.add_argument("--profile-quiet", type=float, default=10.0)
+    p.add_argument("--trace", type=Path)
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     source = TreeSource(args.root, args.chunk_size, args.control)
     options = MountOptions(
-        timeout=args.timeout, refresh=args.refresh, profile_quiet=args.profile_quiet
+        timeout=args.timeout, refresh=args.refresh, profile_quiet=args.profile_quiet, trace=args.trace
     )
 
     def ready() -> None:
