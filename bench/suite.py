@@ -82,6 +82,12 @@ BENCHMARKS = (
     Benchmark("boot", "bench.booting:boot_times", ("boot_cold", "boot_cold_profile", "boot_warm"), 3.0),
     Benchmark("boot_storm", "bench.booting:boot_storm",
               ("boot_storm", "boot_storm_readers", "boot_storm_seconds"), 2.0),
+    # The Debian desktop (the small one in the tests' tiny size): 18 boots of
+    # 30-60 s under TCG, the replays, and 8 desktops at once.
+    Benchmark("desktop", "bench.desktop:desktop",
+              ("desktop_boot_cold", "desktop_boot_profile", "desktop_boot_warm", "desktop_read_amplification",
+               "desktop_profile_coverage", "desktop_replay_cold", "desktop_replay_profile",
+               "desktop_replay_warm", "desktop_storm_egress"), 25.0),
 )
 
 

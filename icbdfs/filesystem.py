@@ -62,6 +62,7 @@ async def open_filesystem(
             ),
             stats,
             follow=blocks.follow,
+            held=blocks.__contains__,
         )
         manifests = Manifests(
             source,

@@ -78,6 +78,7 @@ class _Version:
     window: int  # profile blocks the mount's memory may hold ahead of the readers
     known: object = None  # what source.profile said (Profile, None or _UNKNOWN)
     known_ready: trio.Event = field(default_factory=trio.Event)
+    replayed: set[str] = field(default_factory=set)  # profile blocks replayed and not read yet
     recording: dict[str, None] | None = None  # ordered set; None: not started
     closed: bool = False
     last_new: float = 0.0  # when the last new block (or the last close of a file) came
@@ -94,9 +95,14 @@ class BootProfiles:
         options: ProfileOptions,
         stats: Counter[str],
         follow: Follow | None = None,
+        held: Callable[[str], bool] | None = None,
     ):
+        """`follow`: pulls a replayed profile into the mount's memory;
+        `held`: whether a block is in that memory now (to count the profile's
+        blocks that were there before a reader asked for them)."""
         self._source = source
         self._follow = follow
+        self._held = held
         self._nursery = nursery
         self._options = options
         self._stats = stats
@@ -111,9 +117,14 @@ class BootProfiles:
         self._nursery.start_soon(self._replay, state)
 
     def touched(self, imi: str, version: int, digests: Iterable[str]) -> None:
-        """Readers touched these blocks of the version (called on every read)."""
+        """Readers touched these blocks of the version (called on every read,
+        before the blocks are looked up)."""
         state = self._versions.get((imi, version))
-        if state is None or state.closed:
+        if state is None:
+            return
+        if state.replayed:
+            self._count_ready(state, digests)
+        if state.closed:
             return
         recording = state.recording
         if recording is None:
@@ -126,6 +137,14 @@ class BootProfiles:
                 state.last_new = trio.current_time()
         if len(recording) >= self._options.max_blocks:
             self._end(state, "max_blocks")
+
+    def _count_ready(self, state: _Version, digests: Iterable[str]) -> None:
+        """For each replayed profile block read for the first time: was it in memory already?"""
+        for digest in digests:
+            if digest in state.replayed:
+                state.replayed.discard(digest)
+                ready = self._held is not None and self._held(digest)
+                self._stats["profile_blocks_ready" if ready else "profile_blocks_late"] += 1
 
     def opened(self, imi: str, version: int) -> None:
         """A file of the version was opened (its recording goes on while one is)."""
@@ -192,6 +211,10 @@ class BootProfiles:
             return
         self._stats["profile_replays"] += 1
         self._stats["profile_blocks"] += len(wanted)
+        # Blocks read before the replay could start were not ready for their readers.
+        early = set(wanted) & set(state.recording or ())
+        state.replayed = set(wanted) - early
+        self._stats["profile_blocks_late"] += len(early)
         log.info("replaying boot profile of %s@%d: %d blocks", state.imi, state.version, len(wanted))
         if self._follow is not None and state.window > 0:
             self._nursery.start_soon(self._follow_in_memory, state, wanted)

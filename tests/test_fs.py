@@ -577,6 +577,26 @@ async def test_replay_pulls_the_profile_into_memory_a_window_ahead_of_readers(so
         assert b"".join(got) == expected
         assert [source.block_calls[d] for d in chunks] == [1, 1, 1, 1]
         assert ops.stats["follow_blocks"] == 4
+        assert (ops.stats["profile_blocks_ready"], ops.stats["profile_blocks_late"]) == (4, 0)
+
+
+async def test_profile_blocks_a_reader_asks_for_first_count_as_late(source):
+    manifest = await source.manifest("demo", 1)
+    chunks = list(manifest.find("big.bin").chunks)
+    source.profiles["demo", 1] = chunks
+    source.stall_block(chunks[3])  # the replay cannot bring it in
+    async with running(source, readahead=False) as ops:
+        attr = await resolve(ops, "demo", "1", "big.bin")
+        with trio.fail_after(3):
+            while ops.stats["follow_blocks"] < 3 or not all(d in ops._reader.blocks for d in chunks[:3]):
+                await trio.sleep(0.01)
+        info = await ops.open(attr.st_ino, os.O_RDONLY, None)
+        await ops.read(info.fh, 0, 4096)
+        await ops.read(info.fh, 0, 4096)  # read again: counted once
+        await ops.read(info.fh, 2 * SAMPLE_CHUNK, 4096)
+        source.release_block(chunks[3])
+        await ops.read(info.fh, 3 * SAMPLE_CHUNK, 4096)
+        assert (ops.stats["profile_blocks_ready"], ops.stats["profile_blocks_late"]) == (2, 1)
 
 
 async def test_replay_into_memory_stops_when_readers_take_nothing(source):

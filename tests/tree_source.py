@@ -62,8 +62,16 @@ class TreeSource:
         self._where: dict[str, tuple[Path, int, int]] = {}
         self._last_catalog: Catalog | None = None
         self._limiter = trio.CapacityLimiter(8)
+        self._stalled: dict[str, trio.Event] = {}
 
     # --- switches --------------------------------------------------------
+
+    def stall_block(self, digest: str) -> None:
+        """Hold every fetch of this block until release_block()."""
+        self._stalled[digest] = trio.Event()
+
+    def release_block(self, digest: str) -> None:
+        self._stalled.pop(digest).set()
 
     def rollback(self, imi: str, version: int) -> None:
         self.latest[imi] = version
@@ -122,6 +130,8 @@ class TreeSource:
         self.calls["block"] += 1
         self.block_calls[digest] += 1
         await self._gate()
+        if digest in self._stalled:
+            await self._stalled[digest].wait()
         try:
             where = self._where[digest]
         except KeyError:
