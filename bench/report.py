@@ -34,6 +34,7 @@ BUDGETS = {
     "full_transfer": "≥ 0.9 × a bare `btrfs send | btrfs receive` pipe",
     "delta_transfer": "bytes on the wire ≤ 1.05 × changed bytes + 1 MiB",
     "fanout": "one publish to 3 replicas ≤ 1.3 × the time for one",
+    "fuse_read_cold": "≥ 0.5 × the replica's cold disk read, through an empty site cache",
     "fuse_read_local_cache": "≥ 300 MB/s sequential, blocks in the local cache",
     "fuse_read_warm": "page-cache speed (taken as ≥ 0.9 × a warm local read)",
     "boot_cold": "≤ 1.3 × booting the same files from local disk",

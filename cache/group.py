@@ -51,7 +51,7 @@ from icbdcore.layout import Layout
 from icbdcore.manifest import MAX_MANIFEST, Manifest
 from icbdcore.signing import PublicKey
 from icbdcore.source import Unavailable
-from icbdcore.wire import check_name, manifest_path, parse_version
+from icbdcore.wire import MAX_BATCH, check_name, manifest_path, parse_version
 
 from .blockclient import BlockClient, FetchFailure
 from .fetcher import Fetcher
@@ -220,6 +220,48 @@ class CacheGroup:
                     self.counters.fallback_blocks += 1
                     return data
         raise Unavailable(f"block {digest}: " + "; ".join(tried or ["no source known"]))
+
+    async def blocks(self, digests: list[str], imi: str, version: int) -> list[bytes | None]:
+        """The blocks in order (None: unavailable). Each cache is asked for its
+        own share in batches; what a batch does not bring is fetched as
+        block() would, with failover and the replicas last."""
+        shares: dict[Member, list[str]] = {}
+        for digest in dict.fromkeys(digests):
+            order = self.order(digest)
+            if order:
+                shares.setdefault(order[0], []).append(digest)
+        found: dict[str, bytes] = {}
+        async with trio.open_nursery() as nursery:
+            for member, share in shares.items():
+                for start in range(0, len(share), MAX_BATCH):
+                    nursery.start_soon(self._batch, member, share[start:start + MAX_BATCH], imi, version, found)
+        rest = [d for d in dict.fromkeys(digests) if d not in found]
+
+        async def one(digest: str) -> None:
+            try:
+                found[digest] = await self.block(digest, imi, version)
+            except Unavailable as error:
+                log.debug("%s", error)
+
+        async with trio.open_nursery() as nursery:
+            for digest in rest:
+                nursery.start_soon(one, digest)
+        return [found.get(d) for d in digests]
+
+    async def _batch(self, member: Member, share: list[str], imi: str, version: int,
+                     found: dict[str, bytes]) -> None:
+        try:
+            got = await member.remote.client.fetch_many(member.url, share, imi=imi, version=version,
+                                                        timeout=self.attempt_timeout)
+        except FetchFailure as error:
+            if error.kind in ("host", "timeout"):
+                self._failed(member, error.why)
+            self.counters.failovers += len(share)  # each is asked of another source next
+            return
+        self._answered(member)
+        member.blocks += len(got)
+        member.bytes += sum(map(len, got.values()))
+        found.update(got)
 
     async def catalog(self) -> Catalog:
         for member in self.order("catalog"):

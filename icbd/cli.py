@@ -12,6 +12,7 @@ import os
 import sys
 
 from icbdcore.errors import CliError
+from icbdcore.heap import keep_freed_memory
 
 # Commands that keep running: a token given to them on the command line is
 # moved into their environment at once (see _token_out_of_argv).
@@ -369,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     if (from_sys and args.command in DAEMONS and getattr(args, "token", None)
             and not getattr(args, "token_file", None) and _token_out_of_argv(argv) is not None):
         _reexec_without_token(argv, args.token)
+    if args.command in DAEMONS:
+        keep_freed_memory()  # they move blocks: see icbdcore/heap.py
     try:
         _resolve_credentials(args)
         module_name, func_name = args.handler.split(":")

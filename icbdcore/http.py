@@ -37,12 +37,21 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .auth import READER, ROLES, Identity
 from .errors import CliError
-from .wire import API, AUTH_ROUTE, DIGEST_HEADER, IMMUTABLE, InvalidInput, Refused, error_body
+from .wire import (
+    API,
+    AUTH_ROUTE,
+    BLOCK_SIZES_HEADER,
+    DIGEST_HEADER,
+    IMMUTABLE,
+    InvalidInput,
+    Refused,
+    error_body,
+)
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +171,22 @@ def immutable_response(data: bytes, digest: str, media_type: str) -> Response:
     any tier and any stock HTTP cache between tiers may keep it forever."""
     return Response(data, media_type=media_type,
                     headers={"Cache-Control": IMMUTABLE, "ETag": f'"{digest}"', DIGEST_HEADER: digest})
+
+
+def batch_response(blocks: list[bytes | None]) -> Response:
+    """A batch of blocks (BLOCKS_ROUTE): each asked block's size in the order
+    asked ("-" for one not delivered), the delivered ones one after the other.
+    Streamed block by block: no copy of the whole batch."""
+    sizes = ",".join("-" if b is None else str(len(b)) for b in blocks)
+    delivered = [b for b in blocks if b is not None]
+
+    async def body():
+        for data in delivered:
+            yield data
+
+    return StreamingResponse(body(), media_type="application/octet-stream",
+                             headers={BLOCK_SIZES_HEADER: sizes, "Content-Length": str(sum(map(len, delivered))),
+                                      "Cache-Control": "no-store"})
 
 
 def _error(status: int, message: str) -> JSONResponse:

@@ -10,7 +10,8 @@ tiers:
 
 - near: the next blocks go into the in-memory LRU (blockcache.py), so the
   next requests are hits: one block ahead per block read in sequence so far,
-  up to `max_near`.
+  up to `max_near`, topped up once half of it is used, so that the blocks
+  go to the source as one batch (one request) rather than one by one.
 - far: once the near window is full, a batch further out (up to `max_far`
   blocks ahead) is handed to `source.prefetch`, so the tier behind the
   source (site cache, replica) streams it in parallel. It is topped up in
@@ -80,8 +81,10 @@ class Readahead:
         last = (end - 1) // self.chunk_size
         final = self.chunks - 1
         near_end = min(final, last + window)
-        near = range(max(stream.near_until, last) + 1, near_end + 1)
-        stream.near_until = max(stream.near_until, near_end)
+        near = NOTHING
+        if stream.near_until - last <= window // 2:  # topped up in batches: one request for several blocks
+            near = range(max(stream.near_until, last) + 1, near_end + 1)
+            stream.near_until = max(stream.near_until, near_end)
         far = NOTHING
         if window >= self.max_near and self.max_far > self.max_near \
                 and stream.far_until - last < self.max_far // 2:

@@ -368,13 +368,17 @@ def test_readahead_starts_after_a_block_read_in_sequence_and_grows():
         assert ra.advise(off, off + 4096) == (range(0), range(0)), "less than a block in sequence"
     near, far = ra.advise(C - 4096, C)
     assert list(near) == [1] and not far, "a block in sequence: one block ahead"
-    windows = []
+    warmed, ahead, top_ups = [1], [], 0
     for block in range(1, 8):
         near, far = ra.advise(block * C, (block + 1) * C)
-        windows.append(max(near, default=block) - block)
-        assert not near or min(near) > block
+        assert not near or min(near) == warmed[-1] + 1, "contiguous, never twice"
+        warmed += list(near)
+        top_ups += bool(near)
+        window = block + 1  # blocks read in sequence
+        ahead.append(warmed[-1] - block)
+        assert window // 2 <= ahead[-1] <= window, (block, ahead)
         assert not far or block == 7, "no far window before the near one is full"
-    assert windows == [2, 3, 4, 5, 6, 7, 8]
+    assert ahead[-1] == 8 and top_ups < 7, "the window grows with the run, topped up in batches"
     assert list(far) == list(range(16, 40)), "a full near window opens the far one"
     assert ra.advise(8 * C, 9 * C)[1] == range(0), "topped up only once half of it is used"
     assert ra.advise(50 * C, 50 * C + 4096) == (range(0), range(0)), "a jump starts a new stream"
@@ -584,19 +588,22 @@ async def test_profile_blocks_a_reader_asks_for_first_count_as_late(source):
     manifest = await source.manifest("demo", 1)
     chunks = list(manifest.find("big.bin").chunks)
     source.profiles["demo", 1] = chunks
-    source.stall_block(chunks[3])  # the replay cannot bring it in
+    source.stall_block(chunks[0])  # the replay's batch cannot come in yet
     async with running(source, readahead=False) as ops:
         attr = await resolve(ops, "demo", "1", "big.bin")
         with trio.fail_after(3):
-            while ops.stats["follow_blocks"] < 3 or not all(d in ops._reader.blocks for d in chunks[:3]):
+            while not ops.stats["follow_blocks"]:
                 await trio.sleep(0.01)
         info = await ops.open(attr.st_ino, os.O_RDONLY, None)
-        await ops.read(info.fh, 0, 4096)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ops.read, info.fh, 0, 4096)  # waits with the replay for block 0: late
+            await trio.sleep(0.2)
+            source.release_block(chunks[0])
         await ops.read(info.fh, 0, 4096)  # read again: counted once
         await ops.read(info.fh, 2 * SAMPLE_CHUNK, 4096)
-        source.release_block(chunks[3])
         await ops.read(info.fh, 3 * SAMPLE_CHUNK, 4096)
         assert (ops.stats["profile_blocks_ready"], ops.stats["profile_blocks_late"]) == (2, 1)
+        assert source.block_calls[chunks[0]] == 1, "the reader waited for the replay's fetch"
 
 
 async def test_replay_into_memory_stops_when_readers_take_nothing(source):

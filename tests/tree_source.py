@@ -138,6 +138,16 @@ class TreeSource:
             raise Unavailable(f"no block {digest}") from None
         return await trio.to_thread.run_sync(_read_block, digest, *where, limiter=self._limiter)
 
+    async def blocks(self, digests: list[str], imi: str, version: int) -> list[bytes | None]:
+        self.calls["blocks"] += 1
+        out: list[bytes | None] = []
+        for digest in digests:
+            try:
+                out.append(await self.block(digest, imi, version))
+            except Unavailable:
+                out.append(None)
+        return out
+
     async def prefetch(self, digests: list[str], imi: str, version: int) -> None:
         self.calls["prefetch"] += 1
         self.prefetched.append((imi, version, list(digests)))
