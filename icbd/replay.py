@@ -55,6 +55,9 @@ class ReplayResult:
     traced_read_seconds: float  # the sum of the traced reads' durations
     direct: bool  # every file was read with O_DIRECT
     skipped: int = 0  # reads the trace marks as failed, not replayed
+    open_seconds: float = 0.0  # opening the files (on a mount: looking the version up, its manifest)
+    read_seconds: float = 0.0  # the sum of the replayed reads' durations
+    slowest_read_seconds: float = 0.0
 
     def to_json(self) -> dict:
         return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -128,7 +131,7 @@ def replay(reads: list[TracedRead], root: Path, *, direct: bool = True) -> Repla
     by_end, needs = dependencies(reads)
     rank_of = {index: rank for rank, index in enumerate(by_end)}
     finished = [False] * len(reads)
-    state = {"prefix": 0, "bytes": 0, "error": None}
+    state = {"prefix": 0, "bytes": 0, "error": None, "read_seconds": 0.0, "slowest": 0.0}
     changed = threading.Condition()
     buffers = threading.local()
     largest = max((r.len for r in reads), default=0) + 2 * ALIGN
@@ -140,6 +143,7 @@ def replay(reads: list[TracedRead], root: Path, *, direct: bool = True) -> Repla
 
     started = time.perf_counter()
     files = _Files(Path(root), list(dict.fromkeys(r.file for r in reads)), direct)
+    opened = time.perf_counter() - started
     try:
         def one(index: int) -> None:
             read = reads[index]
@@ -149,9 +153,13 @@ def replay(reads: list[TracedRead], root: Path, *, direct: bool = True) -> Repla
                 if files.direct[read.file]:  # whole aligned pages around the traced bytes
                     off, end = off - off % ALIGN, -(-end // ALIGN) * ALIGN
                 view = memoryview(buffer())[:end - off]
+                began = time.perf_counter()
                 got = os.preadv(fd, [view], off)
+                took = time.perf_counter() - began
                 with changed:
                     state["bytes"] += min(got, read.len)
+                    state["read_seconds"] += took
+                    state["slowest"] = max(state["slowest"], took)
             except OSError as error:
                 with changed:
                     state["error"] = state["error"] or error
@@ -178,7 +186,8 @@ def replay(reads: list[TracedRead], root: Path, *, direct: bool = True) -> Repla
     traced = (max(r.end for r in reads) - min(r.t for r in reads)) if reads else 0.0
     return ReplayResult(seconds=seconds, reads=len(reads), bytes=state["bytes"], threads=threads,
                         traced_seconds=traced, traced_read_seconds=sum(r.d for r in reads),
-                        direct=all(files.direct.values()), skipped=skipped)
+                        direct=all(files.direct.values()), skipped=skipped, open_seconds=opened,
+                        read_seconds=state["read_seconds"], slowest_read_seconds=state["slowest"])
 
 
 def main(args) -> int:

@@ -182,7 +182,9 @@ class BlockCache:
                 self._stats["follow_idle_stops"] += 1
                 break
             take: list[str] = []
-            while queue and len(take) < min(window - len(self._unread), FOLLOW_BATCH):
+            # Small batches first (1, 1, 2, 4, 8...), so the first blocks a boot needs come at once.
+            batch = min(FOLLOW_BATCH, max(1, started))
+            while queue and len(take) < min(window - len(self._unread), batch):
                 digest = queue.popleft()
                 if digest not in self._blocks and digest not in self._flights and digest not in take:
                     take.append(digest)

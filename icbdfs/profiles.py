@@ -66,7 +66,7 @@ class ProfileOptions:
     max_seconds: float = 600.0
     max_blocks: int = 1 << 16
     timeout: float = 30.0  # bound on each profile/prefetch/save call to the source
-    follow_concurrency: int = 2  # batches (of up to 8 blocks) pulled into memory at once
+    follow_concurrency: int = 3  # batches (of up to 8 blocks) pulled into memory at once
     follow_idle: float = 10.0  # stop pulling when readers take none of them for this long
 
 
