@@ -12,7 +12,6 @@ import os
 import sys
 
 from icbdcore.errors import CliError
-from icbdcore.heap import keep_freed_memory
 
 # Commands that keep running: a token given to them on the command line is
 # moved into their environment at once (see _token_out_of_argv).
@@ -371,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             and not getattr(args, "token_file", None) and _token_out_of_argv(argv) is not None):
         _reexec_without_token(argv, args.token)
     if args.command in DAEMONS:
+        from icbdcore.heap import keep_freed_memory  # ctypes: only where it pays
+
         keep_freed_memory()  # they move blocks: see icbdcore/heap.py
     try:
         _resolve_credentials(args)

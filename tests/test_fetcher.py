@@ -23,8 +23,8 @@ from cache.blockstore import BlockStore
 from cache.fetcher import Fetcher
 from cache.upstreams import Upstreams
 from icbdcore.clients import Credentials
-from icbdcore.source import Unavailable
 from icbdcore.http import batch_response
+from icbdcore.source import Unavailable
 from icbdcore.wire import content_digest, parse_batch
 
 TOKEN = "test-token-123"
