@@ -34,6 +34,7 @@ BUDGETS = {
     "full_transfer": "≥ 0.9 × a bare `btrfs send | btrfs receive` pipe",
     "delta_transfer": "bytes on the wire ≤ 1.05 × changed bytes + 1 MiB",
     "fanout": "one publish to 3 replicas ≤ 1.3 × the time for one",
+    "fuse_read_cold": "≥ 0.5 × the replica's cold disk read, through an empty site cache",
     "fuse_read_local_cache": "≥ 300 MB/s sequential, blocks in the local cache",
     "fuse_read_warm": "page-cache speed (taken as ≥ 0.9 × a warm local read)",
     "boot_cold": "≤ 1.3 × booting the same files from local disk",
@@ -43,6 +44,15 @@ BUDGETS = {
     "boot_storm_readers": "replica egress ≤ 1.05 × the boot working set, whatever N",
     "metrics_cold_read": "with metrics within 2% of without (≥ 0.98 ×)",
     "metrics_warm_read": "with metrics within 2% of without (≥ 0.98 ×)",
+    "desktop_boot_cold": "≤ 1.3 × booting the same desktop from local disk, to its session",
+    "desktop_boot_profile": "≤ 1.1 × booting from local disk, with a boot profile",
+    "desktop_boot_warm": "≤ 1.05 × booting from local disk, cache warm",
+    "desktop_storm_egress": "replica egress ≤ 1.05 × the boot working set, 8 desktops at once",
+    "desktop_read_amplification": "bytes fetched ≤ 1.5 × the bytes the guest read, with a profile",
+    "desktop_profile_coverage": "the profile holds ≥ 0.95 of the blocks a boot reads",
+    "desktop_replay_cold": "≤ 2 × replaying the boot's reads from local disk, cold cache",
+    "desktop_replay_profile": "≤ 1.2 × replaying from local disk, with a boot profile",
+    "desktop_replay_warm": "≤ 1.1 × replaying from local disk, cache warm",
 }
 
 NOTES = [
@@ -190,14 +200,27 @@ def write_report(out: Path, results: list[Result], machine: dict, run: dict) -> 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "md": out / "report.md"}
     plots = write_plots(out, results)
-    run = {**run, "plots": [p.name for p in plots]}
+    images = write_attachments(out, results)
+    run = {**run, "plots": [p.name for p in plots], "images": [p.name for p in images]}
     doc = {"machine": machine, "run": run, "results": [row_json(r) for r in results]}
     paths["json"].write_text(json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n")
-    paths["md"].write_text(markdown(results, machine, run, plots))
+    paths["md"].write_text(markdown(results, machine, run, plots, images))
     return paths
 
 
-def markdown(results: list[Result], machine: dict, run: dict, plots: list[Path]) -> str:
+def write_attachments(out: Path, results: list[Result]) -> list[Path]:
+    """The files rows carry (a desktop's screenshot), written beside report.md."""
+    written = []
+    for result in results:
+        for name, data in result.attachments.items():
+            path = out / Path(name).name
+            path.write_bytes(data)
+            written.append(path)
+    return written
+
+
+def markdown(results: list[Result], machine: dict, run: dict, plots: list[Path],
+             images: list[Path] = ()) -> str:
     lines = [
         "# icbd benchmark report",
         "",
@@ -243,6 +266,10 @@ def markdown(results: list[Result], machine: dict, run: dict, plots: list[Path])
         lines.append(json.dumps(_finite(r.detail), indent=1, allow_nan=False))
         lines.append("```")
         lines.append("</details>")
+        lines.append("")
+    if images:
+        lines += ["## Screens", "", "What the booted desktop showed when its session came up:", ""]
+        lines += [f"![{p.stem}]({p.name})" for p in images]
         lines.append("")
     if plots:
         lines += ["## Plots", ""]

@@ -17,6 +17,8 @@ class Result:
     # The performance budget (bench/README.md) as a bound on the ratio, and which way is good.
     target: float | None = None
     higher_is_better: bool = False
+    # Files the report shows with the row (name -> bytes, e.g. a screenshot as PNG), written beside report.md.
+    attachments: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:

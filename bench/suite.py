@@ -94,6 +94,12 @@ BENCHMARKS = (
               ("scale_master_egress", "scale_converge_seconds", "scale_storm_p99_ms", "scale_replica_egress",
                "scale_cache_throughput", "scale_replica_throughput", "scale_cpu_seconds_per_gb"), 8.0,
               unavailable_on="harness.netns:NetworkError"),
+    # The Debian desktop (the small one in the tests' tiny size): 18 boots of
+    # 30-60 s under TCG, the replays, and 8 desktops at once.
+    Benchmark("desktop", "bench.desktop:desktop",
+              ("desktop_boot_cold", "desktop_boot_profile", "desktop_boot_warm", "desktop_read_amplification",
+               "desktop_profile_coverage", "desktop_replay_cold", "desktop_replay_profile",
+               "desktop_replay_warm", "desktop_storm_egress"), 25.0),
 )
 
 

@@ -1,4 +1,11 @@
-"""Fetching one block from one upstream over HTTP, with the failure classified.
+"""Fetching a block, or a batch of blocks, from one upstream over HTTP, with
+the failure classified.
+
+A batch (`fetch_many`, BLOCKS_ROUTE) brings up to MAX_BATCH blocks in one
+request: on every hop most of a request's cost is per request, not per byte
+(measured here with hypercorn on trio: about 0.6 ms of server CPU per request
+whatever its size, against 0.2 s per GB for the bytes), so a run of blocks in
+one answer costs a fraction of as many single requests.
 
 Bulk bytes go through a shared urllib3 pool in worker threads: measured on
 loopback, httpx on trio moves ~450-650 MB/s, urllib3 in a thread ~2.5 GB/s.
@@ -26,7 +33,14 @@ import urllib3
 
 from icbdcore.clients import Credentials, pool, tls_failure
 from icbdcore.cutoff import Cutoff
-from icbdcore.wire import DEFAULT_CHUNK_SIZE, REQUEST_ID_HEADER, block_path, content_digest
+from icbdcore.wire import (
+    BLOCK_SIZES_HEADER,
+    DEFAULT_CHUNK_SIZE,
+    REQUEST_ID_HEADER,
+    block_path,
+    blocks_path,
+    content_digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +117,25 @@ class BlockClient:
         url = base_url.rstrip("/") + block_path(digest, imi, version)
         return await self.get(url, digest, limit=MAX_BLOCK, timeout=timeout, rid=rid)
 
+    async def fetch_many(
+        self,
+        base_url: str,
+        digests: list[str],
+        *,
+        imi: str | None = None,
+        version: int | None = None,
+        timeout: float | None = None,
+        rid: str | None = None,
+    ) -> dict[str, bytes]:
+        """The verified bytes of the blocks among `digests` (at most MAX_BATCH)
+        the upstream delivers, in one request (BLOCKS_ROUTE); those it does not
+        deliver are missing from the answer. Raises HostFailure
+        (UpstreamTimeout) or CorruptBlock as fetch() does, and NotHeld if the
+        upstream answers 404 (a node without batches, too)."""
+        url = base_url.rstrip("/") + blocks_path(digests, imi, version)
+        timeout = self.read_timeout if timeout is None else timeout
+        return await self._in_thread(self._verified_many, url, timeout, url, list(digests), timeout, rid)
+
     async def get(self, url: str, digest: str, *, limit: int, timeout: float | None = None,
                   rid: str | None = None) -> bytes:
         """The bytes of the immutable object at `url`, verified against
@@ -133,6 +166,58 @@ class BlockClient:
             raise CorruptBlock(url, f"sent {len(data)} bytes that do not match the digest")
         return data
 
+    def _verified_many(self, url: str, digests: list[str], timeout: float, rid: str | None,
+                       cutoff: Cutoff) -> dict[str, bytes]:
+        with cutoff:
+            try:
+                blocks = self._request_many(url, digests, timeout, cutoff, rid)
+            except FetchFailure as error:
+                if cutoff.is_cut:
+                    raise UpstreamTimeout(url, f"cut off at the deadline ({error.why})") from None
+                raise
+        for digest, data in blocks.items():  # in this thread, as for one block
+            if content_digest(data) != digest:
+                raise CorruptBlock(url, f"sent {len(data)} bytes for {digest} that do not match it")
+        return blocks
+
+    def _request_many(self, url: str, digests: list[str], timeout: float, cutoff: Cutoff,
+                      rid: str | None) -> dict[str, bytes]:
+        response = self._open(url, timeout, rid)
+        complete = False
+        try:
+            try:
+                self._refuse_status(url, response)
+            except FetchFailure:
+                complete = True  # drained
+                raise
+            sizes = _batch_sizes(url, response.headers.get(BLOCK_SIZES_HEADER), len(digests))
+            total = sum(n for n in sizes if n is not None)
+            length = response.headers.get("Content-Length")
+            if length is not None and (not length.isdigit() or int(length) != total):
+                raise HostFailure(url, f"announced a body of {length} bytes for blocks of {total}")
+            blocks: dict[str, bytes] = {}
+            for digest, size in zip(digests, sizes, strict=True):
+                if size is not None:
+                    blocks[digest] = self._read_exactly(url, response, size)
+            complete = True
+            return blocks
+        finally:
+            if not complete:
+                response.close()
+            cutoff.release()
+            response.release_conn()
+
+    def _read_exactly(self, url: str, response, size: int) -> bytes:
+        try:
+            data = response.read(size)
+        except (urllib3.exceptions.TimeoutError, TimeoutError):
+            raise UpstreamTimeout(url, "timed out while sending the blocks") from None
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise HostFailure(url, f"broke off the blocks: {type(error).__name__}") from None
+        if len(data) != size:
+            raise HostFailure(url, f"sent {len(data)} bytes of a block of {size}")
+        return data
+
     def _get(self, url: str, timeout: float, limit: int, cutoff: Cutoff, rid: str | None = None) -> bytes:
         with cutoff:
             try:
@@ -142,35 +227,46 @@ class BlockClient:
                     raise UpstreamTimeout(url, f"cut off at the deadline ({error.why})") from None
                 raise
 
-    def _request(self, url: str, timeout: float, limit: int, cutoff: Cutoff, rid: str | None) -> bytes:
+    def _open(self, url: str, timeout: float, rid: str | None = None):
         timeouts = urllib3.Timeout(connect=min(self.connect_timeout, timeout), read=timeout)
         # Headers given to a request replace the pool's: keep the credential.
         headers = {**self._pool.headers, REQUEST_ID_HEADER: rid} if rid else None
         try:
-            response = self._pool.request(
-                "GET", url, timeout=timeouts, preload_content=False, redirect=False, headers=headers
-            )
+            return self._pool.request("GET", url, timeout=timeouts, preload_content=False, redirect=False,
+                                      headers=headers)
         except urllib3.exceptions.NewConnectionError as error:  # a ConnectTimeoutError subclass, but no timeout
             raise HostFailure(url, f"cannot connect: {_reason(error)}") from None
         except (urllib3.exceptions.TimeoutError, TimeoutError) as error:
             raise UpstreamTimeout(url, f"timed out ({type(error).__name__})") from None
         except (urllib3.exceptions.HTTPError, OSError) as error:
             raise HostFailure(url, tls_failure(error) or f"{type(error).__name__}: {_reason(error)}") from None
+
+    @staticmethod
+    def _refuse_status(url: str, response) -> None:
+        """Raise the failure a status other than 200 means (the body read, so the connection can be reused)."""
+        status = response.status
+        if status == 200:
+            return
+        response.drain_conn()
+        if status == 404:
+            raise NotHeld(url, "does not hold the block")
+        if status == 401:
+            raise HostFailure(url, "refused our token (401): unknown or revoked; check --token-file")
+        if status == 403:
+            raise HostFailure(url, "refused our token (403): it lacks the role for this call")
+        if status in (502, 503, 504):
+            raise GatewayFailure(url, f"answered {status}: it could not get the block itself")
+        raise HostFailure(url, f"answered {status}")
+
+    def _request(self, url: str, timeout: float, limit: int, cutoff: Cutoff, rid: str | None) -> bytes:
+        response = self._open(url, timeout, rid)
         complete = False  # the whole answer read: the connection may be reused
         try:
-            status = response.status
-            if status != 200:
-                response.drain_conn()
-                complete = True
-                if status == 404:
-                    raise NotHeld(url, "does not hold the block")
-                if status == 401:
-                    raise HostFailure(url, "refused our token (401): unknown or revoked; check --token-file")
-                if status == 403:
-                    raise HostFailure(url, "refused our token (403): it lacks the role for this call")
-                if status in (502, 503, 504):
-                    raise GatewayFailure(url, f"answered {status}: it could not get the block itself")
-                raise HostFailure(url, f"answered {status}")
+            try:
+                self._refuse_status(url, response)
+            except FetchFailure:
+                complete = True  # drained
+                raise
             length = response.headers.get("Content-Length")
             if length is not None and (not length.isdigit() or int(length) > limit):
                 raise HostFailure(url, f"announced a body of {length} bytes (over {limit})")
@@ -203,6 +299,22 @@ class BlockClient:
             return await self._in_thread(timed, url, timeout)
         except NotHeld as error:
             raise HostFailure(url, "has no status page") from error
+
+
+def _batch_sizes(url: str, header: str | None, count: int) -> list[int | None]:
+    """The sizes a batch answer announces, one per block asked (None: not delivered)."""
+    parts = (header or "").split(",")
+    if header is None or len(parts) != count:
+        raise HostFailure(url, f"answered a batch without the sizes of its {count} blocks")
+    sizes: list[int | None] = []
+    for part in parts:
+        if part == "-":
+            sizes.append(None)
+        elif part.isdigit() and int(part) <= MAX_BLOCK:
+            sizes.append(int(part))
+        else:
+            raise HostFailure(url, f"announced a block of size {part[:20]!r}")
+    return sizes
 
 
 def _reason(error: BaseException) -> str:

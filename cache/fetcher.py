@@ -26,15 +26,18 @@ from icbdcore.flights import Flight, Flights
 from icbdcore.logs import current_request_id, request_id
 from icbdcore.metrics import observe_fetch
 from icbdcore.source import Unavailable
-from icbdcore.wire import block_path, check_digest, check_name, parse_version
+from icbdcore.wire import MAX_BATCH, block_path, check_digest, check_name, parse_version
 
-from .blockclient import MAX_BLOCK, BlockClient, FetchFailure
+from .blockclient import MAX_BLOCK, BlockClient, FetchFailure, NotHeld
 from .blockstore import STORE_ERRORS, BlockStore
 from .upstreams import Upstreams
 
 log = logging.getLogger(__name__)
 
 LATENCY_SAMPLES = 4096  # the most recent get() latencies kept for p50/p99
+# A prefetch asks its upstreams for this many blocks per request (a batch),
+# `concurrency` blocks in flight in all.
+PREFETCH_BATCH = 8
 # FetchFailure.kind -> the counter it bumps
 _COUNTER = {"not_held": "not_held", "host": "host_failures", "gateway": "host_failures", "timeout": "timeouts",
             "corrupt": "corrupt"}
@@ -129,7 +132,7 @@ class Fetcher:
         while True:
             flight = self._inflight.get(digest)
             if flight is None:
-                flight = self._launch(digest, imi, version, prefetch=False, rid=rid)
+                flight = self._launch(digest, imi, version, rid)
             else:
                 self.counts["coalesced"] += 1
             await flight.answered.wait()
@@ -141,39 +144,122 @@ class Fetcher:
                 return flight.value
             # We joined a prefetch that found the block stored: read it ourselves.
 
-    def _launch(self, digest: str, imi: str | None, version: int | None, *, prefetch: bool,
-                rid: str | None = None) -> Flight[bytes]:
+    async def get_many(self, digests: list[str], *, imi: str | None = None,
+                       version: int | None = None, rid: str | None = None) -> list[bytes | None]:
+        """get() of several blocks at once, in order, None for a block that
+        is unavailable: one store lookup for them all, and the missing ones
+        from the upstreams in one batch request (blocks the batch does not
+        bring are fetched one by one, with the usual failover)."""
+        for digest in digests:
+            check_digest(digest)
+        _check_hints(imi, version)
+        rid = rid or current_request_id()
+        started = time.perf_counter()
+        self.counts["gets"] += len(digests)
+        flights: dict[str, Flight[bytes]] = {}
+        new = []
+        for digest in dict.fromkeys(digests):
+            flight = self._inflight.get(digest)
+            if flight is None:
+                new.append(digest)
+            else:
+                self.counts["coalesced"] += 1
+                flights[digest] = flight
+        if new:
+            flights.update(self._launch_group(new, imi, version, prefetch=False, rid=rid))
+        out: list[bytes | None] = []
+        for digest in digests:
+            flight = flights[digest]
+            await flight.answered.wait()
+            if flight.error is not None:
+                self.counts["unavailable"] += 1
+                out.append(None)
+            elif flight.value is None:  # joined a prefetch that found it stored
+                try:
+                    out.append(await self.get(digest, imi=imi, version=version, rid=rid))
+                except Unavailable:
+                    out.append(None)
+            else:
+                out.append(flight.value)
+        self._latencies.append(time.perf_counter() - started)
+        return out
+
+    def _launch_group(self, digests: list[str], imi: str | None, version: int | None, *,
+                      prefetch: bool, rid: str | None = None) -> dict[str, Flight[bytes]]:
+        """One flight per digest, one task for them all: the store, then one
+        batch from the upstreams, then the rest one by one."""
+        if self._nursery is None:
+            raise RuntimeError("Fetcher used outside `async with`")
+
+        async def fly(flights: dict[str, Flight[bytes]]) -> None:
+            with request_id(rid):
+                await fetch(flights)
+
+        async def fetch(flights: dict[str, Flight[bytes]]) -> None:
+            missing = list(flights)
+            if not prefetch:  # a prefetch knows what is stored already (and must not promote it)
+                stored = await self._store_get_many(missing)
+                for digest, data in stored.items():
+                    self._hit(digest, data)
+                    flights[digest].answer(data)
+                missing = [d for d in missing if d not in stored]
+            if not missing:
+                return
+            got = await self._from_upstreams_many(missing, imi, version, rid)
+            for digest, data in got.items():
+                self._fetched(data, prefetch)
+                flights[digest].answer(data)  # readers go on; the flights stay registered until stored
+            rest = [d for d in missing if d not in got]
+            async with trio.open_nursery() as nursery:
+                if got:
+                    nursery.start_soon(self._store_put_many, got)
+                for digest in rest:
+                    nursery.start_soon(self._fly_rest, flights[digest], digest, imi, version, prefetch, rid)
+
+        return self._inflight.start_group(digests, fly)
+
+    async def _fly_rest(self, flight: Flight[bytes], digest: str, imi: str | None, version: int | None,
+                        prefetch: bool, rid: str | None) -> None:
+        """A block of a group the batch did not bring: alone, failing only its own flight."""
+        try:
+            await self._fly_one(flight, digest, imi, version, prefetch, rid)
+        except Unavailable as error:
+            flight.fail(error)
+
+    async def _fly_one(self, flight: Flight[bytes], digest: str, imi: str | None, version: int | None,
+                       prefetch: bool, rid: str | None) -> None:
+        """Fetch one block from the upstreams (failover, backoff), answer it, store it."""
+        data = await self._from_upstreams(block_path(digest, imi, version), digest, imi, version, MAX_BLOCK,
+                                          rid=rid)
+        self._fetched(data, prefetch)
+        flight.answer(data)
+        await self._store_put(digest, data)
+
+    def _hit(self, digest: str, data: bytes) -> None:
+        self.counts["hits"] += 1
+        self.counts["hit_bytes"] += len(data)
+        log.debug("block %s: in the store", digest)
+
+    def _fetched(self, data: bytes, prefetch: bool) -> None:
+        if prefetch:
+            self.counts["prefetched"] += 1
+        else:
+            self.counts["demand_fetches"] += 1
+            self.counts["demand_bytes"] += len(data)
+        self.counts["upstream_bytes"] += len(data)
+
+    def _launch(self, digest: str, imi: str | None, version: int | None, rid: str | None = None) -> Flight[bytes]:
         if self._nursery is None:
             raise RuntimeError("Fetcher used outside `async with`")
 
         async def fly(flight: Flight[bytes]) -> None:
             with request_id(rid):
-                await fetch(flight)
-
-        async def fetch(flight: Flight[bytes]) -> None:
-            if prefetch:
-                # Only ask whether it is there: a prefetch is no hit and must not promote.
-                if await self._in_store(digest):
-                    flight.answer(None)
-                    return
-            else:
                 data = await self._store_get(digest)
                 if data is not None:
-                    self.counts["hits"] += 1
-                    self.counts["hit_bytes"] += len(data)
-                    log.debug("block %s: in the store", digest)
+                    self._hit(digest, data)
                     flight.answer(data)
                     return
-            data = await self._from_upstreams(block_path(digest, imi, version), digest, imi, version, MAX_BLOCK,
-                                              rid=rid)
-            if prefetch:
-                self.counts["prefetched"] += 1
-            else:
-                self.counts["demand_fetches"] += 1
-                self.counts["demand_bytes"] += len(data)
-            self.counts["upstream_bytes"] += len(data)
-            flight.answer(data)  # readers go on; the flight stays registered until stored
-            await self._store_put(digest, data)
+                await self._fly_one(flight, digest, imi, version, False, rid)
 
         flight, _ = self._inflight.start(digest, fly)
         return flight
@@ -186,6 +272,45 @@ class Fetcher:
         MiB); not kept in the block store. Raises Unavailable."""
         return await self._from_upstreams(path, digest, imi, version, limit, attempt_timeout, deadline,
                                           rid=current_request_id(), block=False)
+
+    async def _from_upstreams_many(self, digests: list[str], imi: str | None,
+                                   version: int | None, rid: str | None = None) -> dict[str, bytes]:
+        """What the upstreams deliver of `digests` in batches, asking each
+        candidate in order for what is still missing; one try each, no
+        waiting: the caller fetches the rest one by one, with backoff. Stops
+        at the first candidate that takes no batches (an HTTP cache in front
+        of a node answers them 404: a batch is not an object it could keep),
+        so that the rest go to it one by one, in the order of preference."""
+        got: dict[str, bytes] = {}
+        missing = list(digests)
+        with trio.move_on_after(self.deadline):
+            for up in self.upstreams.candidates(imi, version):
+                if not up.batches:
+                    break
+                for start in range(0, len(missing), MAX_BATCH):
+                    batch = missing[start:start + MAX_BATCH]
+                    began = time.perf_counter()
+                    try:
+                        found = await self.client.fetch_many(up.url, batch, imi=imi, version=version,
+                                                             timeout=self.attempt_timeout, rid=rid)
+                    except NotHeld:
+                        log.info("%s takes no batches of blocks: asking it for one block at a time", up.id)
+                        up.batches = False
+                        return got
+                    except FetchFailure as error:
+                        self.upstreams.failed(up, error)
+                        self.counts[_COUNTER[error.kind]] += 1
+                        break  # the next upstream, for all that is missing
+                    if found:
+                        seconds = time.perf_counter() - began
+                        self.upstreams.succeeded(up, seconds, sum(map(len, found.values())))
+                        observe_fetch(up.id, seconds)  # a batch is one fetch: one request's latency
+                    got.update(found)
+                missing = [d for d in missing if d not in got]
+                if not missing:
+                    break
+                self.counts["failovers"] += 1
+        return got
 
     async def _from_upstreams(self, path: str, digest: str, imi: str | None, version: int | None,
                               limit: int, attempt_timeout: float | None = None,
@@ -246,14 +371,42 @@ class Fetcher:
             log.error("block store read of %s failed (%s); fetching it instead", digest, error)
             return None
 
-    async def _in_store(self, digest: str) -> bool:
+    async def _store_get_many(self, digests: list[str]) -> dict[str, bytes]:
+        """The stored blocks among `digests`, in one worker thread call."""
         if self.store is None:
-            return False
-        try:
-            return await trio.to_thread.run_sync(self.store.__contains__, digest, limiter=self._store_limiter)
-        except STORE_ERRORS:
-            self.counts["store_errors"] += 1
-            return False
+            return {}
+        store = self.store
+
+        def get_all() -> dict[str, bytes]:
+            found = {}
+            for digest in digests:
+                try:
+                    data = store.get(digest)
+                except STORE_ERRORS as error:
+                    self.counts["store_errors"] += 1
+                    log.error("block store read of %s failed (%s); fetching it instead", digest, error)
+                    continue
+                if data is not None:
+                    found[digest] = data
+            return found
+
+        return await trio.to_thread.run_sync(get_all, limiter=self._store_limiter)
+
+    async def _store_put_many(self, blocks: dict[str, bytes]) -> None:
+        """Store the blocks of a batch (checked on arrival), in one worker thread call."""
+        if self.store is None:
+            return
+        store = self.store
+
+        def put_all() -> None:
+            for digest, data in blocks.items():
+                try:
+                    store.put(digest, data, verified=True)
+                except STORE_ERRORS as error:
+                    self.counts["store_errors"] += 1
+                    log.error("block store write of %s failed (%s); served it without keeping it", digest, error)
+
+        await trio.to_thread.run_sync(put_all, limiter=self._store_limiter)
 
     async def _store_put(self, digest: str, data: bytes) -> None:
         if self.store is None:
@@ -293,26 +446,28 @@ class Fetcher:
             self.counts["store_errors"] += 1
             missing = todo
         progress.already += len(todo) - len(missing)
-        queue = iter(missing)
+        batches = iter([missing[i:i + PREFETCH_BATCH] for i in range(0, len(missing), PREFETCH_BATCH)])
 
         async def worker() -> None:
-            for digest in queue:
-                if digest in self._inflight:
-                    progress.in_flight += 1
+            for batch in batches:
+                free = [d for d in batch if d not in self._inflight]
+                progress.in_flight += len(batch) - len(free)
+                if not free:
                     continue
-                flight = self._launch(digest, imi, version, prefetch=True)
-                await flight.finished.wait()
-                if flight.error is not None:
-                    progress.failed += 1
-                elif flight.value is None:
-                    progress.already += 1
-                else:
-                    progress.fetched += 1
-                    progress.bytes += len(flight.value)
+                flights = self._launch_group(free, imi, version, prefetch=True)
+                for flight in flights.values():
+                    await flight.finished.wait()
+                    if flight.error is not None:
+                        progress.failed += 1
+                    elif flight.value is None:
+                        progress.already += 1
+                    else:
+                        progress.fetched += 1
+                        progress.bytes += len(flight.value)
 
         try:
             async with trio.open_nursery() as nursery:
-                for _ in range(max(1, concurrency)):
+                for _ in range(max(1, -(-concurrency // PREFETCH_BATCH))):
                     nursery.start_soon(worker)
         finally:
             progress.finished = time.time()

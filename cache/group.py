@@ -53,9 +53,9 @@ from icbdcore.manifest import MAX_MANIFEST, Manifest
 from icbdcore.metrics import observe_fetch
 from icbdcore.signing import PublicKey
 from icbdcore.source import Unavailable
-from icbdcore.wire import check_name, manifest_object_path, parse_version
+from icbdcore.wire import MAX_BATCH, check_name, manifest_object_path, parse_version
 
-from .blockclient import BlockClient, FetchFailure
+from .blockclient import BlockClient, FetchFailure, NotHeld
 from .fetcher import Fetcher
 from .remote import CatalogRefused, RemoteCache, open_trust
 from .upstreams import Upstreams
@@ -81,6 +81,7 @@ class Member:
     bytes: int = 0
     errors: int = 0
     down_seconds: float = 0.0  # closed periods; the open one is added in describe()
+    batches: bool = True  # False once it answered a batch 404 (an HTTP proxy in front of cache servers)
 
     @property
     def url(self) -> str:
@@ -230,6 +231,52 @@ class CacheGroup:
                     self.counters.fallback_blocks += 1
                     return data
         raise Unavailable(f"block {digest}: " + "; ".join(tried or ["no source known"]))
+
+    async def blocks(self, digests: list[str], imi: str, version: int) -> list[bytes | None]:
+        """The blocks in order (None: unavailable). Each cache is asked for its
+        own share in batches; what a batch does not bring is fetched as
+        block() would, with failover and the replicas last."""
+        shares: dict[Member, list[str]] = {}
+        for digest in dict.fromkeys(digests):
+            order = self.order(digest)
+            if order and order[0].batches:
+                shares.setdefault(order[0], []).append(digest)
+        found: dict[str, bytes] = {}
+        async with trio.open_nursery() as nursery:
+            for member, share in shares.items():
+                for start in range(0, len(share), MAX_BATCH):
+                    nursery.start_soon(self._batch, member, share[start:start + MAX_BATCH], imi, version, found)
+        rest = [d for d in dict.fromkeys(digests) if d not in found]
+
+        async def one(digest: str) -> None:
+            try:
+                found[digest] = await self.block(digest, imi, version)
+            except Unavailable as error:
+                log.debug("%s", error)
+
+        async with trio.open_nursery() as nursery:
+            for digest in rest:
+                nursery.start_soon(one, digest)
+        return [found.get(d) for d in digests]
+
+    async def _batch(self, member: Member, share: list[str], imi: str, version: int,
+                     found: dict[str, bytes]) -> None:
+        try:
+            got = await member.remote.client.fetch_many(member.url, share, imi=imi, version=version,
+                                                        timeout=self.attempt_timeout, rid=current_request_id())
+        except NotHeld:
+            log.info("%s takes no batches of blocks: asking it for one block at a time", member.url)
+            member.batches = False
+            return
+        except FetchFailure as error:
+            if error.kind in ("host", "timeout"):
+                self._failed(member, error.why)
+            self.counters.failovers += len(share)  # each is asked of another source next
+            return
+        self._answered(member)
+        member.blocks += len(got)
+        member.bytes += sum(map(len, got.values()))
+        found.update(got)
 
     async def catalog(self) -> Catalog:
         why = []  # each cache's reason, for the one error line when none gives one

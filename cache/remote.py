@@ -34,6 +34,7 @@ from icbdcore.source import Unavailable
 from icbdcore.trust import Trust
 from icbdcore.wire import (
     IMIS_ROUTE,
+    MAX_BATCH,
     PREFETCH_ROUTE,
     InvalidInput,
     check_name,
@@ -184,6 +185,17 @@ class RemoteCache:
             return await self.client.fetch(self.url, digest, imi=imi, version=version, timeout=self.timeout)
         except FetchFailure as error:
             raise Unavailable(str(error)) from None
+
+    async def blocks(self, digests: list[str], imi: str, version: int) -> list[bytes | None]:
+        """The blocks in order, in batches; None for one the cache server does not deliver."""
+        found: dict[str, bytes] = {}
+        for start in range(0, len(digests), MAX_BATCH):
+            try:
+                found.update(await self.client.fetch_many(self.url, digests[start:start + MAX_BATCH], imi=imi,
+                                                          version=version, timeout=self.timeout))
+            except FetchFailure as error:
+                raise Unavailable(str(error)) from None
+        return [found.get(d) for d in digests]
 
     async def prefetch(self, digests: list[str], imi: str, version: int) -> None:
         try:

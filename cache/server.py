@@ -18,7 +18,14 @@ from icbdcore.auth import READER, BadTable, NodeTokens
 from icbdcore.catalog import Profile
 from icbdcore.clients import Credentials, async_client
 from icbdcore.errors import CliError
-from icbdcore.http import OPEN, Endpoint, immutable_response, json_body, json_response
+from icbdcore.http import (
+    OPEN,
+    Endpoint,
+    batch_response,
+    immutable_response,
+    json_body,
+    json_response,
+)
 from icbdcore.layout import Layout
 from icbdcore.logs import setup_logging
 from icbdcore.node import Membership, advertised_url, node_id, require_token, run_until_signal
@@ -27,6 +34,7 @@ from icbdcore.source import Unavailable
 from icbdcore.trust import master_key_argument
 from icbdcore.wire import (
     BLOCK_ROUTE,
+    BLOCKS_ROUTE,
     IMIS_ROUTE,
     KEY_ROUTE,
     MANIFEST_OBJECT_ROUTE,
@@ -44,6 +52,7 @@ from icbdcore.wire import (
     check_site,
     content_digest,
     manifest_object_path,
+    parse_batch,
     parse_version,
     profile_object_path,
 )
@@ -222,6 +231,13 @@ class CacheServer:
             raise Refused(504, f"block {digest} unavailable: {error}") from None
         return immutable_response(data, digest, "application/octet-stream", request)
 
+    async def get_blocks(self, request: Request) -> Response:
+        """A batch: the blocks the site can get now, "-" for the others."""
+        assert self.cache is not None
+        digests = parse_batch(request.query_params.get("d"))
+        imi, version = _hints(request)
+        return batch_response(await self.cache.blocks(digests, imi, version))
+
     async def prefetch(self, request: Request) -> Response:
         """{"imi", "version"?, "profile"?: bool} stages a version (or just its boot
         profile); {"blocks": [...], "imi"?, "version"?} stages those blocks."""
@@ -333,6 +349,7 @@ class CacheServer:
             Endpoint("GET", MANIFEST_ROUTE, self.get_manifest, READER),
             Endpoint("GET", MANIFEST_OBJECT_ROUTE, self.get_manifest_object, READER),
             Endpoint("GET", BLOCK_ROUTE, self.get_block, READER),
+            Endpoint("GET", BLOCKS_ROUTE, self.get_blocks, READER),
             Endpoint("POST", PREFETCH_ROUTE, self.prefetch, READER),
             Endpoint("GET", PREFETCH_JOB_ROUTE, self.get_job, READER),
             Endpoint("GET", PROFILE_ROUTE, self.get_profile, READER),

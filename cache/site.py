@@ -248,6 +248,11 @@ class SiteCache:
         assert self.fetcher is not None
         return await self.fetcher.get(digest, imi=imi, version=version)
 
+    async def blocks(self, digests: list[str], imi: str | None, version: int | None) -> list[bytes | None]:
+        """The blocks in order, None for one unavailable (one batch upstream for the missing)."""
+        assert self.fetcher is not None
+        return await self.fetcher.get_many(digests, imi=imi, version=version)
+
     async def prefetch(self, digests: list[str], imi: str, version: int) -> None:
         assert self.fetcher is not None
         self.fetcher.start_prefetch(digests, imi=imi, version=version, concurrency=16)

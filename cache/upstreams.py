@@ -69,6 +69,7 @@ class Upstream:
     errors: int = 0
     corrupt: int = 0
     not_held: int = 0
+    batches: bool = True  # False once it answered a batch of blocks 404 (an HTTP cache in front of a node)
 
     def holds(self, imi: str | None, version: int | None) -> bool:
         if imi is None or self.role == STATIC:
@@ -89,6 +90,7 @@ class Upstream:
             "errors": self.errors,
             "corrupt": self.corrupt,
             "not_held": self.not_held,
+            "batches": self.batches,
         }
 
 

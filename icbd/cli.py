@@ -185,9 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-cache", type=_size, default=_size("128M"), metavar="BYTES",
                    help="whole recent blocks kept in the mount's memory (default 128M)")
     p.add_argument("--profile-quiet", type=float, default=10.0, metavar="S",
-                   help="a boot profile recording ends after S seconds without a new block (default 10)")
+                   help="once no file of the version is open, a boot profile recording ends S seconds after the "
+                   "last close or new block (default 10)")
     p.add_argument("--no-profiles", action="store_true",
                    help="neither record nor replay boot profiles")
+    p.add_argument("--trace", metavar="FILE",
+                   help="write every read the mount serves (file, offset, length, when, how long) to FILE, "
+                   "a read trace `icbd replay` plays back")
     p.add_argument("--foreground", action="store_true",
                    help="stay in the foreground (under systemd: reports READY=1 once the mount answers)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT",
@@ -299,6 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                    help="qemu accelerator (auto: KVM when it answers, else TCG)")
     p.set_defaults(handler="icbd.boot:main", qemu_args=[])
+
+    p = sub.add_parser("replay", help="play a read trace back at full speed against a mount or a folder",
+                       description="Replay the reads of TRACE (written by icbd mount --trace) against the "
+                       "files under DIR, without the time between them: each read starts as soon as the "
+                       "reads that had finished before it in the trace have finished, as many at once as "
+                       "the trace had. Prints the seconds it took (with the global --json, as JSON).")
+    p.add_argument("trace", metavar="TRACE")
+    p.add_argument("--mount", required=True, metavar="DIR",
+                   help="the mount point, or a folder laid out like one (NAME/VERSION/PATH)")
+    p.add_argument("--only", metavar="NAME[/VERSION[/PATH]]", help="replay only the reads of these files")
+    p.add_argument("--buffered", action="store_true",
+                   help="read through the page cache (readahead off) instead of with O_DIRECT")
+    p.set_defaults(handler="icbd.replay:main")
 
     p = sub.add_parser("doctor", help="check this host for the roles it plays; exit 1 if anything fails",
                        description="Check this host for its roles (from --role, else from the config file's "
@@ -445,6 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     if (from_sys and args.command in DAEMONS and getattr(args, "token", None)
             and not getattr(args, "token_file", None) and _token_out_of_argv(argv) is not None):
         _reexec_without_token(argv, args.token)
+    if args.command in DAEMONS:
+        from icbdcore.heap import keep_freed_memory  # ctypes: only where it pays
+
+        keep_freed_memory()  # they move blocks: see icbdcore/heap.py
     try:
         _resolve_credentials(args)
         module_name, func_name = args.handler.split(":")

@@ -50,7 +50,7 @@ from icbdcore.clients import Credentials
 from icbdcore.errors import CliError, plain_errors
 from icbdcore.layout import Layout
 from icbdcore.logs import setup_logging, stderr_is_journal
-from icbdcore.mounts import mounted_at
+from icbdcore.mounts import is_icbd, mounted_at
 from icbdcore.service import ServiceManager
 from icbdcore.source import ImageSource, Unavailable
 from icbdcore.trust import master_key_argument
@@ -109,7 +109,7 @@ def umount(args) -> int:
     found = mounted_at(mountpoint)
     if found is None:
         raise CliError(f"{mountpoint} is not mounted")
-    if not _is_icbd(found.fstype, found.source):
+    if not is_icbd(found):
         raise CliError(f"{mountpoint} is not an icbd mount (it is {found.fstype}); use umount(8)")
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     command = [tool, "-u", mountpoint] if tool else ["umount", mountpoint]
@@ -164,8 +164,13 @@ def _options(args) -> MountOptions:
         raise CliError("--refresh must be 0 (never) or more seconds")
     if args.profile_quiet <= 0:
         raise CliError("--profile-quiet must be more than 0 seconds")
+    trace = None
+    if args.trace:
+        trace = Path(args.trace).absolute()
+        if not trace.parent.is_dir():
+            raise CliError(f"no folder {trace.parent} for the read trace: create it first")
     return MountOptions(timeout=args.timeout, refresh=args.refresh, lru_bytes=args.memory_cache,
-                        profiles=not args.no_profiles, profile_quiet=args.profile_quiet)
+                        profiles=not args.no_profiles, profile_quiet=args.profile_quiet, trace=trace)
 
 
 def _source_opener(args) -> SourceOpener:
@@ -192,7 +197,7 @@ def _check_mountpoint(path: str) -> str:
     mountpoint = _mount_path(path)
     found = mounted_at(mountpoint)
     if found is not None:
-        if _is_icbd(found.fstype, found.source):
+        if is_icbd(found):
             raise CliError(f"{mountpoint} is already an icbd mount: run `icbd umount {mountpoint}` first")
         raise CliError(f"{mountpoint} is already a mount point ({found.fstype}): choose an empty folder")
     try:
@@ -222,10 +227,6 @@ def _mount_path(path: str) -> str:
     # Resolve the parent only: a dead FUSE mount cannot be stat-ed.
     absolute = os.path.abspath(path)
     return os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
-
-
-def _is_icbd(fstype: str, fsname: str) -> bool:
-    return fstype == "fuse.icbd" or (fstype.startswith("fuse") and fsname == "icbd")
 
 
 # --- running in the background ---------------------------------------------------

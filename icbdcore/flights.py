@@ -7,7 +7,8 @@ is *answered* when its value (or its error) is known, and *finished* when its
 task ends: work may go on after the answer (a block store keeps the block
 after handing it to the readers), and the key stays taken until then, so
 nobody starts the same work twice. When the task ends the key is free again,
-so the next caller after a failure tries afresh.
+so the next caller after a failure tries afresh. Several keys may share one
+task (`start_group`): one request that brings several blocks.
 
 Used by the cache's Fetcher (one upstream request per cold block) and by a
 mount's memory cache and manifest loads.
@@ -16,7 +17,7 @@ mount's memory cache and manifest loads.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Generic, TypeVar
 
 import trio
@@ -59,6 +60,7 @@ class Flight(Generic[T]):
 
 
 Work = Callable[[Flight[T]], Awaitable[None]]
+GroupWork = Callable[[dict[K, Flight[T]]], Awaitable[None]]
 
 
 class Flights(Generic[K, T]):
@@ -102,10 +104,54 @@ class Flights(Generic[K, T]):
 
         return self.start(key, work)
 
+    def start_group(self, keys: Iterable[K], work: GroupWork[K, T]) -> dict[K, Flight[T]]:
+        """The flights for `keys`: those already in flight are joined; for
+        the others, one task runs `work(flights)`, which answers each of them
+        (one request for several blocks). A flight it leaves unanswered fails
+        when it ends, as a single flight's does."""
+        flights: dict[K, Flight[T]] = {}
+        started: dict[K, Flight[T]] = {}
+        for key in dict.fromkeys(keys):
+            flight = self._flights.get(key)
+            if flight is None:
+                if self._nursery is None:
+                    raise RuntimeError("flights started before their owner's nursery is open")
+                flight = self._flights[key] = started[key] = Flight()
+            flights[key] = flight
+        if started:
+            self._nursery.start_soon(self._run_group, started, work)
+        return flights
+
     async def get_or_fetch(self, key: K, fetch: Callable[[], Awaitable[T]]) -> T:
         flight, _ = self.fetch(key, fetch)
         await flight.answered.wait()
         return flight.result()
+
+    async def _run_group(self, flights: dict[K, Flight[T]], work: GroupWork[K, T]) -> None:
+        try:
+            if self._limit is None:
+                await work(flights)
+            else:
+                with trio.fail_after(self._limit):
+                    await work(flights)
+        except trio.TooSlowError:
+            self._fail_all(flights, Unavailable(f"no answer within {self._limit:g} s"))
+        except Unavailable as error:
+            self._fail_all(flights, error)
+        except Exception as error:  # a bug must not strand the callers waiting on it
+            log.exception("flights %s... failed", next(iter(flights)))
+            self._fail_all(flights, Unavailable(f"{type(error).__name__}: {error}"))
+        finally:
+            self._fail_all(flights, Unavailable("the fetch ended without an answer"))
+            for key, flight in flights.items():
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
+                flight.finished.set()
+
+    @staticmethod
+    def _fail_all(flights: dict[K, Flight[T]], error: Unavailable) -> None:
+        for flight in flights.values():
+            flight.fail(error)
 
     async def _run(self, key: K, flight: Flight[T], work: Work[T]) -> None:
         try:

@@ -43,7 +43,7 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .auth import READER, ROLES, Identity, allows
@@ -52,6 +52,7 @@ from .logs import new_request_id, request_id, valid_request_id
 from .wire import (
     API,
     AUTH_ROUTE,
+    BLOCK_SIZES_HEADER,
     DIGEST_HEADER,
     IMMUTABLE,
     NO_STORE,
@@ -247,6 +248,22 @@ def immutable_response(data: bytes, digest: str, media_type: str, request: Reque
     start, end = part
     return Response(data[start:end], status_code=206, media_type=media_type,
                     headers={**head, "Content-Range": f"bytes {start}-{end - 1}/{len(data)}"})
+
+
+def batch_response(blocks: list[bytes | None]) -> Response:
+    """A batch of blocks (BLOCKS_ROUTE): each asked block's size in the order
+    asked ("-" for one not delivered), the delivered ones one after the other.
+    Streamed block by block: no copy of the whole batch."""
+    sizes = ",".join("-" if b is None else str(len(b)) for b in blocks)
+    delivered = [b for b in blocks if b is not None]
+
+    async def body():
+        for data in delivered:
+            yield data
+
+    return StreamingResponse(body(), media_type="application/octet-stream",
+                             headers={BLOCK_SIZES_HEADER: sizes, "Content-Length": str(sum(map(len, delivered))),
+                                      "Cache-Control": NO_STORE})
 
 
 def _error(status: int, message: str) -> JSONResponse:

@@ -1,9 +1,18 @@
-"""What is mounted where: the one reader of /proc/self/mountinfo."""
+"""What is mounted where: the one reader of /proc/self/mountinfo; and what
+other programs may ask of an icbd mount besides its files."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
+# Reading this extended attribute of a version folder of an icbd mount
+# (MOUNT/NAME/VERSION) tells the mount that a boot of that version reached
+# its session: the version's boot profile recording ends there. The value is
+# the recording's state as JSON: {"state": "none"|"recording"|"ended",
+# "blocks": N, "ended_by": ...}. `icbd boot` reads it when the guest's
+# session line comes.
+SESSION_UP_XATTR = "user.icbd.session-up"
 
 
 @dataclass(frozen=True)
@@ -64,3 +73,8 @@ def containing_mount(path: str | os.PathLike) -> MountEntry | None:
         if (target + "/").startswith(point) and (found is None or len(entry.mountpoint) >= len(found.mountpoint)):
             found = entry
     return found
+
+
+def is_icbd(entry: MountEntry) -> bool:
+    """Whether `entry` is an icbd FUSE mount."""
+    return entry.fstype == "fuse.icbd" or (entry.fstype.startswith("fuse") and entry.source == "icbd")

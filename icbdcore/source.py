@@ -27,6 +27,10 @@ class ImageSource(Protocol):
         """The verified bytes of a block; raises Unavailable. `imi` and
         `version` are hints for choosing an upstream that holds it."""
 
+    async def blocks(self, digests: list[str], imi: str, version: int) -> list[bytes | None]:
+        """The verified bytes of several blocks, in order, None for one the
+        source could not deliver (a run of blocks in few requests)."""
+
     async def prefetch(self, digests: list[str], imi: str, version: int) -> None:
         """Start warming these blocks; returns without waiting for them."""
 

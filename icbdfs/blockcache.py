@@ -47,6 +47,7 @@ from icbdcore.source import ImageSource, Unavailable
 log = logging.getLogger(__name__)
 
 GAVE_UP_MEMO = 2.0
+FOLLOW_BATCH = 8  # profile blocks `follow` asks the source for in one batch
 
 
 class BlockCache:
@@ -103,7 +104,9 @@ class BlockCache:
         Unbounded in time by itself (each flight is bounded): callers wrap it
         in their own timeout.
         """
-        flights: list[bytes | Flight[bytes]] = []
+        digests = list(digests)
+        flights: list[bytes | Flight[bytes] | str] = []
+        missing = []
         for digest in digests:
             data = self._blocks.get(digest)
             if data is not None:
@@ -113,12 +116,18 @@ class BlockCache:
                 continue
             if self._gave_up and self._gave_up.get(digest, 0.0) > trio.current_time():
                 raise Unavailable("a reader gave up on this block moments ago")
-            flight, started = self._flights.fetch(digest, lambda d=digest: self._fetch(d, imi, version))
-            if not started:
+            if digest in self._flights:
                 self._stats["coalesced"] += 1
-            flights.append(flight)
+            else:
+                missing.append(digest)
+            flights.append(digest)
+        started = self._start(missing, imi, version)
+        flights = [started.get(item) or self._flights.get(item) if isinstance(item, str) else item
+                   for item in flights]
         out = []
         for item in flights:
+            if item is None:  # a flight that ended between two steps above: it failed
+                raise Unavailable("the fetch of a block ended without it")
             if isinstance(item, Flight):
                 await item.answered.wait()
                 item = item.result()
@@ -149,14 +158,10 @@ class BlockCache:
 
     def warm(self, digests: Iterable[str], imi: str, version: int) -> int:
         """Start fetching the blocks not in memory yet; returns how many were started."""
-        started = 0
-        for digest in digests:
-            if digest in self._blocks or digest in self._flights:
-                continue
-            self._flights.fetch(digest, lambda d=digest: self._fetch(d, imi, version))
-            self._unread.add(digest)
-            started += 1
-        return started
+        wanted = [d for d in dict.fromkeys(digests) if d not in self._blocks and d not in self._flights]
+        self._start(wanted, imi, version)
+        self._unread.update(wanted)
+        return len(wanted)
 
     async def follow(self, digests: Iterable[str], imi: str, version: int, *,
                      window: int, concurrency: int, idle: float) -> int:
@@ -165,27 +170,44 @@ class BlockCache:
         it fetched. Gives up once readers have taken none of its blocks for
         `idle` seconds (the boot it was for has moved on)."""
         window = max(1, window)
-        fetching: deque[Flight[bytes]] = deque()
+        queue = deque(digests)
+        groups: deque[Flight[bytes]] = deque()  # a flight of each group in flight (they finish together)
         started = 0
-        for digest in digests:
-            if digest in self._blocks or digest in self._flights:
-                continue
-            while len(fetching) >= concurrency:
-                await fetching.popleft().finished.wait()
+        while queue:
+            while len(groups) >= concurrency:
+                await groups.popleft().finished.wait()
             with trio.move_on_after(idle) as waited:
                 while len(self._unread) >= window:
                     await self._taken.wait()
             if waited.cancelled_caught:
                 self._stats["follow_idle_stops"] += 1
                 break
-            if digest in self._blocks or digest in self._flights:
+            take: list[str] = []
+            # Small batches first (1, 1, 2, 4, 8...), so the first blocks a boot needs come at once.
+            batch = min(FOLLOW_BATCH, max(1, started))
+            while queue and len(take) < min(window - len(self._unread), batch):
+                digest = queue.popleft()
+                if digest not in self._blocks and digest not in self._flights and digest not in take:
+                    take.append(digest)
+            if not take:
                 continue
-            flight, _ = self._flights.fetch(digest, lambda d=digest: self._fetch(d, imi, version))
-            self._unread.add(digest)
-            fetching.append(flight)
-            started += 1
+            flights = self._start(take, imi, version)
+            self._unread.update(take)
+            groups.append(flights[take[-1]])
+            started += len(take)
         self._stats["follow_blocks"] += started
         return started
+
+    def _start(self, digests: list[str], imi: str, version: int) -> dict[str, Flight[bytes]]:
+        """Flights for blocks none is fetching yet: one request for one block,
+        a batch (source.blocks) for several."""
+        if len(digests) == 1:
+            digest = digests[0]
+            flight, _ = self._flights.fetch(digest, lambda: self._fetch(digest, imi, version))
+            return {digest: flight}
+        if not digests:
+            return {}
+        return self._flights.start_group(digests, lambda flights: self._fetch_group(flights, imi, version))
 
     def _read(self, digest: str) -> None:
         if digest in self._unread:
@@ -213,6 +235,31 @@ class BlockCache:
                 log.warning("block %s of %s@%d: %s", digest, imi, version, error)
                 raise
             finally:
+                if digest not in self._blocks:  # failed, cancelled or too large: nobody will read it here
+                    self._read(digest)
+
+    async def _fetch_group(self, flights: dict[str, Flight[bytes]], imi: str, version: int) -> None:
+        digests = list(flights)
+        self._stats["source_blocks"] += len(digests)
+        self._stats["source_batches"] += 1
+        for digest in digests:
+            if self._evicted.pop(digest, False) is None:
+                self._stats["refetched_blocks"] += 1
+        try:
+            blocks = await self._source.blocks(digests, imi, version)
+            for digest, data in zip(digests, blocks, strict=True):
+                if data is None:
+                    self._stats["source_errors"] += 1
+                    flights[digest].fail(Unavailable(f"block {digest} unavailable"))
+                    continue
+                self._stats["source_bytes"] += len(data)
+                self._store(digest, data)
+                flights[digest].answer(data)
+        except Unavailable:
+            self._stats["source_errors"] += 1
+            raise
+        finally:
+            for digest in digests:
                 if digest not in self._blocks:  # failed, cancelled or too large: nobody will read it here
                     self._read(digest)
 

@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from icbdcore.errors import CliError
 from icbdcore.source import ImageSource
 
 from .blockcache import BlockCache
@@ -28,6 +29,7 @@ from .manifests import Manifests
 from .namespace import Namespace
 from .profiles import BootProfiles, ProfileOptions
 from .reader import Reader
+from .tracing import ReadTracer
 
 
 @asynccontextmanager
@@ -60,7 +62,7 @@ async def open_filesystem(
             ),
             stats,
             follow=blocks.follow,
-            ready=blocks.__contains__,
+            held=blocks.__contains__,
         )
         manifests = Manifests(
             source,
@@ -82,8 +84,16 @@ async def open_filesystem(
             max_near=options.max_near,
             max_far=options.max_far,
         )
+        tracer = None
+        if options.trace is not None:
+            try:
+                tracer = ReadTracer(options.trace)
+            except OSError as error:
+                raise CliError(f"cannot write the read trace {options.trace}: {error.strerror or error}") from None
+            nursery.start_soon(tracer.keep_writing)
         ops = Operations(
-            Namespace(), manifests, reader, profiles, source=source, nursery=nursery, stats=stats
+            Namespace(), manifests, reader, profiles, source=source, nursery=nursery, stats=stats,
+            tracer=tracer,
         )
         if options.refresh > 0:
             nursery.start_soon(ops.keep_current, options.refresh, options.timeout)

@@ -38,11 +38,13 @@ import stat
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyfuse3
 import trio
 
 from icbdcore.manifest import DIR, FILE
+from icbdcore.mounts import SESSION_UP_XATTR
 from icbdcore.source import ImageSource, Unavailable
 
 from .manifests import Manifests
@@ -59,6 +61,7 @@ from .namespace import (
 )
 from .profiles import BootProfiles
 from .reader import OpenFile, Reader
+from .tracing import ReadTracer
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ assert ROOT == pyfuse3.ROOT_INODE
 
 CATALOG_TTL = 1.0
 CONTENT_TTL = 24 * 3600.0
+SESSION_UP = os.fsencode(SESSION_UP_XATTR)  # icbdcore/mounts.py: ends a version's profile recording
 
 
 @dataclass
@@ -82,6 +86,7 @@ class MountOptions:
     profile_max_blocks: int = 1 << 16
     profile_follow_idle: float = 10.0  # stop pulling profile blocks into memory when none are read
     kernel_readahead_kb: int = 1024  # the mount's read_ahead_kb (0: the kernel's 128)
+    trace: Path | None = None  # write every read served to this read trace (icbdcore/trace.py)
     min_tasks: int = 8  # pyfuse3 request tasks kept waiting
     max_tasks: int = 256  # requests served concurrently (each may wait up to `timeout`)
 
@@ -142,6 +147,7 @@ class Operations(pyfuse3.Operations):
         source: ImageSource,
         nursery: trio.Nursery,
         stats: Counter[str],
+        tracer: ReadTracer | None = None,
     ):
         super().__init__()
         self.namespace = namespace
@@ -152,6 +158,7 @@ class Operations(pyfuse3.Operations):
         self._reader = reader
         self._source = source
         self._nursery = nursery
+        self._tracer = tracer
         self._kernel = False  # True while mounted: send invalidations to the kernel
         self._files: dict[int, OpenFile | _OpenSnapshot] = {}
         self._next_fh = 1
@@ -169,6 +176,7 @@ class Operations(pyfuse3.Operations):
             lru_blocks=len(blocks),
             open_files=len(self._files),
             versions_loaded=sum(1 for _ in self.namespace.loaded()),
+            profile_recordings=self.profiles.recordings(),
             catalog={
                 name: {"latest": imi.info.latest, "versions": sorted(imi.info.versions)}
                 for name, imi in sorted(self.namespace.imis.items())
@@ -405,6 +413,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR if entry.type == DIR else errno.EINVAL)
         fh = self._new_fh()
         self._files[fh] = self._reader.open(version, entry)
+        self.profiles.opened(version.imi, version.number)
         # Content is immutable: keep the kernel's page cache across opens.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
@@ -420,10 +429,21 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         if isinstance(handle, _OpenSnapshot):
             return handle.data[off:off + size]
-        return await self._reader.read(handle, off, size)
+        if self._tracer is None:
+            return await self._reader.read(handle, off, size)
+        began, ok = self._tracer.now(), False
+        try:
+            data = await self._reader.read(handle, off, size)
+            ok = True
+            return data
+        finally:
+            version = handle.version
+            self._tracer.read(began, f"{version.imi}/{version.number}/{handle.entry.path}", off, size, ok)
 
     async def release(self, fh: int) -> None:
-        self._files.pop(fh, None)
+        handle = self._files.pop(fh, None)
+        if isinstance(handle, OpenFile):
+            self.profiles.released(handle.version.imi, handle.version.number)
 
     async def flush(self, fh: int) -> None:
         # Nothing is ever written, so nothing to flush: ENOSYS tells the
@@ -443,7 +463,13 @@ class Operations(pyfuse3.Operations):
         data.f_namemax = 255
         return data
 
+    @_guarded
     async def getxattr(self, inode: int, name: bytes, ctx=None) -> bytes:
+        if name == SESSION_UP and is_content(inode):
+            version, index = self.namespace.resolve(inode)
+            if index == 0:  # the version folder
+                state = self.profiles.session_up(version.imi, version.number)
+                return json.dumps(state, sort_keys=True).encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     async def listxattr(self, inode: int, ctx=None) -> list[bytes]:

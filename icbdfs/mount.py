@@ -78,8 +78,8 @@ def describe_mount(ops: Operations, sample: metrics.Sample, labels: dict[str, st
                       ("icbd_mount_source_blocks_total", "source_blocks"),
                       ("icbd_mount_source_bytes_total", "source_bytes"),
                       ("icbd_mount_source_errors_total", "source_errors"),
-                      ("icbd_profile_blocks_ready_total", "profile_ready_blocks"),
-                      ("icbd_profile_blocks_late_total", "profile_late_blocks"),
+                      ("icbd_profile_blocks_ready_total", "profile_blocks_ready"),
+                      ("icbd_profile_blocks_late_total", "profile_blocks_late"),
                       ("icbd_profile_replays_total", "profile_replays")):
         sample.add(name, status.get(key, 0))
     sample.add("icbd_mount_memory_bytes", status.get("lru_bytes"))

@@ -80,7 +80,7 @@ class Reader:
         """A file of a loaded version, opened for reading."""
         readahead = None
         if self._readahead and len(entry.chunks) > 1:
-            readahead = Readahead(len(entry.chunks), self._max_near, self._max_far)
+            readahead = Readahead(len(entry.chunks), version.tree.chunk_size, self._max_near, self._max_far)
         return OpenFile(version, entry, readahead)
 
     async def read(self, file: OpenFile, off: int, size: int) -> bytes | memoryview:
@@ -99,7 +99,7 @@ class Reader:
         self._stats["reads"] += 1
         self._profiles.touched(version.imi, version.number, digests)
         if file.readahead is not None:
-            self._read_ahead(file, first, last)
+            self._read_ahead(file, off, end)
         peek = self._blocks.peek
         blocks = [peek(d) for d in digests]
         if None in blocks:
@@ -174,8 +174,8 @@ class Reader:
         self._blocks.give_up(digests)
         raise Unavailable(f"no block within {self._timeout:g} s")
 
-    def _read_ahead(self, file: OpenFile, first: int, last: int) -> None:
-        near, far = file.readahead.advise(first, last)
+    def _read_ahead(self, file: OpenFile, off: int, end: int) -> None:
+        near, far = file.readahead.advise(off, end)
         chunks, version = file.entry.chunks, file.version
         if near:
             started = self._blocks.warm((chunks[i] for i in near), version.imi, version.number)

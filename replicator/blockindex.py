@@ -80,6 +80,17 @@ class BlockIndex:
             return None
         return await trio.to_thread.run_sync(self._read, digest, where, limiter=self._limiter)
 
+    async def read_many(self, digests: list[str]) -> list[bytes | None]:
+        """read() of each, in one worker thread call."""
+        wheres = [self._where.get(d) for d in digests]
+        if not any(wheres):
+            return [None] * len(digests)
+
+        def read_all() -> list[bytes | None]:
+            return [None if where is None else self._read(d, where) for d, where in zip(digests, wheres, strict=True)]
+
+        return await trio.to_thread.run_sync(read_all, limiter=self._limiter)
+
     def _read(self, digest: str, where: Location) -> bytes | None:
         name, version, pieces = where
         root: Path = self.layout.version_dir(name, version)

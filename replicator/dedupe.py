@@ -17,7 +17,9 @@ parent's chunk at the same path and offset, and the runs of equal pages are
 shared: a guest filesystem changes 4 KiB blocks, so a one-block change
 in a rebuilt image then costs that block, not a whole chunk. When many pages
 are left over (a rebuilt filesystem image whose files moved by whole
-blocks), the parent's file is scanned for them at every page-aligned offset.
+blocks), the parent's file is searched for them at every page-aligned
+offset: first around a few of the changed chunks, then, if some are found
+there, in the whole file.
 
 Measured on this project's 2-core test host, a 256 MiB image copied over
 with two small changes: with no sharing the delta is the whole file; shared
@@ -57,6 +59,8 @@ SAME, DIFFERS = 0, 1
 PAGE = 4096  # the sub-chunk unit: a guest filesystem's block
 SCAN_AT_LEAST = 1 << 20  # pages left after the same-offset pass that pay for reading the parent's file
 SCAN_READ = 4 << 20
+PROBES = 4  # changed chunks around which moved pages are looked for first
+PROBE_AROUND = 8 << 20  # bytes before and after each
 
 
 @dataclass
@@ -188,13 +192,20 @@ def _share_pages(old_fd: int, new_fd: int, chunks: list[tuple[int, int]], page: 
         wanted.setdefault(xxhash.xxh3_64_intdigest(os.pread(new_fd, page, start)), []).append(start)
     found: dict[int, int] = {}  # new offset -> an old offset whose page hashes alike
     size = os.fstat(old_fd).st_size
-    for base in range(0, size, SCAN_READ):
-        data = os.pread(old_fd, SCAN_READ, base)
-        for at in range(0, len(data) - page + 1, page):
-            for start in wanted.pop(xxhash.xxh3_64_intdigest(data[at:at + page]), ()):
-                found[start] = base + at
-        if not wanted:
-            break
+    # Content a rebuild moved sits near where it was (it shifted by the size of
+    # what grew before it): look around a few of the changed chunks first, and
+    # read the whole parent only if some of the missing pages are there. New
+    # bytes written in place (a guest's writes) are found nowhere, and a
+    # publish of a 1% change of a 1 GiB image no longer reads the other 99%
+    # (dedupe took 1.0 s of its 1.4 s, the transfer 0.25 s).
+    probes = [chunks[i * len(chunks) // PROBES][0] for i in range(min(PROBES, len(chunks)))]
+    windows = _merged([(max(0, at - PROBE_AROUND), min(size, at + PROBE_AROUND)) for at in probes])
+    for start, end in windows:
+        _scan(old_fd, start, end, page, wanted, found)
+    if not found:
+        log.debug("no changed page found near where it was: not scanning the parent's %d bytes", size)
+        return
+    _scan(old_fd, 0, size, page, wanted, found, skip=windows)
     # Runs where both the new and the old offsets advance page by page share in one call.
     run_new = run_old = prev = None
     for start in sorted(found):
@@ -206,6 +217,32 @@ def _share_pages(old_fd: int, new_fd: int, chunks: list[tuple[int, int]], page: 
         run_new, run_old, prev = start, found[start], start
     if run_new is not None:
         _share_run(old_fd, run_old, new_fd, run_new, prev + page - run_new, page, stats)
+
+
+def _scan(fd: int, start: int, end: int, page: int, wanted: dict[int, list[int]], found: dict[int, int],
+          skip: list[tuple[int, int]] = ()) -> None:
+    """Look for the wanted pages (by xxh3) at every page-aligned offset of
+    [start, end) of the parent's file, outside `skip`; what is found leaves `wanted`."""
+    for base in range(start, end, SCAN_READ):
+        if not wanted:
+            return
+        if any(a <= base and base + SCAN_READ <= b for a, b in skip):
+            continue
+        data = memoryview(os.pread(fd, min(SCAN_READ, end - base), base))
+        for at in range(0, len(data) - page + 1, page):
+            for new in wanted.pop(xxhash.xxh3_64_intdigest(data[at:at + page]), ()):
+                found[new] = base + at
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ranges, their starts aligned down to SCAN_READ, sorted, overlapping ones merged."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted((a - a % SCAN_READ, b) for a, b in ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 def _runs(flags: list[bool]) -> list[tuple[int, int]]:

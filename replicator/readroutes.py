@@ -14,9 +14,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from icbdcore.auth import READER
-from icbdcore.http import Endpoint, immutable_response
+from icbdcore.http import Endpoint, batch_response, immutable_response
 from icbdcore.wire import (
     BLOCK_ROUTE,
+    BLOCKS_ROUTE,
     MANIFEST_OBJECT_ROUTE,
     MANIFEST_ROUTE,
     REVALIDATE,
@@ -24,6 +25,7 @@ from icbdcore.wire import (
     check_digest,
     check_name,
     manifest_object_path,
+    parse_batch,
     parse_version,
 )
 
@@ -63,8 +65,13 @@ def read_routes(manifests: ManifestLookup, blocks: BlockIndex, versions: Version
         log.debug("block %s: %d bytes served", digest, len(data))
         return immutable_response(data, digest, "application/octet-stream", request)
 
+    async def get_blocks(request: Request) -> Response:
+        digests = parse_batch(request.query_params.get("d"))
+        return batch_response(await blocks.read_many(digests))
+
     return [
         Endpoint("GET", MANIFEST_ROUTE, get_manifest, READER),
         Endpoint("GET", MANIFEST_OBJECT_ROUTE, get_manifest_object, READER),
         Endpoint("GET", BLOCK_ROUTE, get_block, READER),
+        Endpoint("GET", BLOCKS_ROUTE, get_blocks, READER),
     ]

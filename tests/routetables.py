@@ -42,6 +42,7 @@ CONTRACT = {
         ("PUT", "/v1/imis/{name}/versions/{version}/profile"): NODE,
         ("POST", "/v1/imis/{name}/versions/{version}/profile"): NODE,
         ("GET", "/v1/blocks/{digest}"): READER,
+        ("GET", "/v1/blocks"): READER,
         ("GET", "/v1/nodes"): READER,
         ("POST", "/v1/nodes"): NODE,
         ("POST", "/v1/nodes/{node_id}/heartbeat"): NODE,
@@ -62,6 +63,7 @@ CONTRACT = {
         ("GET", "/v1/imis/{name}/versions/{version}/manifest"): READER,
         ("GET", "/v1/manifests/{digest}"): READER,
         ("GET", "/v1/blocks/{digest}"): READER,
+        ("GET", "/v1/blocks"): READER,
     },
     "cache": {
         ("GET", "/"): OPEN,
@@ -73,6 +75,7 @@ CONTRACT = {
         ("GET", "/v1/manifests/{digest}"): READER,
         ("GET", "/v1/profiles/{digest}"): READER,
         ("GET", "/v1/blocks/{digest}"): READER,
+        ("GET", "/v1/blocks"): READER,
         ("POST", "/v1/prefetch"): READER,
         ("GET", "/v1/prefetch/{job_id}"): READER,
         ("GET", "/v1/imis/{name}/versions/{version}/profile"): READER,

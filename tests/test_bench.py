@@ -126,6 +126,7 @@ PROBES = {
     "bench.wan": (netns_with_tbf,),
     "bench.booting": (desktop_image, qemu),
     "bench.scale": (netns_with_tbf, nginx),
+    "bench.desktop": (desktop_image, qemu),  # the tiny size boots the small desktop
 }
 
 

@@ -25,8 +25,9 @@ class MemorySource:
     def __init__(self, count: int = 8):
         self.data = [bytes([i]) * BLOCK for i in range(count)]
         self.digests = [content_digest(d) for d in self.data]
-        self.blocks = dict(zip(self.digests, self.data, strict=True))
+        self.by_digest = dict(zip(self.digests, self.data, strict=True))
         self.calls: Counter[str] = Counter()
+        self.batches: list[list[str]] = []
         self.delay = 0.0
         self.failing: set[str] = set()
 
@@ -36,7 +37,16 @@ class MemorySource:
             await trio.sleep(self.delay)
         if digest in self.failing:
             raise Unavailable(f"no block {digest}")
-        return self.blocks[digest]
+        return self.by_digest[digest]
+
+    async def blocks(self, digests: list[str], imi: str, version: int) -> list[bytes | None]:
+        """A batch: one call, one delay."""
+        self.batches.append(list(digests))
+        for digest in digests:
+            self.calls[digest] += 1
+        if self.delay:
+            await trio.sleep(self.delay)
+        return [None if d in self.failing else self.by_digest[d] for d in digests]
 
     async def prefetch(self, digests: list[str], imi: str, version: int) -> None:
         pass
@@ -77,13 +87,27 @@ async def test_readers_of_a_cold_block_share_one_fetch(autojump_clock):
         assert await get(cache, d) == [source.data[0]] and source.calls[d] == 1, "now in memory"
 
 
-async def test_blocks_of_one_read_are_fetched_in_parallel(autojump_clock):
+async def test_blocks_of_one_read_are_fetched_in_one_batch(autojump_clock):
     source = MemorySource()
     source.delay = 1.0
-    async with memory(source, 8) as (cache, _):
+    async with memory(source, 8) as (cache, stats):
+        await get(cache, source.digests[1])
         started = trio.current_time()
         assert await get(cache, *source.digests[:4]) == source.data[:4]
         assert trio.current_time() - started == pytest.approx(1.0)
+        assert source.batches == [[source.digests[0], *source.digests[2:4]]], "one request for the missing ones"
+        assert stats["source_batches"] == 1
+
+
+async def test_a_block_a_batch_does_not_bring_fails_alone(autojump_clock):
+    source = MemorySource()
+    source.failing.add(source.digests[2])
+    async with memory(source, 8) as (cache, _):
+        cache.warm(source.digests[:4], "img", 1)
+        await trio.sleep(0.1)
+        assert await get(cache, source.digests[0], source.digests[3]) == [source.data[0], source.data[3]]
+        with pytest.raises(Unavailable):
+            await get(cache, source.digests[2])
 
 
 async def test_a_reader_that_leaves_cancels_nothing(autojump_clock):

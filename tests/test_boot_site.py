@@ -123,3 +123,24 @@ def test_prestaged_site_boots_without_a_demand_fetch(desk):
     _wait_listed(mount, 1)
     _boot(mount, "desk")
     assert cache.status()["fetcher"]["demand_fetches"] == 0
+
+
+def test_the_profile_recording_follows_the_boot_to_its_session(desk):
+    """The mount records while the desktop's disk is open and ends the
+    recording when `icbd boot` sees the session line, however long the guest
+    spends on the CPU between two reads; then the profile is at the master."""
+    from icbd.boot import Screen
+
+    cluster, replica = desk
+    mount = cluster.mount("mnt", cache=cluster.cache("cache"), extra=["--profile-quiet", "1"])
+    _wait_listed(mount, 1)
+    result = _boot(mount, "desk", screen=Screen(stop_when_ready=True),
+                   overrides={"append": "console=ttyS0 root=/dev/vda ro quiet panic=-1 icbd.stay"})
+    assert result.outcome == "ready"
+    recording = wait_for(lambda: mount.status()["profile_recordings"].get("desk@1"), timeout=30,
+                         what="the mount's recording of desk@1")
+    assert recording["state"] == "ended" and recording["ended_by"] == "session", recording
+    profile = wait_for(lambda: cluster.api("GET", "/v1/imis/desk/versions/1/profile").status_code == 200
+                       and cluster.api("GET", "/v1/imis/desk/versions/1/profile").json(),
+                       timeout=30, what="the boot profile at the master")
+    assert len(profile["digests"]) == recording["blocks"] > 5

@@ -222,3 +222,55 @@ def test_pages_that_moved_by_whole_blocks_are_found(btrfs_dir):
     size = _send_size(parent, child)
     print(f"\none page inserted at 3 MiB of 8 MiB: delta {size} bytes")
     assert size < 64 << 10
+
+
+def _scans(monkeypatch) -> list[tuple[int, int]]:
+    """The ranges of the parent's file that dedupe reads to look for moved pages."""
+    from replicator import dedupe
+
+    ranges: list[tuple[int, int]] = []
+    scan = dedupe._scan
+
+    def recorded(fd, start, end, *args, **kwargs):
+        ranges.append((start, end))
+        return scan(fd, start, end, *args, **kwargs)
+
+    monkeypatch.setattr(dedupe, "_scan", recorded)
+    return ranges
+
+
+def _changed_chunks(old: bytes, new: bytes) -> list[tuple[int, int]]:
+    return [(at, CHUNK) for at in range(0, len(new), CHUNK) if old[at:at + CHUNK] != new[at:at + CHUNK]]
+
+
+def test_new_bytes_written_in_place_are_not_looked_for_in_the_whole_parent(tmp_path, monkeypatch):
+    """A guest's writes are new bytes, found nowhere: only the parent around a
+    few changed chunks is read, not the whole file."""
+    from replicator.dedupe import PROBE_AROUND, DedupeStats, _share_pages
+
+    old = os.urandom(160 * MIB)
+    new = bytearray(old)
+    for at in range(0, 160 * MIB, 16 * MIB):  # 10 places, 512 KiB of new bytes each
+        new[at + 4096:at + 4096 + 512 * 1024] = os.urandom(512 * 1024)
+    (tmp_path / "old").write_bytes(old)
+    (tmp_path / "new").write_bytes(new)
+    ranges = _scans(monkeypatch)
+    with open(tmp_path / "old", "rb") as o, open(tmp_path / "new", "rb") as n:
+        _share_pages(o.fileno(), n.fileno(), _changed_chunks(old, bytes(new)), PAGE, DedupeStats())
+    read = sum(end - start for start, end in ranges)
+    assert ranges and read <= 4 * 2 * PROBE_AROUND + 4 * MIB, ranges
+    assert read < len(old) / 2
+
+
+def test_pages_a_rebuild_moved_are_looked_for_in_the_whole_parent(tmp_path, monkeypatch):
+    from replicator.dedupe import DedupeStats, _share_pages
+
+    old = os.urandom(48 * MIB)
+    new = bytearray(old[:MIB]) + os.urandom(3 * PAGE) + bytearray(old[MIB:-3 * PAGE])  # shifted by 3 pages
+    (tmp_path / "old").write_bytes(old)
+    (tmp_path / "new").write_bytes(new)
+    ranges = _scans(monkeypatch)
+    stats = DedupeStats()
+    with open(tmp_path / "old", "rb") as o, open(tmp_path / "new", "rb") as n:
+        _share_pages(o.fileno(), n.fileno(), _changed_chunks(old, bytes(new)), PAGE, stats)
+    assert ranges[-1] == (0, len(old)), "found near the changed chunks: then the whole file"

@@ -23,8 +23,9 @@ from cache.blockstore import BlockStore
 from cache.fetcher import Fetcher
 from cache.upstreams import Upstreams
 from icbdcore.clients import Credentials
+from icbdcore.http import batch_response
 from icbdcore.source import Unavailable
-from icbdcore.wire import content_digest
+from icbdcore.wire import content_digest, parse_batch
 
 TOKEN = "test-token-123"
 
@@ -42,6 +43,8 @@ class BlockServer:
         self.delay = 0.0
         self.requests: Counter[str] = Counter()
         self.queries: list[dict] = []
+        self.batches: list[list[str]] = []  # each batch request's digests
+        self.withheld: set[str] = set()  # held, but left out of batch answers
         self.url = ""
         self._shutdown = trio.Event()
         self._stopped = trio.Event()
@@ -77,7 +80,28 @@ class BlockServer:
                 data = bytes([data[0] ^ 1]) + data[1:]
             return Response(data, media_type="application/octet-stream")
 
-        return Starlette(routes=[Route("/", status), Route("/v1/blocks/{digest}", block)])
+        async def batch(request: Request) -> Response:
+            if request.headers.get("authorization") != f"Bearer {TOKEN}":
+                return JSONResponse({"error": "token"}, status_code=401)
+            digests = parse_batch(request.query_params.get("d"))
+            self.batches.append(digests)
+            self.queries.append({k: v for k, v in request.query_params.items() if k != "d"})
+            if self.delay:
+                await trio.sleep(self.delay)
+            if self.mode == "hang":
+                await trio.sleep_forever()
+            out = []
+            for digest in digests:
+                self.requests[digest] += 1
+                path = self.folder / digest
+                data = path.read_bytes() if path.is_file() and digest not in self.withheld else None
+                if data is not None and self.mode == "corrupt":
+                    data = bytes([data[0] ^ 1]) + data[1:]
+                out.append(data)
+            return batch_response(out)
+
+        return Starlette(routes=[Route("/", status), Route("/v1/blocks", batch),
+                                 Route("/v1/blocks/{digest}", block)])
 
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         config = hypercorn.config.Config()
@@ -358,3 +382,66 @@ async def test_background_prefetch_reports_progress(nursery, tmp_path, client, s
                 await trio.sleep(0.02)
         assert (progress.fetched, progress.failed, progress.done) == (12, 1, 13)
         assert fetcher.stats()["prefetches"][-1]["fetched"] == 12
+
+
+# --- batches ------------------------------------------------------------------
+
+
+async def test_client_fetches_a_batch_and_verifies_each_block(nursery, tmp_path, client):
+    server = await start_server(nursery, tmp_path, "r1")
+    blocks = [bytes([i]) * (30000 + i) for i in range(5)]
+    digests = [server.add(b) for b in blocks]
+    absent = content_digest(b"not here")
+    got = await client.fetch_many(server.url, [*digests[:3], absent, *digests[3:]], imi="demo", version=2)
+    assert got == dict(zip(digests, blocks, strict=True)), "what it holds, in one answer; the rest left out"
+    assert server.batches == [[*digests[:3], absent, *digests[3:]]] and server.queries[-1] == {"imi": "demo",
+                                                                                               "version": "2"}
+    server.mode = "corrupt"
+    with pytest.raises(CorruptBlock):
+        await client.fetch_many(server.url, digests)
+    server.mode = "hang"
+    with trio.fail_after(3), pytest.raises(UpstreamTimeout):
+        await client.fetch_many(server.url, digests, timeout=0.3)
+
+
+async def test_get_many_reads_the_store_then_fetches_the_rest_in_one_batch(nursery, tmp_path, client, store):
+    server = await start_server(nursery, tmp_path, "r1")
+    blocks = [bytes([i]) * 50000 for i in range(6)]
+    digests = [server.add(b) for b in blocks]
+    for digest, data in list(zip(digests, blocks, strict=True))[:2]:
+        store.put(digest, data)
+    async with fetcher_for(store, client, [server.node()]) as fetcher:
+        assert await fetcher.get_many(digests, imi="demo", version=1) == blocks
+        assert server.batches == [digests[2:]], "one request for the four the store lacks"
+        assert fetcher.counts["hits"] == 2 and fetcher.counts["demand_fetches"] == 4
+        with trio.fail_after(2):
+            while fetcher.stats()["in_flight"]:
+                await trio.sleep(0.01)
+    assert store.missing(digests) == []
+
+
+async def test_blocks_a_batch_leaves_out_come_one_by_one_from_another_upstream(nursery, tmp_path, client, store):
+    near = await start_server(nursery, tmp_path, "near", site="a")
+    far = await start_server(nursery, tmp_path, "far", site="b")
+    blocks = [bytes([i]) * 20000 for i in range(4)]
+    digests = [near.add(b) for b in blocks]
+    for b in blocks:
+        far.add(b)
+    near.withheld.add(digests[1])
+    absent = content_digest(b"nowhere")
+    async with fetcher_for(store, client, [near.node(), far.node()]) as fetcher:
+        got = await fetcher.get_many([*digests, absent], imi="demo", version=1)
+        assert got == [*blocks, None], "the unavailable one is None, the others are there"
+        assert near.batches == [[*digests, absent]]
+        assert far.batches == [[digests[1], absent]], "the next upstream is asked for what is missing"
+        assert fetcher.counts["unavailable"] == 1
+
+
+async def test_prefetch_asks_in_batches(nursery, tmp_path, client, store):
+    server = await start_server(nursery, tmp_path, "r1")
+    digests = [server.add(bytes([i]) * 10000) for i in range(20)]
+    async with fetcher_for(store, client, [server.node()]) as fetcher:
+        progress = await fetcher.prefetch(digests, imi="demo", version=1, concurrency=16)
+        assert progress.fetched == 20
+        assert sorted(len(b) for b in server.batches) == [4, 8, 8]
+        assert sum(server.requests.values()) == 20

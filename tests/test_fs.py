@@ -15,6 +15,7 @@ import pytest
 import trio
 from tree_source import ODD_NAME, SAMPLE_CHUNK, TreeSource, build_sample_tree
 
+from icbdcore.mounts import SESSION_UP_XATTR
 from icbdfs.blockcache import BlockCache
 from icbdfs.filesystem import open_filesystem
 from icbdfs.fs import MountOptions, Operations
@@ -358,33 +359,62 @@ async def test_deleted_imi_disappears(source):
 
 # --- readahead ---------------------------------------------------------------------
 
-def test_readahead_window_grows_and_resets():
-    ra = Readahead(chunks=100, max_near=8, max_far=32)
-    assert ra.advise(0, 0) == (range(0), range(0)), "one read is not a pattern yet"
-    near, far = ra.advise(0, 0)
-    assert list(near) == [1] and far and min(far) > 1
-    windows = []
+C = 1 << 20  # the chunk size of the detector tests
+
+
+def test_readahead_starts_after_a_block_read_in_sequence_and_grows():
+    ra = Readahead(chunks=100, chunk_size=C, max_near=8, max_far=32)
+    for off in range(0, C - 4096, 4096):
+        assert ra.advise(off, off + 4096) == (range(0), range(0)), "less than a block in sequence"
+    near, far = ra.advise(C - 4096, C)
+    assert list(near) == [1] and not far, "a block in sequence: one block ahead"
+    warmed, ahead, top_ups = [1], [], 0
     for block in range(1, 8):
-        near, _ = ra.advise(block, block)
-        windows.append(ra.window)
-        assert not near or min(near) > block
-    assert windows == [2, 4, 8, 8, 8, 8, 8]
-    assert ra.near_until == 7 + 8
-    assert ra.advise(50, 50) == (range(0), range(0)), "a jump resets"
-    assert ra.window == 0
+        near, far = ra.advise(block * C, (block + 1) * C)
+        assert not near or min(near) == warmed[-1] + 1, "contiguous, never twice"
+        warmed += list(near)
+        top_ups += bool(near)
+        window = block + 1  # blocks read in sequence
+        ahead.append(warmed[-1] - block)
+        assert window // 2 <= ahead[-1] <= window, (block, ahead)
+        assert not far or block == 7, "no far window before the near one is full"
+    assert ahead[-1] == 8 and top_ups < 7, "the window grows with the run, topped up in batches"
+    assert list(far) == list(range(16, 40)), "a full near window opens the far one"
+    assert ra.advise(8 * C, 9 * C)[1] == range(0), "topped up only once half of it is used"
+    assert ra.advise(50 * C, 50 * C + 4096) == (range(0), range(0)), "a jump starts a new stream"
     # The end of the file bounds everything.
-    ra = Readahead(chunks=3)
-    ra.advise(0, 0)
-    near, far = ra.advise(0, 0)
-    assert max(near, default=0) <= 2 and max(far, default=0) <= 2
+    ra = Readahead(chunks=3, chunk_size=C, max_near=8, max_far=32)
+    for block in range(3):
+        near, far = ra.advise(block * C, (block + 1) * C)
+        assert max(near, default=0) <= 2 and max(far, default=0) <= 2
+
+
+def test_readahead_follows_interleaved_streams_of_one_file():
+    """A disk image is read by many guest processes through one open file."""
+    ra = Readahead(chunks=100, chunk_size=C, max_near=4, max_far=8)
+    a, b = 0, 40 * C
+    for _ in range(3):
+        near_a, _ = ra.advise(a, a + C)
+        near_b, _ = ra.advise(b, b + C)
+        a, b = a + C, b + C
+    assert near_a and min(near_a) > a // C - 1 and near_b and min(near_b) > b // C - 1
+    assert len(ra.streams) == 2
+
+
+def test_scattered_small_reads_in_neighbouring_blocks_read_nothing_ahead():
+    """What a boot does: 4-64 KiB here and there, often in the same or the next block."""
+    ra = Readahead(chunks=100, chunk_size=C, max_near=8, max_far=32)
+    for off, size in [(3 * C + 100 << 10, 16 << 10), (4 * C + (500 << 10), 4096), (3 * C + (900 << 10), 64 << 10),
+                      (4 * C + (20 << 10), 4096), (5 * C, 8192), (4 * C + (700 << 10), 16 << 10)] * 3:
+        assert ra.advise(off, off + size) == (range(0), range(0))
 
 
 async def test_sequential_reads_fetch_ahead(source):
-    async with running(source) as ops:
+    async with running(source, max_near=1, max_far=3) as ops:
         attr = await resolve(ops, "demo", "1", "bin", "tool")  # 4 chunks
         info = await ops.open(attr.st_ino, os.O_RDONLY, None)
-        await ops.read(info.fh, 0, 4096)
-        await ops.read(info.fh, 4096, 4096)
+        for off in range(0, SAMPLE_CHUNK, 16 << 10):
+            await ops.read(info.fh, off, 16 << 10)
         await trio.sleep(0.1)
         chunks = source._manifests["demo", 1].find("bin/tool").chunks
         assert source.block_calls[chunks[1]] == 1, "the next block was fetched before it was read"
@@ -473,6 +503,55 @@ async def test_older_profile_replayed_filtered_then_replaced(source):
         assert source.profiles["demo", 2] == list(dict.fromkeys(two.find("bin/tool").chunks))
 
 
+async def test_profile_recording_follows_a_boot_that_keeps_its_disk_open(source):
+    """qemu holds the disk image open from start to end; between two reads the
+    guest may spend longer on the CPU than the quiet time: the recording waits."""
+    async with running(source, profile_quiet=0.2, readahead=False) as ops:
+        manifest = await source.manifest("demo", 1)
+        disk = await resolve(ops, "demo", "1", "big.bin")
+        info = await ops.open(disk.st_ino, os.O_RDONLY, None)
+        await ops.read(info.fh, 0, 4096)
+        await trio.sleep(0.8)  # four quiet times without a new block, the disk still open
+        assert ops.profiles.recording_state("demo", 1) == {"state": "recording", "blocks": 1}
+        await ops.read(info.fh, 3 * SAMPLE_CHUNK, 4096)
+        tool = await resolve(ops, "demo", "1", "bin", "tool")
+        await read_all(ops, tool.st_ino, tool.st_size, 64 << 10)  # opened and closed meanwhile
+        await trio.sleep(0.5)
+        assert source.calls["save_profile"] == 0, "still recording while the disk is open"
+        await ops.release(info.fh)  # qemu exits
+        with trio.fail_after(3):
+            while ("demo", 1) not in source.profiles:
+                await trio.sleep(0.05)
+        big = manifest.find("big.bin").chunks
+        assert source.profiles["demo", 1] == list(dict.fromkeys([big[0], big[3], *manifest.find("bin/tool").chunks]))
+        assert ops.profiles.recording_state("demo", 1)["ended_by"] == "closed"
+        assert ops.status()["profile_recordings"]["demo@1"]["state"] == "ended"
+
+
+async def test_the_session_line_ends_the_recording_while_the_disk_is_open(source):
+    async with running(source, profile_quiet=60, readahead=False) as ops:
+        manifest = await source.manifest("demo", 1)
+        folder = await resolve(ops, "demo", "1")
+        disk = await resolve(ops, "demo", "1", "big.bin")
+        info = await ops.open(disk.st_ino, os.O_RDONLY, None)
+        await ops.read(info.fh, SAMPLE_CHUNK, 4096)
+        with pytest.raises(pyfuse3.FUSEError) as refused:  # a name the mount does not know
+            await ops.getxattr(folder.st_ino, b"user.other", None)
+        assert refused.value.errno == pyfuse3.ENOATTR
+        with pytest.raises(pyfuse3.FUSEError):  # asked of a file, not of the version folder
+            await ops.getxattr(disk.st_ino, SESSION_UP_XATTR.encode(), None)
+        assert ops.profiles.recording_state("demo", 1)["state"] == "recording"
+        state = json.loads(await ops.getxattr(folder.st_ino, SESSION_UP_XATTR.encode(), None))
+        assert state == {"state": "ended", "blocks": 1, "ended_by": "session"}
+        with trio.fail_after(3):
+            while ("demo", 1) not in source.profiles:
+                await trio.sleep(0.05)
+        assert source.profiles["demo", 1] == [manifest.find("big.bin").chunks[1]]
+        await ops.read(info.fh, 2 * SAMPLE_CHUNK, 4096)  # after the session: not in the profile
+        assert ops.profiles.recorded("demo", 1) == [manifest.find("big.bin").chunks[1]]
+        await ops.release(info.fh)
+
+
 async def test_replay_pulls_the_profile_into_memory_a_window_ahead_of_readers(source):
     manifest = await source.manifest("demo", 1)
     chunks = list(manifest.find("big.bin").chunks)  # 4 distinct blocks
@@ -502,6 +581,29 @@ async def test_replay_pulls_the_profile_into_memory_a_window_ahead_of_readers(so
         assert b"".join(got) == expected
         assert [source.block_calls[d] for d in chunks] == [1, 1, 1, 1]
         assert ops.stats["follow_blocks"] == 4
+        assert (ops.stats["profile_blocks_ready"], ops.stats["profile_blocks_late"]) == (4, 0)
+
+
+async def test_profile_blocks_a_reader_asks_for_first_count_as_late(source):
+    manifest = await source.manifest("demo", 1)
+    chunks = list(manifest.find("big.bin").chunks)
+    source.profiles["demo", 1] = chunks
+    source.stall_block(chunks[0])  # the replay's batch cannot come in yet
+    async with running(source, readahead=False) as ops:
+        attr = await resolve(ops, "demo", "1", "big.bin")
+        with trio.fail_after(3):
+            while not ops.stats["follow_blocks"]:
+                await trio.sleep(0.01)
+        info = await ops.open(attr.st_ino, os.O_RDONLY, None)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ops.read, info.fh, 0, 4096)  # waits with the replay for block 0: late
+            await trio.sleep(0.2)
+            source.release_block(chunks[0])
+        await ops.read(info.fh, 0, 4096)  # read again: counted once
+        await ops.read(info.fh, 2 * SAMPLE_CHUNK, 4096)
+        await ops.read(info.fh, 3 * SAMPLE_CHUNK, 4096)
+        assert (ops.stats["profile_blocks_ready"], ops.stats["profile_blocks_late"]) == (2, 1)
+        assert source.block_calls[chunks[0]] == 1, "the reader waited for the replay's fetch"
 
 
 async def test_replay_into_memory_stops_when_readers_take_nothing(source):

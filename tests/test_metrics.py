@@ -114,13 +114,13 @@ async def test_profile_blocks_are_counted_ready_or_late_at_their_first_read():
     in_memory = {"b" * 64, "c" * 64}
     stats: Counter[str] = Counter()
     async with trio.open_nursery() as nursery:
-        profiles = BootProfiles(Source(), nursery, ProfileOptions(quiet=0.1), stats, ready=in_memory.__contains__)
+        profiles = BootProfiles(Source(), nursery, ProfileOptions(quiet=0.1), stats, held=in_memory.__contains__)
         profiles.first_access("img", 1, frozenset(c * 64 for c in "abcde"))
         await trio.sleep(0.05)  # the replay has the profile
         profiles.touched("img", 1, ["a" * 64, "b" * 64])  # a: not there yet; b: ready
         profiles.touched("img", 1, ["b" * 64, "c" * 64, "e" * 64])  # b again: counted once; e: not in the profile
         nursery.cancel_scope.cancel()
-    assert (stats["profile_ready_blocks"], stats["profile_late_blocks"]) == (2, 1)
+    assert (stats["profile_blocks_ready"], stats["profile_blocks_late"]) == (2, 1)
 
 
 @pytest.mark.btrfs

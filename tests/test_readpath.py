@@ -204,3 +204,37 @@ def test_uncached_read_fails_fast_with_eio(site):
     assert time.monotonic() - started < 2 + 3
     cache.resume()
     assert (mount.mountpoint / "demo" / "1" / "etc" / "hostname").read_text() == "desktop-1\n"
+
+
+def test_a_batch_of_blocks_from_a_replica_and_from_the_cache_server(site):
+    """GET /v1/blocks?d=...: the blocks a node can deliver, one after the other,
+    their sizes in X-Icbd-Block-Sizes ("-" for one it does not deliver), in one
+    answer; the cache server fills what it lacks from the replicas, in a batch."""
+    cluster, near, far, cache, tree = site
+    manifest = Manifest.from_bytes(cluster.api("GET", "/v1/imis/demo/versions/1/manifest").content)
+    chunks = list(dict.fromkeys(manifest.find("big.bin").chunks))
+    absent = content_digest(b"published nowhere")
+    asked = [chunks[0], absent, *chunks[1:4]]
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    data = (tree / "big.bin").read_bytes()
+    expected = {d: data[i * MIB:(i + 1) * MIB] for i, d in enumerate(manifest.find("big.bin").chunks)}
+    for node in (near, cache):
+        before = _served(near) + _served(far)
+        answer = requests.get(f"{node.url}/v1/blocks", params={"d": ",".join(asked), "imi": "demo", "version": 1},
+                              headers=headers, timeout=60)
+        assert answer.status_code == 200, answer.text
+        sizes = answer.headers["X-Icbd-Block-Sizes"].split(",")
+        assert sizes[1] == "-" and all(s.isdigit() for s in sizes[:1] + sizes[2:])
+        body, at = answer.content, 0
+        for digest, size in zip(asked, sizes, strict=True):
+            if size == "-":
+                continue
+            assert body[at:at + int(size)] == expected[digest]
+            at += int(size)
+        assert at == len(body)
+        if node is cache:
+            assert _served(near) + _served(far) - before == 4, "the cache filled its four blocks once"
+    too_many = requests.get(f"{cache.url}/v1/blocks", params={"d": ",".join([chunks[0]] * 17)}, headers=headers,
+                            timeout=10)
+    assert too_many.status_code == 400 and "1 to 16" in too_many.json()["error"]
+    assert requests.get(f"{near.url}/v1/blocks", params={"d": chunks[0]}, timeout=10).status_code == 401

@@ -62,8 +62,16 @@ class TreeSource:
         self._where: dict[str, list[tuple[Path, int, int]]] = {}  # digest -> pieces, in order
         self._last_catalog: Catalog | None = None
         self._limiter = trio.CapacityLimiter(8)
+        self._stalled: dict[str, trio.Event] = {}
 
     # --- switches --------------------------------------------------------
+
+    def stall_block(self, digest: str) -> None:
+        """Hold every fetch of this block until release_block()."""
+        self._stalled[digest] = trio.Event()
+
+    def release_block(self, digest: str) -> None:
+        self._stalled.pop(digest).set()
 
     def rollback(self, imi: str, version: int) -> None:
         self.latest[imi] = version
@@ -122,11 +130,23 @@ class TreeSource:
         self.calls["block"] += 1
         self.block_calls[digest] += 1
         await self._gate()
+        if digest in self._stalled:
+            await self._stalled[digest].wait()
         try:
             where = self._where[digest]
         except KeyError:
             raise Unavailable(f"no block {digest}") from None
         return await trio.to_thread.run_sync(_read_block, digest, where, limiter=self._limiter)
+
+    async def blocks(self, digests: list[str], imi: str, version: int) -> list[bytes | None]:
+        self.calls["blocks"] += 1
+        out: list[bytes | None] = []
+        for digest in digests:
+            try:
+                out.append(await self.block(digest, imi, version))
+            except Unavailable:
+                out.append(None)
+        return out
 
     async def prefetch(self, digests: list[str], imi: str, version: int) -> None:
         self.calls["prefetch"] += 1
@@ -240,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=float, default=10.0)
     p.add_argument("--refresh", type=float, default=2.0)
     p.add_argument("--profile-quiet", type=float, default=10.0)
+    p.add_argument("--trace", type=Path)
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(
@@ -248,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     source = TreeSource(args.root, args.chunk_size, args.control)
     options = MountOptions(
-        timeout=args.timeout, refresh=args.refresh, profile_quiet=args.profile_quiet
+        timeout=args.timeout, refresh=args.refresh, profile_quiet=args.profile_quiet, trace=args.trace
     )
 
     def ready() -> None:

@@ -252,6 +252,17 @@ LINKS = {
 REMOVE = ("/etc/resolv.conf", "/vmlinuz", "/vmlinuz.old", "/initrd.img", "/initrd.img.old")
 
 
+BOOT_ORDER_FILE = Path(__file__).with_name("debian-desktop.boot-order")
+
+
+def read_boot_order(path: Path = BOOT_ORDER_FILE) -> tuple[str, ...]:
+    """The paths a boot reads, in the order it first reads them (boot_order.py made the file)."""
+    try:
+        return tuple(line.strip() for line in path.read_text().splitlines() if line.strip().startswith("/"))
+    except FileNotFoundError:
+        return ()
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Everything a build depends on besides the pinned packages."""
@@ -263,6 +274,8 @@ class Recipe:
     sources: tuple[str, ...] = SOURCES
     packages: tuple[str, ...] = PACKAGES
     epoch: int = FIXED_TIME
+    # Laid out first, in this order (see "Boot order" above); paths missing from the tree are skipped.
+    boot_order: tuple[str, ...] = field(default_factory=read_boot_order)
 
     @property
     def all_packages(self) -> tuple[str, ...]:
@@ -377,7 +390,8 @@ def _build(dest: Path, recipe: Recipe, pool: PackagePool, lock: Lock) -> BuildIn
         try:
             stats = ext4.make_image(root, dest / "rootfs.img", epoch=recipe.epoch, uuid=FS_UUID.bytes,
                                     hash_seed=FS_HASH_SEED.bytes, label="icbd-root",
-                                    free_bytes=FREE_BYTES, base=recipe.base)
+                                    free_bytes=FREE_BYTES, base=recipe.base,
+                                    first=[os.fsencode(p) for p in recipe.boot_order])
             ext4.check_image(dest / "rootfs.img")
         except ext4.Ext4Error as error:
             raise ImageBuildError(str(error)) from None

@@ -6,9 +6,10 @@ the walk moves every later inode and data block: a 30 KB file added to
 btrfs delta between the two releases would carry all of it. This writer lays
 the tree out itself:
 
-- without a base image, in one deterministic order (a depth-first walk by
-  name, each directory's blocks just before its children's), packed from the
-  front;
+- without a base image, in one deterministic order, packed from the front:
+  first the paths `first` names, in its order (the files and folders a boot
+  reads, in the order it first reads them), then the rest in a depth-first
+  walk by name, each directory's blocks just before its children's;
 - with `base` (an image this writer made for an earlier release), every path
   that exists in both keeps its inode number and its blocks, as far as its new
   size fits in them; only new or grown files take new inodes and blocks, first
@@ -36,7 +37,7 @@ import os
 import stat
 import struct
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -418,8 +419,11 @@ def choose_geometry(nodes: list[Node], free_bytes: int, base: Layout | None) -> 
         groups += 1
 
 
-def place(nodes: list[Node], geometry: Geometry, base: Layout | None) -> FreeSpace:
-    """Give every node an inode number and extents, keeping the base's where they fit."""
+def place(nodes: list[Node], geometry: Geometry, base: Layout | None,
+          first: Sequence[bytes] = ()) -> FreeSpace:
+    """Give every node an inode number and extents, keeping the base's where
+    they fit; the paths `first` names take their blocks before the others, in
+    its order."""
     entries = base.entries if base is not None else {}
     taken_inodes = set(range(1, FIRST_INO + 1))
     for node in nodes:
@@ -460,6 +464,8 @@ def place(nodes: list[Node], geometry: Geometry, base: Layout | None) -> FreeSpa
                 continue
         if need:
             pending.append(node)
+    rank = {path: i for i, path in enumerate(dict.fromkeys(first))}
+    pending.sort(key=lambda node: rank.get(node.path, len(rank)))  # stable: the walk's order after
     for node in pending:
         node.extents = space.allocate(node.blocks_needed())
         if len(node.extents) > MAX_EXTENTS:
@@ -663,8 +669,10 @@ class ImageStats:
 
 
 def make_image(tree: Path, dest: Path, *, epoch: int, uuid: bytes, hash_seed: bytes,
-               label: str = "", free_bytes: int = 256 << 20, base: Path | None = None) -> ImageStats:
-    """Write the ext4 image of `tree` to `dest` (see the module docstring)."""
+               label: str = "", free_bytes: int = 256 << 20, base: Path | None = None,
+               first: Sequence[bytes] = ()) -> ImageStats:
+    """Write the ext4 image of `tree` to `dest` (see the module docstring).
+    `first`: paths ("/usr/bin/x") to lay out first, in this order."""
     tree, dest = Path(tree), Path(dest)
     nodes = read_tree(tree, epoch)
     if not any(n.path == b"/lost+found" for n in nodes):
@@ -676,7 +684,7 @@ def make_image(tree: Path, dest: Path, *, epoch: int, uuid: bytes, hash_seed: by
         nodes.insert(1, lost)
     layout = read_layout(base) if base is not None else None
     geometry = choose_geometry(nodes, free_bytes, layout)
-    space = place(nodes, geometry, layout)
+    space = place(nodes, geometry, layout, first)
     write_image(dest, nodes, geometry, space, uuid=uuid, hash_seed=hash_seed,
                 label=label.encode(), epoch=epoch)
     entries = layout.entries if layout else {}
@@ -685,6 +693,25 @@ def make_image(tree: Path, dest: Path, *, epoch: int, uuid: bytes, hash_seed: by
                 and tuple(n.extents) != entries[n.path].extents[:len(n.extents)])
     return ImageStats(geometry, len(nodes), sum(c for n in nodes for _, c in n.extents) * BLOCK,
                       kept, moved)
+
+
+def paths_read(image: Path, ranges: Iterable[tuple[int, int]]) -> list[bytes]:
+    """The paths of an image this writer made whose blocks the byte ranges
+    (offset, length) touch, in the order the ranges first touch them. Ranges
+    in group metadata (inode tables, bitmaps) touch no path."""
+    layout = read_layout(image)
+    owner: dict[int, bytes] = {}
+    for path, entry in layout.entries.items():
+        for start, count in entry.extents:
+            for block in range(start, start + count):
+                owner[block] = path
+    found: dict[bytes, None] = {}
+    for offset, length in ranges:
+        for block in range(offset // BLOCK, (offset + max(1, length) - 1) // BLOCK + 1):
+            path = owner.get(block)
+            if path is not None:
+                found.setdefault(path)
+    return list(found)
 
 
 def check_image(image: Path) -> None:
