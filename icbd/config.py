@@ -475,7 +475,7 @@ EXAMPLES = {
     "master.token-file": "/etc/icbd/admin.token",
     "cache": ["https://cache1.paris.example.org:7402", "https://cache2.paris.example.org:7402"],
     "cache-dir": "/var/cache/icbd/mount", "metrics-listen": "127.0.0.1:9402", "kernel": "/boot/vmlinuz",
-    "overlay": "/var/lib/icbd/overlays", "role": ["mount"],
+    "overlay": "/var/lib/icbd/overlays", "role": ["mount"], "boot.timeout": 300.0,
 }
 SAMPLE_TABLES = ("master", "replica", "cache", "mount", "doctor", "boot")
 
