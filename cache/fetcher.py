@@ -304,7 +304,8 @@ class Fetcher:
                     if found:
                         seconds = time.perf_counter() - began
                         self.upstreams.succeeded(up, seconds, sum(map(len, found.values())))
-                        observe_fetch(up.id, seconds)  # a batch is one fetch: one request's latency
+                        for _ in found:  # each block of the batch took the batch's time to come
+                            observe_fetch(up.id, seconds)
                     got.update(found)
                 missing = [d for d in missing if d not in got]
                 if not missing:

@@ -261,6 +261,7 @@ class CacheGroup:
 
     async def _batch(self, member: Member, share: list[str], imi: str, version: int,
                      found: dict[str, bytes]) -> None:
+        started = time.perf_counter()
         try:
             got = await member.remote.client.fetch_many(member.url, share, imi=imi, version=version,
                                                         timeout=self.attempt_timeout, rid=current_request_id())
@@ -274,6 +275,9 @@ class CacheGroup:
             self.counters.failovers += len(share)  # each is asked of another source next
             return
         self._answered(member)
+        seconds = time.perf_counter() - started
+        for _ in got:  # each block of the batch took the batch's time to come
+            observe_fetch(member.url, seconds)
         member.blocks += len(got)
         member.bytes += sum(map(len, got.values()))
         found.update(got)
