@@ -91,7 +91,8 @@ class Member:
         down = self.down_seconds + (now - self.down_since if self.down_since is not None else 0.0)
         return {"url": self.url, "state": "up" if self.up else "down", "blocks": self.blocks,
                 "bytes": self.bytes, "errors": self.errors, "down_seconds": round(down, 1),
-                "retry_in_s": round(max(0.0, self.retry_at - now), 1) if not self.up else 0.0}
+                "retry_in_s": round(max(0.0, self.retry_at - now), 1) if not self.up else 0.0,
+                "batches": self.batches}
 
 
 @dataclass
