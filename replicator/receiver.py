@@ -447,15 +447,7 @@ class Receiver:
         try:
             if response.status != 200:
                 raise ReceiveFailed(f"master answered {response.status} for {path}", resumable=True)
-            length = response.headers.get("Content-Length")
-            if length is not None and (not length.isdigit() or int(length) > limit):
-                raise ReceiveFailed(f"master announced {length} bytes for {path}, over {limit}")
-            try:
-                data = response.read(limit + 1)
-            except (urllib3.exceptions.HTTPError, OSError) as error:
-                raise ReceiveFailed(f"cannot read {path} from the master: {error}", resumable=True) from None
-            if len(data) > limit:
-                raise ReceiveFailed(f"master sent more than {limit} bytes for {path}")
+            data = self._read_capped(response, path, limit)
             complete = response.read(1) == b""
             return data
         finally:
