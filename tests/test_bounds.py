@@ -235,6 +235,8 @@ async def test_a_cache_s_manifests_and_profiles_stay_within_its_bound(tmp_path):
         parts = path.split("/")
         if path.endswith("/manifest"):
             return 200, manifests[int(parts[-2])]
+        if path.startswith("/v1/manifests/"):  # a manifest by its digest, as caches ask for it
+            return next(((200, m) for m in manifests.values() if content_digest(m) == parts[-1]), (404, b"{}"))
         if path.endswith("/profile"):
             return 200, json.dumps(profile).encode()
         return 404, b'{"error": "no"}'

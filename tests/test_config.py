@@ -235,7 +235,7 @@ def test_version_and_completion():
              'COMP_POINT=23; _shtab_icbd; echo "${COMPREPLY[@]}"')
     out = subprocess.run([bash, "-c", probe], input=script, capture_output=True, text=True, timeout=30)
     lines = out.stdout.splitlines()
-    assert lines[0].split() == ["replica"], out
+    assert sorted(lines[0].split()) == ["replay", "replica"], out
     assert "--resume-spool" in lines[1], out
 
 
