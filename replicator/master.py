@@ -456,7 +456,8 @@ class Master:
         except SendsBusy as busy:
             raise Refused(503, str(busy), retry_after=busy.retry_after) from None
         self.stream_served["requests"] += 1
-        what = f"stream {digest} ({key[0]} version {key[1]}, {f'delta from {key[2]}' if key[2] else 'full'})"
+        node = request.headers.get(NODE_HEADER) or "a caller that gave no node id"
+        what = f"{key[0]} version {key[1]} ({f'delta from {key[2]}' if key[2] else 'full'}) to {node} (stream {digest[:16]})"
         log.info("sending %s%s", what, f" from byte {start}" if start else "")
         return StreamingResponse(_logged(self._counted(spool, start, end), what, start), status_code=status,
                                  media_type="application/octet-stream", headers=headers)
