@@ -251,6 +251,8 @@ def test_cache_servers_behind_one_nginx_cost_the_replica_one_copy(tmp_path):
         assert egress == working_set
         ups = {u["id"]: u for u in c2.status()["fetcher"]["upstreams"]}
         assert ups[proxy.url]["role"] == "static" and ups[proxy.url]["bytes"] >= working_set  # and the manifest
+        # nginx refused the batches (not objects it could keep): each block came alone, and was kept.
+        assert ups[proxy.url]["batches"] is False
         # The version reaches every mount's eyes: a block read through c2 is the replica's.
         block = requests.get(c2.url + block_path(digests[0]), headers=_headers(cluster.token("reader")), timeout=10)
         assert block.status_code == 200 and block.headers["Cache-Control"] == "public, max-age=31536000, immutable"
