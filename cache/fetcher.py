@@ -284,9 +284,11 @@ class Fetcher:
         got: dict[str, bytes] = {}
         missing = list(digests)
         with trio.move_on_after(self.deadline):
-            for up in self.upstreams.candidates(imi, version):
+            for tried, up in enumerate(self.upstreams.candidates(imi, version)):
                 if not up.batches:
                     break
+                if tried:
+                    self.counts["failovers"] += 1  # what is missing is asked of the next candidate
                 for start in range(0, len(missing), MAX_BATCH):
                     batch = missing[start:start + MAX_BATCH]
                     began = time.perf_counter()
@@ -310,7 +312,6 @@ class Fetcher:
                 missing = [d for d in missing if d not in got]
                 if not missing:
                     break
-                self.counts["failovers"] += 1
         return got
 
     async def _from_upstreams(self, path: str, digest: str, imi: str | None, version: int | None,
@@ -453,6 +454,16 @@ class Fetcher:
             for batch in batches:
                 free = [d for d in batch if d not in self._inflight]
                 progress.in_flight += len(batch) - len(free)
+                if free and self.store is not None:
+                    # A reader may have fetched and stored some since the prefetch began.
+                    try:
+                        stored_now = set(free) - set(await trio.to_thread.run_sync(
+                            self.store.missing, free, limiter=self._store_limiter))
+                    except STORE_ERRORS:
+                        self.counts["store_errors"] += 1
+                        stored_now = set()
+                    progress.already += len(stored_now)
+                    free = [d for d in free if d not in stored_now]
                 if not free:
                     continue
                 flights = self._launch_group(free, imi, version, prefetch=True)

@@ -273,8 +273,8 @@ class CacheGroup:
         except FetchFailure as error:
             if error.kind in ("host", "timeout"):
                 self._failed(member, error.why)
-            self.counters.failovers += len(share)  # each is asked of another source next
-            return
+                self.counters.failovers += len(share)  # each is asked of another source next
+            return  # else block() asks this cache again for each, and counts its own failovers
         self._answered(member)
         seconds = time.perf_counter() - started
         for _ in got:  # each block of the batch took the batch's time to come

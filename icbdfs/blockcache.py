@@ -246,7 +246,8 @@ class BlockCache:
             if self._evicted.pop(digest, False) is None:
                 self._stats["refetched_blocks"] += 1
         try:
-            blocks = await self._source.blocks(digests, imi, version)
+            with request_id(new_request_id()):  # one id for the batch, on every hop it takes
+                blocks = await self._source.blocks(digests, imi, version)
             for digest, data in zip(digests, blocks, strict=True):
                 if data is None:
                     self._stats["source_errors"] += 1

@@ -445,3 +445,22 @@ async def test_prefetch_asks_in_batches(nursery, tmp_path, client, store):
         assert progress.fetched == 20
         assert sorted(len(b) for b in server.batches) == [4, 8, 8]
         assert sum(server.requests.values()) == 20
+
+
+async def test_prefetch_skips_what_a_reader_stored_meanwhile(nursery, tmp_path, client, store):
+    """A reader fetches a block while a prefetch is on its earlier batches:
+    the prefetch finds it stored when it gets there, and does not fetch it
+    from the upstream a second time (a boot profile replayed by the cache
+    while the mount reads the same blocks)."""
+    server = await start_server(nursery, tmp_path, "r1")
+    server.delay = 0.2
+    digests = [server.add(bytes([i]) * 10000) for i in range(24)]
+    async with fetcher_for(store, client, [server.node()]) as fetcher:
+        progress = fetcher.start_prefetch(digests, imi="demo", version=1, concurrency=8)  # one batch at a time
+        await trio.sleep(0.05)  # the first batch is on its way
+        assert await fetcher.get(digests[-1], imi="demo", version=1) == bytes([23]) * 10000
+        with trio.fail_after(10):
+            while progress.finished is None:
+                await trio.sleep(0.02)
+        assert server.requests[digests[-1]] == 1, "fetched once, by the reader"
+        assert (progress.fetched, progress.already, progress.failed) == (23, 1, 0)
