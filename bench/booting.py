@@ -108,11 +108,7 @@ class DesktopSite:
         return self.replica.status()["served"]
 
     def profile(self) -> dict | None:
-        response = self.cluster.api("GET", profile_path(IMI, 1))
-        if response.status_code == 404:
-            return None
-        response.raise_for_status()
-        return response.json()
+        return master_profile(self.cluster)
 
     def wait_profile(self) -> dict:
         return wait_for(self.profile, timeout=PROFILE_WAIT, interval=0.5,
@@ -120,20 +116,37 @@ class DesktopSite:
 
     def block_sizes(self) -> dict[str, int]:
         """Every block of the version and its size, from the manifest."""
-        response = self.cluster.api("GET", manifest_path(IMI, 1))
-        response.raise_for_status()
-        manifest = Manifest.from_bytes(response.content)
-        sizes: dict[str, int] = {}
-        for entry in manifest.files():
-            for index, digest in enumerate(entry.chunks):
-                sizes[digest] = entry.chunk_span(index, manifest.chunk_size)[1]
-        return sizes
+        return chunk_sizes(master_manifest(self.cluster))
 
     def working_set(self, profile: dict) -> dict:
         sizes = self.block_sizes()
         blocks = list(dict.fromkeys(d for d in profile["digests"] if d in sizes))
         return {"blocks": len(blocks), "bytes": sum(sizes[d] for d in blocks), "digests": blocks,
                 "image_blocks": len(sizes), "image_distinct_bytes": sum(sizes.values())}
+
+
+def master_profile(cluster: Cluster) -> dict | None:
+    """The boot profile of the desktop's version 1 at the master, or None before one is saved."""
+    response = cluster.api("GET", profile_path(IMI, 1))
+    if response.status_code == 404:
+        return None
+    response.raise_for_status()
+    return response.json()
+
+
+def master_manifest(cluster: Cluster) -> Manifest:
+    response = cluster.api("GET", manifest_path(IMI, 1))
+    response.raise_for_status()
+    return Manifest.from_bytes(response.content)
+
+
+def chunk_sizes(manifest: Manifest) -> dict[str, int]:
+    """Every chunk of the manifest's files and its size."""
+    sizes: dict[str, int] = {}
+    for entry in manifest.files():
+        for index, digest in enumerate(entry.chunks):
+            sizes[digest] = entry.chunk_span(index, manifest.chunk_size)[1]
+    return sizes
 
 
 def desktop_site(ctx: BenchContext, name: str) -> DesktopSite:

@@ -51,8 +51,8 @@ from icbd.boot import BootResult, Screen, boot, boot_async, choose_accel
 from icbd.replay import replay
 from icbdcore.manifest import Manifest
 from icbdcore.trace import TracedRead, read_trace
-from icbdcore.wire import manifest_path, profile_path
 
+from .booting import chunk_sizes, master_manifest, master_profile
 from .context import BenchContext
 from .results import Result, Stopwatch, median
 
@@ -160,26 +160,15 @@ class DesktopSite:
         return {node.id: node.status()["served"]["bytes"] for node in (self.replica, self.cluster.master_node)}
 
     def profile(self) -> dict | None:
-        response = self.cluster.api("GET", profile_path(IMI, 1))
-        if response.status_code == 404:
-            return None
-        response.raise_for_status()
-        return response.json()
+        return master_profile(self.cluster)
 
     def manifest(self) -> Manifest:
         if self._manifest is None:
-            response = self.cluster.api("GET", manifest_path(IMI, 1))
-            response.raise_for_status()
-            self._manifest = Manifest.from_bytes(response.content)
+            self._manifest = master_manifest(self.cluster)
         return self._manifest
 
     def block_sizes(self) -> dict[str, int]:
-        manifest = self.manifest()
-        sizes: dict[str, int] = {}
-        for entry in manifest.files():
-            for index, digest in enumerate(entry.chunks):
-                sizes[digest] = entry.chunk_span(index, manifest.chunk_size)[1]
-        return sizes
+        return chunk_sizes(self.manifest())
 
     def blocks_read(self, reads: list[TracedRead]) -> list[str]:
         """The distinct blocks a trace's reads touched, in first-read order."""

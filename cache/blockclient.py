@@ -168,44 +168,21 @@ class BlockClient:
 
     def _verified_many(self, url: str, digests: list[str], timeout: float, rid: str | None,
                        cutoff: Cutoff) -> dict[str, bytes]:
-        with cutoff:
-            try:
-                blocks = self._request_many(url, digests, timeout, cutoff, rid)
-            except FetchFailure as error:
-                if cutoff.is_cut:
-                    raise UpstreamTimeout(url, f"cut off at the deadline ({error.why})") from None
-                raise
+        blocks = self._exchange(url, timeout, cutoff, rid, lambda response: self._read_batch(url, response, digests))
         for digest, data in blocks.items():  # in this thread, as for one block
             if content_digest(data) != digest:
                 raise CorruptBlock(url, f"sent {len(data)} bytes for {digest} that do not match it")
         return blocks
 
-    def _request_many(self, url: str, digests: list[str], timeout: float, cutoff: Cutoff,
-                      rid: str | None) -> dict[str, bytes]:
-        response = self._open(url, timeout, rid)
-        complete = False
-        try:
-            try:
-                self._refuse_status(url, response)
-            except FetchFailure:
-                complete = True  # drained
-                raise
-            sizes = _batch_sizes(url, response.headers.get(BLOCK_SIZES_HEADER), len(digests))
-            total = sum(n for n in sizes if n is not None)
-            length = response.headers.get("Content-Length")
-            if length is not None and (not length.isdigit() or int(length) != total):
-                raise HostFailure(url, f"announced a body of {length} bytes for blocks of {total}")
-            blocks: dict[str, bytes] = {}
-            for digest, size in zip(digests, sizes, strict=True):
-                if size is not None:
-                    blocks[digest] = self._read_exactly(url, response, size)
-            complete = True
-            return blocks
-        finally:
-            if not complete:
-                response.close()
-            cutoff.release()
-            response.release_conn()
+    def _read_batch(self, url: str, response, digests: list[str]) -> dict[str, bytes]:
+        """The blocks a batch answer delivers, by the sizes it announces."""
+        sizes = _batch_sizes(url, response.headers.get(BLOCK_SIZES_HEADER), len(digests))
+        total = sum(n for n in sizes if n is not None)
+        length = response.headers.get("Content-Length")
+        if length is not None and (not length.isdigit() or int(length) != total):
+            raise HostFailure(url, f"announced a body of {length} bytes for blocks of {total}")
+        return {digest: self._read_exactly(url, response, size)
+                for digest, size in zip(digests, sizes, strict=True) if size is not None}
 
     def _read_exactly(self, url: str, response, size: int) -> bytes:
         try:
@@ -219,9 +196,14 @@ class BlockClient:
         return data
 
     def _get(self, url: str, timeout: float, limit: int, cutoff: Cutoff, rid: str | None = None) -> bytes:
+        return self._exchange(url, timeout, cutoff, rid, lambda response: self._read_body(url, response, limit))
+
+    def _exchange(self, url: str, timeout: float, cutoff: Cutoff, rid: str | None, read):
+        """`read(response)` of the answer to GET `url`, made inside `cutoff`:
+        a failure caused by the cut is reported as the timeout it stands for."""
         with cutoff:
             try:
-                return self._request(url, timeout, limit, cutoff, rid)
+                return self._request(url, timeout, cutoff, rid, read)
             except FetchFailure as error:
                 if cutoff.is_cut:
                     raise UpstreamTimeout(url, f"cut off at the deadline ({error.why})") from None
@@ -258,7 +240,10 @@ class BlockClient:
             raise GatewayFailure(url, f"answered {status}: it could not get the block itself")
         raise HostFailure(url, f"answered {status}")
 
-    def _request(self, url: str, timeout: float, limit: int, cutoff: Cutoff, rid: str | None) -> bytes:
+    def _request(self, url: str, timeout: float, cutoff: Cutoff, rid: str | None, read):
+        """`read(response)` of a 200 answer to GET `url`; raises the failure
+        any other status means. The connection goes back to the pool only
+        when its whole answer was read."""
         response = self._open(url, timeout, rid)
         complete = False  # the whole answer read: the connection may be reused
         try:
@@ -267,24 +252,30 @@ class BlockClient:
             except FetchFailure:
                 complete = True  # drained
                 raise
-            length = response.headers.get("Content-Length")
-            if length is not None and (not length.isdigit() or int(length) > limit):
-                raise HostFailure(url, f"announced a body of {length} bytes (over {limit})")
-            try:
-                data = response.read() if length is not None else response.read(limit + 1)
-            except (urllib3.exceptions.TimeoutError, TimeoutError):
-                raise UpstreamTimeout(url, "timed out while sending the block") from None
-            except (urllib3.exceptions.HTTPError, OSError) as error:
-                raise HostFailure(url, f"broke off the block: {type(error).__name__}") from None
-            if len(data) > limit or (length is not None and len(data) != int(length)):
-                raise HostFailure(url, f"sent {len(data)} bytes, announced {length}")
+            result = read(response)
             complete = True
-            return data
+            return result
         finally:
             if not complete:
                 response.close()  # unread bytes on it: never hand it to the next request
             cutoff.release()  # before the connection goes back to the pool
             response.release_conn()
+
+    @staticmethod
+    def _read_body(url: str, response, limit: int) -> bytes:
+        """The body of a single object's answer, at most `limit` bytes."""
+        length = response.headers.get("Content-Length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise HostFailure(url, f"announced a body of {length} bytes (over {limit})")
+        try:
+            data = response.read() if length is not None else response.read(limit + 1)
+        except (urllib3.exceptions.TimeoutError, TimeoutError):
+            raise UpstreamTimeout(url, "timed out while sending the block") from None
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise HostFailure(url, f"broke off the block: {type(error).__name__}") from None
+        if len(data) > limit or (length is not None and len(data) != int(length)):
+            raise HostFailure(url, f"sent {len(data)} bytes, announced {length}")
+        return data
 
     async def ping(self, base_url: str, *, timeout: float = 2.0) -> float:
         """Seconds for `GET {base_url}/` (the node's status) to answer; raises HostFailure."""

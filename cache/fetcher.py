@@ -18,7 +18,6 @@ from collections import deque
 from collections.abc import Iterable
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
-from functools import partial
 
 import trio
 
@@ -364,14 +363,7 @@ class Fetcher:
     # --- the store, in worker threads ---------------------------------------------
 
     async def _store_get(self, digest: str) -> bytes | None:
-        if self.store is None:
-            return None
-        try:
-            return await trio.to_thread.run_sync(self.store.get, digest, limiter=self._store_limiter)
-        except STORE_ERRORS as error:
-            self.counts["store_errors"] += 1
-            log.error("block store read of %s failed (%s); fetching it instead", digest, error)
-            return None
+        return (await self._store_get_many([digest])).get(digest)
 
     async def _store_get_many(self, digests: list[str]) -> dict[str, bytes]:
         """The stored blocks among `digests`, in one worker thread call."""
@@ -394,8 +386,11 @@ class Fetcher:
 
         return await trio.to_thread.run_sync(get_all, limiter=self._store_limiter)
 
+    async def _store_put(self, digest: str, data: bytes) -> None:
+        await self._store_put_many({digest: data})
+
     async def _store_put_many(self, blocks: dict[str, bytes]) -> None:
-        """Store the blocks of a batch (checked on arrival), in one worker thread call."""
+        """Store blocks checked on arrival, in one worker thread call."""
         if self.store is None:
             return
         store = self.store
@@ -403,23 +398,13 @@ class Fetcher:
         def put_all() -> None:
             for digest, data in blocks.items():
                 try:
+                    # The client checked `data` against `digest` (BLAKE3) as it arrived: once is enough.
                     store.put(digest, data, verified=True)
                 except STORE_ERRORS as error:
                     self.counts["store_errors"] += 1
                     log.error("block store write of %s failed (%s); served it without keeping it", digest, error)
 
         await trio.to_thread.run_sync(put_all, limiter=self._store_limiter)
-
-    async def _store_put(self, digest: str, data: bytes) -> None:
-        if self.store is None:
-            return
-        try:
-            # The client checked `data` against `digest` (BLAKE3) as it arrived: once is enough.
-            await trio.to_thread.run_sync(partial(self.store.put, digest, data, verified=True),
-                                          limiter=self._store_limiter)
-        except STORE_ERRORS as error:
-            self.counts["store_errors"] += 1
-            log.error("block store write of %s failed (%s); served it without keeping it", digest, error)
 
     # --- prefetching ---------------------------------------------------------
 

@@ -38,7 +38,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -102,7 +102,6 @@ class Counters:
     fallback_errors: int = 0
     degraded_since: float | None = None  # some cache is down
     degraded_seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class CacheGroup:

@@ -90,6 +90,15 @@ def _print_json(doc: object) -> None:
     sys.stdout.write("\n")
 
 
+def _progress(api: Api, name: str, phase: str) -> dict | None:
+    """What the master says of `phase` ("updating", "publishing") of NAME under
+    way, or None; a failed poll only skips one refresh of the bar."""
+    try:
+        return api.call("GET", wire.imi_path(name), timeout=5).get(phase)
+    except CliError:
+        return None
+
+
 def _interactive() -> bool:
     return sys.stdout.isatty()
 
@@ -145,10 +154,7 @@ def imi_update(args) -> int:
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}")
 
     def show_progress() -> None:
-        try:
-            progress = api.call("GET", wire.imi_path(name), timeout=5).get("updating")
-        except CliError:
-            return
+        progress = _progress(api, name, "updating")
         if progress:
             bar.n = progress["percent"]
             bar.refresh()
@@ -171,10 +177,7 @@ def imi_publish(args) -> int:
     bar = tqdm(desc=f"publishing {name}", unit="B", unit_scale=True, disable=not _interactive())
 
     def show_progress() -> None:
-        try:
-            progress = api.call("GET", wire.imi_path(name), timeout=5).get("publishing")
-        except CliError:
-            return
+        progress = _progress(api, name, "publishing")
         if progress:
             bar.total = progress["bytes_total"]
             bar.n = progress["bytes_done"]

@@ -16,7 +16,7 @@ from icbdcore.layout import Layout
 from icbdcore.signing import PublicKey, Untrusted
 from icbdcore.wire import KEY_ROUTE
 
-from .admin import Api, _credentials
+from .admin import _master
 
 
 def show(args) -> int:
@@ -30,7 +30,7 @@ def show(args) -> int:
 
 
 def _from_master(args) -> PublicKey:
-    doc = Api(args.master, _credentials(args)).call("GET", KEY_ROUTE, timeout=10)
+    doc = _master(args).call("GET", KEY_ROUTE, timeout=10)
     try:
         return PublicKey.parse(doc["key"])
     except (KeyError, TypeError, Untrusted) as error:

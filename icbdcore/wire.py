@@ -161,11 +161,6 @@ def content_digest(data: bytes | memoryview) -> str:
     return blake3.blake3(data).hexdigest()
 
 
-def content_hasher() -> blake3.blake3:
-    """A running digest of the same kind, for what arrives in parts."""
-    return blake3.blake3()
-
-
 # A version stream is named by the digest of its pieces' digests: the master
 # hashes each 4 MiB piece once as `btrfs send` produces it (a piece read back
 # from its spool is checked against that digest before it is sent again), and

@@ -459,19 +459,27 @@ class Master:
         node = request.headers.get(NODE_HEADER) or "a caller that gave no node id"
         what = f"{key[0]} version {key[1]} ({f'delta from {key[2]}' if key[2] else 'full'}) to {node} (stream {digest[:16]})"
         log.info("sending %s%s", what, f" from byte {start}" if start else "")
-        return StreamingResponse(_logged(self._counted(spool, start, end), what, start), status_code=status,
+        return StreamingResponse(self._served(spool, start, end, what), status_code=status,
                                  media_type="application/octet-stream", headers=headers)
 
-    async def _counted(self, spool: Spool, start: int, end: int):
+    async def _served(self, spool: Spool, start: int, end: int, what: str):
+        """The chunks of a stream answer, counted, and a log line when it ends
+        (carrying the transfer's request id, as the line that began it)."""
+        sent = 0
+        started = time.monotonic()
         try:
             async for data in spool.chunks(start, end):
                 self.stream_served["bytes"] += len(data)
                 yield data
+                sent += len(data)
         except StreamFailed as error:
             # Cut the answer short: a reader never takes a short body for a whole one.
             log.warning("stream %s v%s from %s cut off for a reader: %s", spool.name, spool.version,
                         spool.parent, error)
             raise
+        finally:
+            log.info("sent %d bytes of %s%s in %.2fs", sent, what, f" from byte {start}" if start else "",
+                     time.monotonic() - started)
 
     # --- boot profiles -----------------------------------------------------------
 
@@ -652,20 +660,6 @@ class Master:
             Endpoint("DELETE", TOKEN_ROUTE, self.revoke_token, ADMIN),
             *read_routes(self._manifest, self.blocks, self._version_of),
         ]
-
-
-async def _logged(chunks, what: str, offset: int):
-    """The chunks of a stream answer, and a log line when it ends (carrying
-    the transfer's request id, as the line that began it)."""
-    sent = 0
-    started = time.monotonic()
-    try:
-        async for chunk in chunks:
-            yield chunk
-            sent += len(chunk)
-    finally:
-        log.info("sent %d bytes of %s%s in %.2fs", sent, what, f" from byte {offset}" if offset else "",
-                 time.monotonic() - started)
 
 
 def run(args) -> int:

@@ -96,3 +96,16 @@ def build_request(method: bytes, target: bytes, headers: list[tuple[bytes, bytes
 def decoded_path(path: str) -> str:
     """The path as the server routes it (percent-decoded, query cut off)."""
     return unquote(path.split("?", 1)[0])
+
+
+def read_head(conn: socket.socket) -> bytes | None:
+    """For test servers that misbehave on purpose: the next request's head
+    off `conn` (up to its blank line, and whatever else came in the same
+    reads); None once the client closed."""
+    request = b""
+    while b"\r\n\r\n" not in request:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        request += data
+    return request

@@ -30,6 +30,7 @@ import pytest
 import signed
 import trio
 from fakepeer import FakePeer
+from rawhttp import read_head
 
 from cache.remote import RemoteCache
 from cache.site import SiteCache
@@ -130,12 +131,9 @@ class Gusher:
         try:
             with conn:
                 while True:
-                    request = b""
-                    while b"\r\n\r\n" not in request:
-                        data = conn.recv(65536)
-                        if not data:
-                            return
-                        request += data
+                    request = read_head(conn)
+                    if request is None:
+                        return
                     if b" /v1/imis " in request:
                         body = json.dumps(self.catalog).encode()
                         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)

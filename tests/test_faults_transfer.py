@@ -27,6 +27,7 @@ import pytest
 import requests
 from cluster_teardown import stop_and_remove
 from faultproxy import FaultProxy
+from procs import children, cmdline
 from sendstream import escape_streams, forge_write
 from trees import describe, make_tree
 
@@ -86,31 +87,14 @@ def _transfer(node: Node, name: str) -> dict | None:
     return running[-1] if running else None
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children") as f:
-                kids += [int(k) for k in f.read().split()]
-    return kids
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
 def _freeze_receive(node: Node, timeout: float = 60) -> int:
     """SIGSTOP the replica's `btrfs receive` the moment it appears; its pid."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if node.process.poll() is not None:
             raise AssertionError(f"{node.id} exited: {node.log.read_text()[-2000:]}")
-        for kid in _children(node.pid):
-            if b"receive" in _cmdline(kid):
+        for kid in children(node.pid):
+            if b"receive" in cmdline(kid):
                 os.kill(kid, signal.SIGSTOP)
                 return kid
         time.sleep(0.002)
@@ -196,7 +180,7 @@ def test_kill9_replica_at_every_phase_of_a_transfer(tmp_path):
             r1.kill9()
             with contextlib.suppress(ProcessLookupError):
                 os.kill(frozen, signal.SIGCONT)
-            wait_for(lambda: not os.path.exists(f"/proc/{frozen}") or b"receive" not in _cmdline(frozen),
+            wait_for(lambda: not os.path.exists(f"/proc/{frozen}") or b"receive" not in cmdline(frozen),
                      timeout=10, what="btrfs receive to die with the replica")
             phases.append("replaying the spool")
             assert _visible(r1, "big") == []
@@ -252,6 +236,15 @@ def test_kill9_replica_at_every_phase_of_a_transfer(tmp_path):
         stop_and_remove(cluster, tmp_path)
 
 
+def _replica_through(cluster: Cluster, proxy: FaultProxy, **options) -> Node:
+    """Replica r1, which sees the master through `proxy`, started and registered."""
+    r1 = cluster.replica("r1", start=False, **options)
+    r1.argv[r1.argv.index("--master") + 1] = proxy.url
+    r1.start()
+    wait_for(lambda: "r1" in cluster.nodes_status(), what="r1 to register")
+    return r1
+
+
 # --- bytes damaged in transit and on the master's disk --------------------------------------------
 
 
@@ -277,10 +270,7 @@ def test_stream_bytes_damaged_in_transit_are_caught_at_their_piece_and_failed_ov
     try:
         master = cluster.master()
         proxy = FaultProxy(master.port)
-        r1 = cluster.replica("r1", start=False)
-        r1.argv[r1.argv.index("--master") + 1] = proxy.url
-        r1.start()
-        wait_for(lambda: "r1" in cluster.nodes_status(), what="r1 to register")
+        r1 = _replica_through(cluster, proxy)
         tree = make_tree(tmp_path / "tree", big=24 * MIB + 77)
         cluster.icbd("imi", "create", "demo", "--from", str(tree))
         cluster.icbd("imi", "publish", "demo")
@@ -314,10 +304,7 @@ def test_a_forged_crc_in_transit_is_caught_as_well(tmp_path):
     try:
         master = cluster.master()
         proxy = FaultProxy(master.port)
-        r1 = cluster.replica("r1", start=False)
-        r1.argv[r1.argv.index("--master") + 1] = proxy.url
-        r1.start()
-        wait_for(lambda: "r1" in cluster.nodes_status(), what="r1 to register")
+        r1 = _replica_through(cluster, proxy)
         tree = make_tree(tmp_path / "tree", big=24 * MIB + 77)
         cluster.icbd("imi", "create", "demo", "--from", str(tree))
         cluster.icbd("imi", "publish", "demo")
@@ -397,10 +384,7 @@ def test_forged_stream_escapes_write_nothing_outside_incoming_and_are_never_acce
     try:
         master = cluster.master()
         proxy = FaultProxy(master.port)
-        r1 = cluster.replica("r1", start=False)
-        r1.argv[r1.argv.index("--master") + 1] = proxy.url
-        r1.start()
-        wait_for(lambda: "r1" in cluster.nodes_status(), what="r1 to register")
+        r1 = _replica_through(cluster, proxy)
         outside = tmp_path / "outside"  # a folder on the replica's host, outside its DATA
         outside.mkdir()
         target = r1.data / "incoming" / "demo" / "1.recv"

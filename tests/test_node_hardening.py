@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from cluster_teardown import stop_and_remove
 from faultproxy import FaultProxy
+from procs import children, cmdline
 
 from harness.cluster import Cluster, wait_for
 from harness.data import write_image
@@ -144,7 +145,7 @@ def test_sigterm_during_a_transfer_stops_at_once_and_keeps_the_resume_spool(tmp_
         spool = r1.data / "incoming" / "big" / "1-full.stream"
         wait_for(lambda: spool.exists() and spool.stat().st_size >= 60 * MIB, timeout=30,
                  what="64 MiB in the resume spool")
-        receives = [pid for pid in _children(r1.pid) if b"receive" in _cmdline(pid)]
+        receives = [pid for pid in children(r1.pid) if b"receive" in cmdline(pid)]
         started = time.monotonic()
         code = r1.stop(timeout=30)
         seconds = time.monotonic() - started
@@ -164,22 +165,3 @@ def test_sigterm_during_a_transfer_stops_at_once_and_keeps_the_resume_spool(tmp_
         if proxy:
             proxy.close()
         stop_and_remove(cluster, tmp_path)
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                kids += [int(k) for k in f.read().split()]
-        except OSError:
-            continue
-    return kids
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""

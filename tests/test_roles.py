@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 import requests
+from procs import cmdline
 from routetables import route_tables
 from trees import make_tree
 
@@ -243,11 +244,6 @@ def test_master_calls_its_nodes_with_a_node_credential(cluster, tmp_path):
 # --- no token in a daemon's command line ---------------------------------------------------------
 
 
-def _cmdline(pid: int) -> bytes:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return f.read()
-
-
 @pytest.mark.fuse
 def test_no_token_in_the_command_line_of_a_running_node_or_mount(cluster, tmp_path):
     """Given `--token T` on the command line, a replica and a mount re-exec
@@ -263,7 +259,7 @@ def test_no_token_in_the_command_line_of_a_running_node_or_mount(cluster, tmp_pa
     r1.start()
     cluster.icbd("subscribe", "demo", "--node", "r1")
     cluster.wait_held(r1, "demo", [1])
-    assert node_token.encode() not in _cmdline(r1.pid) and b"replica" in _cmdline(r1.pid)
+    assert node_token.encode() not in cmdline(r1.pid) and b"replica" in cmdline(r1.pid)
 
     reader = cluster.token("reader")
     cache = cluster.cache("cache")
@@ -278,7 +274,7 @@ def test_no_token_in_the_command_line_of_a_running_node_or_mount(cluster, tmp_pa
     try:
         wait_for(lambda: (mountpoint / "demo" / "1" / "etc" / "hostname").read_text() == "desktop-1\n",
                  timeout=60, what="the mount to read demo v1")
-        assert reader.encode() not in _cmdline(mount.pid) and b"mount" in _cmdline(mount.pid)
+        assert reader.encode() not in cmdline(mount.pid) and b"mount" in cmdline(mount.pid)
     finally:
         subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True)
         try:

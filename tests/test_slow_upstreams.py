@@ -20,6 +20,7 @@ import time
 import pytest
 import trio
 import urllib3
+from rawhttp import read_head
 
 from cache.blockclient import BlockClient, UpstreamTimeout
 from icbdcore.clients import Credentials
@@ -69,12 +70,9 @@ class Peer:
     def _serve(self, conn: socket.socket) -> None:
         try:
             while True:
-                request = b""
-                while b"\r\n\r\n" not in request:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    request += data
+                request = read_head(conn)
+                if request is None:
+                    return
                 if self.mode == "good":
                     self.served += 1
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(self.block) + self.block)
